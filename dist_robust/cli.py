@@ -1,0 +1,169 @@
+"""Command line: ``dist-robust train | config`` (``train.py`` is ``dist-robust train``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from dist_robust.config import (ConfigError, RunConfig, apply_mapping, apply_overrides, iter_fields,
+                                load_ds_config, load_run_file, resolve_ds_config, validate, world_size_from_env)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every config field, plus the DeepSpeed and launcher conventions."""
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="Dotted overrides, e.g. objective.epsilon=0.05 train.max_steps=100.")
+    parser.add_argument("--config", help="YAML/JSON run file with sections model, data, objective, train, "
+                                         "tracking (and optionally ds_config).")
+    parser.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="DS_CONFIG",
+                        help="DeepSpeed JSON config (ZeRO stage, precision, optimizer, batch). Default: "
+                             "built-in ZeRO-2.")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                        help="Same as --deepspeed PATH (DeepSpeed's own spelling).")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, f in iter_fields():
+        flag = f.metadata.get("flag")
+        if not flag:
+            continue
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        kwargs: dict = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                        "help": f"{f.metadata['help']} (default: {_default_of(f)})"}
+        t = str(f.type)
+        if t.startswith("bool"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif t.startswith("list"):
+            kwargs["nargs"] = f.metadata.get("nargs", "+")
+        else:
+            kwargs["type"] = _parse_type(t)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag, **kwargs)
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _parse_type(t: str):
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults < run file < key=value overrides < explicit flags."""
+    cfg = RunConfig()
+    if args.config:
+        apply_mapping(cfg, load_run_file(args.config), f"--config {args.config}")
+    apply_overrides(cfg, args.overrides)
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    ds_path = args.deepspeed or args.deepspeed_config
+    if ds_path or not cfg.ds_config:
+        cfg.ds_config = load_ds_config(ds_path)
+        cfg.ds_config_path = ds_path or None
+    return cfg
+
+
+def _fail(err: ConfigError | FileNotFoundError | ValueError) -> int:
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {err}", file=sys.stderr)
+        print("Run with --help for every option and its accepted values.", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``train.py`` / ``dist-robust train``: validate, then train in this process.
+
+    With ``--nproc-per-node N`` (and not already under a launcher) the validated command is
+    re-launched with N ranks through the ``deepspeed`` launcher.
+    """
+    parser = argparse.ArgumentParser(prog="dist-robust train", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="Start this many ranks with the deepspeed launcher (CPU: processes over gloo).")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        nproc = args.nproc_per_node
+        world = nproc if nproc and "LOCAL_RANK" not in os.environ else world_size_from_env()
+        validate(cfg, world)
+    except (ConfigError, FileNotFoundError) as err:
+        return _fail(err)
+    if nproc and "LOCAL_RANK" not in os.environ:
+        return _relaunch(nproc, argv if argv is not None else sys.argv[1:])
+    from dist_robust.trainer import run
+
+    run(cfg)
+    return 0
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    launcher = shutil.which("deepspeed") or "deepspeed"
+    cmd = [launcher, "--num_gpus", str(nproc), "--module", "dist_robust.cli", "train", *rest]
+    return subprocess.call(cmd)
+
+
+def config_main(argv: list[str] | None = None) -> int:
+    """``dist-robust config``: print the resolved run config and ds_config as JSON."""
+    parser = argparse.ArgumentParser(prog="dist-robust config")
+    add_run_arguments(parser)
+    parser.add_argument("--world-size", type=int, default=world_size_from_env())
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        validate(cfg, args.world_size)
+    except (ConfigError, FileNotFoundError) as err:
+        return _fail(err)
+    out = cfg.to_dict()
+    out["ds_config"] = resolve_ds_config(cfg, args.world_size)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+COMMANDS = {
+    "train": train_main,
+    "config": config_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
+            return 2
+        print(f"usage: dist-robust {{{known}}} ...\n\n"
+              "  train    fine-tune with a robust objective on DeepSpeed (see: dist-robust train --help)\n"
+              "  config   print the resolved configuration without training")
+        return 0
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Run configuration: one typed dataclass per concern, one validation pass.
+
+A run is configured from (lowest to highest precedence) the dataclass defaults, an optional
+YAML/JSON run file (``--config run.yaml``), dotted ``key=value`` overrides
+(``objective.epsilon=0.05``) and explicit command-line flags (``--epsilon 0.05``).
+Every field carries its help text and its flag, so the parser, the run file and the
+validation messages all speak of the same keys.
+
+The DeepSpeed JSON (``--deepspeed ds_configs/zero2.json``) holds engine settings only; the
+values it marks ``"auto"`` are filled from this config (batch sizes, learning rate,
+schedule length), the way the Hugging Face integration does it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+OBJECTIVES = ("erm", "pgd", "freelb", "gaussian")
+NORMS = ("l2", "linf")
+TASKS = ("synthetic", "pawsx", "xnli")
+AUGMENTATIONS = ("none", "synonym")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a run configuration, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+def _f(default: Any, help: str, flag: str | None = None, **extra: Any) -> Any:
+    meta = {"help": help, "flag": flag, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("tiny", "Built-in config (tiny, xlmr-base-random, xlmr-large-random), a hub name "
+                   "such as xlm-roberta-large, or a local directory.", "--model")
+    tokenizer: str | None = _f(None, "Tokenizer directory or hub name. Default: the model's own; for "
+                               "built-in configs one is trained locally on the task text.", "--tokenizer")
+    tokenizer_vocab_size: int = _f(4000, "Vocabulary size of a locally trained tokenizer.",
+                                   "--tokenizer-vocab-size")
+    max_length: int = _f(128, "Maximum tokens per sentence pair (longer pairs are truncated).",
+                         "--max-length")
+    dropout: float | None = _f(None, "Override hidden and attention dropout of the model config.",
+                               "--dropout")
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("synthetic", "Task: synthetic (built in, no download), pawsx or xnli.", "--task",
+                   choices=TASKS)
+    data_dir: str | None = _f(None, "Local directory or fsspec URL with {lang}/{split}.tsv files "
+                              "(default for pawsx/xnli: the hub).", "--data-dir")
+    train_file: str | None = _f(None, "Training file (path or URL); default: the task's English train split.",
+                                "--train-file")
+    languages: list[str] = _f([], "Evaluation languages (default: all the task has).", "--languages",
+                              nargs="+")
+    source_language: str = _f("en", "Language trained on; its dev accuracy selects the best checkpoint.",
+                              "--source-language")
+    max_train_examples: int | None = _f(None, "Use at most this many training examples.",
+                                        "--max-train-examples")
+    max_eval_examples: int | None = _f(None, "Use at most this many examples per evaluation language.",
+                                       "--max-eval-examples")
+    synthetic_train_size: int = _f(4000, "Synthetic task: English training pairs.", "--synthetic-train-size")
+    synthetic_eval_size: int = _f(400, "Synthetic task: dev/test pairs per language.", "--synthetic-eval-size")
+    augment: str = _f("none", "On-the-fly augmentation of training pairs.", "--augment", choices=AUGMENTATIONS)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = _f("erm", "Training objective.", "--objective", choices=OBJECTIVES)
+    epsilon: float = _f(0.1, "pgd/freelb: radius of the perturbation ball on word-embedding outputs.",
+                        "--epsilon")
+    alpha: float = _f(0.05, "pgd/freelb: ascent step size.", "--alpha")
+    adv_steps: int = _f(2, "pgd/freelb: number of ascent steps K.", "--adv-steps")
+    norm: str = _f("l2", "pgd/freelb: ball norm (l2 per example over real tokens, or linf).", "--norm",
+                   choices=NORMS)
+    adv_weight: float = _f(0.5, "pgd: loss = (1 - w) * clean CE + w * adversarial CE.", "--adv-weight")
+    sigma: float = _f(0.01, "gaussian: standard deviation of the noise on word-embedding outputs.", "--sigma")
+    noise_samples: int = _f(1, "gaussian: noisy copies of every example per step.", "--noise-samples")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(300, "Optimizer steps to train.", "--max-steps")
+    seed: int = _f(42, "Seed for data order, initialization, dropout and perturbations.", "--seed")
+    micro_batch_size: int = _f(16, "Examples per rank per micro-step (fills \"auto\" in the ds_config).",
+                               "--micro-batch-size")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (fills \"auto\").", "--grad-accum")
+    lr: float | None = _f(None, "Peak learning rate (fills \"auto\"); default 1e-3 for built-in configs "
+                          "trained from scratch, 1e-5 for pretrained models.", "--lr")
+    warmup_ratio: float = _f(0.1, "Fraction of max_steps spent in linear warm-up (fills \"auto\").",
+                             "--warmup-ratio")
+    eval_steps: int = _f(100, "Evaluate every N steps (0: only at the end).", "--eval-steps")
+    eval_batch_size: int = _f(64, "Examples per rank per evaluation batch.", "--eval-batch-size")
+    generalized: bool = _f(True, "Evaluate the generalized language x language matrix at the end.",
+                           "--generalized")
+    save_steps: int = _f(100, "Checkpoint every N steps (0: only the final and best ones).", "--save-steps")
+    save_total_limit: int = _f(2, "Keep this many periodic checkpoints.", "--save-total-limit")
+    output_dir: str = _f("runs/default", "Where results, checkpoints and the model go: a path or fsspec URL.",
+                         "--output-dir")
+    staging_dir: str | None = _f(None, "Local directory DeepSpeed writes into before publishing to a "
+                                 "remote --output-dir (default: a temporary directory).", "--staging-dir")
+    resume: str | None = _f(None, "auto (latest checkpoint in --output-dir, if any) or a checkpoint path/URL.",
+                            "--resume")
+    export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors.",
+                            "--export-model")
+    progress: bool = _f(True, "Show a progress bar on rank 0.", "--progress")
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str | None = _f(None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, ...). "
+                                "Default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; 'none' disables.",
+                                "--mlflow-uri")
+    experiment: str = _f("dist-robust", "MLflow experiment name.", "--experiment")
+    run_name: str | None = _f(None, "MLflow run name (default: objective and output dir).", "--run-name")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ds_config: dict = field(default_factory=dict)
+    ds_config_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig,
+                    "train": TrainConfig, "tracking": TrackingConfig}
+
+
+def iter_fields():
+    """Yield (section, dataclass field) for every configurable key."""
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            yield section, f
+
+
+def flag_of(section: str, name: str) -> str:
+    for s, f in iter_fields():
+        if s == section and f.name == name:
+            return f.metadata.get("flag") or ""
+    return ""
+
+
+def _key_desc(key: str) -> str:
+    section, _, name = key.partition(".")
+    flag = flag_of(section, name)
+    return f"{key} ({flag})" if flag else key
+
+
+def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
+    """Convert a string from a key=value override to the field's type."""
+    if not isinstance(value, str):
+        return value
+    t = str(f.type)
+    if value.lower() in ("none", "null") and "None" in t:
+        return None
+    try:
+        if t.startswith("bool"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t.startswith("int"):
+            return int(value)
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("list"):
+            return [v for v in value.replace(",", " ").split() if v]
+    except ValueError:
+        raise ConfigError([f"{_key_desc(key)} = {value!r}: expected {t}"]) from None
+    return value
+
+
+def apply_mapping(cfg: RunConfig, mapping: dict, origin: str) -> None:
+    """Apply a nested {section: {key: value}} mapping (from a run file) onto cfg."""
+    problems = []
+    for section, values in mapping.items():
+        if section == "ds_config":
+            cfg.ds_config = values
+            continue
+        if section not in _SECTION_CLASSES or not isinstance(values, dict):
+            problems.append(f"{origin}: unknown section {section!r}; accepted: "
+                            f"{', '.join(_SECTION_CLASSES)}, ds_config")
+            continue
+        for name, value in values.items():
+            problems.extend(_set(cfg, f"{section}.{name}", value, origin))
+    if problems:
+        raise ConfigError(problems)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
+    """Apply dotted ``section.key=value`` overrides."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            problems.append(f"override {item!r}: expected section.key=value, e.g. objective.epsilon=0.1")
+            continue
+        problems.extend(_set(cfg, key.strip(), value.strip(), "override"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _set(cfg: RunConfig, key: str, value: Any, origin: str) -> list[str]:
+    section, _, name = key.partition(".")
+    cls = _SECTION_CLASSES.get(section)
+    if cls is None:
+        return [f"{origin}: unknown key {key!r}; sections are {', '.join(_SECTION_CLASSES)}"]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        return [f"{origin}: unknown key {key!r}; {section} accepts {', '.join(fields)}"]
+    try:
+        setattr(getattr(cfg, section), name, _coerce(value, fields[name], key))
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+def load_run_file(path: str) -> dict:
+    """Read a YAML or JSON run file (local path or fsspec URL)."""
+    from dist_robust.storage import read_text
+
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        raise ConfigError([f"--config {path}: file not found"]) from None
+    data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: expected a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def load_ds_config(path: str | None) -> dict:
+    """Read a DeepSpeed JSON config, or return the built-in ZeRO-2 default."""
+    if not path:
+        return default_ds_config()
+    from dist_robust.storage import read_text
+
+    try:
+        return json.loads(read_text(path))
+    except FileNotFoundError:
+        raise ConfigError([f"--deepspeed {path}: file not found (the repository ships ds_configs/zero0.json"
+                           " ... zero3.json)"]) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"--deepspeed {path}: not valid JSON ({e})"]) from None
+
+
+def default_ds_config() -> dict:
+    """ZeRO-2, fp32, torch AdamW, warm-up then linear decay: runs on CPU and GPU alike."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": 1.0,
+        "zero_allow_untested_optimizer": True,
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.01, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
+                                                          "warmup_num_steps": "auto",
+                                                          "total_num_steps": "auto"}},
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e7},
+        "steps_per_print": 1000000,
+    }
+
+
+def world_size_from_env() -> int:
+    """World size as launchers announce it, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def micro_steps_per_batch(obj: ObjectiveConfig) -> int:
+    """Engine micro-steps one data batch takes: FreeLB accumulates over its K ascent steps."""
+    return obj.adv_steps if obj.name == "freelb" else 1
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """Fill "auto" values from the run config; FreeLB multiplies accumulation by K."""
+    ds = copy.deepcopy(cfg.ds_config)
+    t = cfg.train
+    lr = t.lr if t.lr is not None else default_lr(cfg.model.name)
+    k = micro_steps_per_batch(cfg.objective)
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    if ds.get("gradient_accumulation_steps", "auto") == "auto":
+        ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["gradient_accumulation_steps"] = int(ds["gradient_accumulation_steps"]) * k
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    opt = ds.get("optimizer", {}).get("params", {})
+    if opt.get("lr") == "auto":
+        opt["lr"] = lr
+    sched = ds.get("scheduler", {}).get("params", {})
+    warmup = max(1, int(t.warmup_ratio * t.max_steps)) if t.warmup_ratio > 0 else 0
+    for key, value in (("warmup_max_lr", lr), ("warmup_num_steps", warmup), ("total_num_steps", t.max_steps),
+                       ("cos_min_ratio", 0.0)):
+        if sched.get(key) == "auto":
+            sched[key] = value
+    return ds
+
+
+def default_lr(model_name: str) -> float:
+    """Training a built-in config from scratch wants a far larger step than fine-tuning."""
+    from dist_robust.models import BUILTIN_CONFIGS
+
+    return 1e-3 if model_name in BUILTIN_CONFIGS else 1e-5
+
+
+def user_grad_accum(ds: dict, obj: ObjectiveConfig) -> int:
+    """Data batches per optimizer step (the resolved accumulation divided by FreeLB's K)."""
+    return ds["gradient_accumulation_steps"] // micro_steps_per_batch(obj)
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Check every field; raise one ConfigError listing all problems."""
+    p: list[str] = []
+
+    def bad(key: str, value: Any, accepted: str) -> None:
+        p.append(f"{_key_desc(key)} = {value!r}: {accepted}")
+
+    o, t, d, m = cfg.objective, cfg.train, cfg.data, cfg.model
+    if o.name not in OBJECTIVES:
+        bad("objective.name", o.name, f"accepted objectives: {', '.join(OBJECTIVES)}")
+    if o.norm not in NORMS:
+        bad("objective.norm", o.norm, f"accepted norms: {', '.join(NORMS)}")
+    for key, value in (("epsilon", o.epsilon), ("alpha", o.alpha), ("sigma", o.sigma)):
+        if value < 0:
+            bad(f"objective.{key}", value, "must be >= 0")
+    if o.adv_steps < 1:
+        bad("objective.adv_steps", o.adv_steps, "must be >= 1")
+    if not 0.0 <= o.adv_weight <= 1.0:
+        bad("objective.adv_weight", o.adv_weight, "must be in [0, 1]")
+    if o.noise_samples < 1:
+        bad("objective.noise_samples", o.noise_samples, "must be >= 1")
+    if d.task not in TASKS:
+        bad("data.task", d.task, f"accepted tasks: {', '.join(TASKS)}")
+    if d.augment not in AUGMENTATIONS:
+        bad("data.augment", d.augment, f"accepted: {', '.join(AUGMENTATIONS)}")
+    for key in ("synthetic_train_size", "synthetic_eval_size"):
+        if getattr(d, key) < 8:
+            bad(f"data.{key}", getattr(d, key), "must be >= 8")
+    for key in ("max_train_examples", "max_eval_examples"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            bad(f"data.{key}", getattr(d, key), "must be >= 1 (or unset)")
+    if m.max_length < 8:
+        bad("model.max_length", m.max_length, "must be >= 8")
+    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
+        bad("model.dropout", m.dropout, "must be in [0, 1)")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key}", getattr(t, key), "must be >= 1")
+    for key in ("eval_steps", "save_steps"):
+        if getattr(t, key) < 0:
+            bad(f"train.{key}", getattr(t, key), "must be >= 0 (0 disables)")
+    if t.lr is not None and t.lr <= 0:
+        bad("train.lr", t.lr, "must be > 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        bad("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+    if not t.output_dir:
+        bad("train.output_dir", t.output_dir, "must name a directory or URL")
+    p.extend(_validate_ds_config(cfg, world_size))
+    if p:
+        raise ConfigError(p)
+
+
+def _validate_ds_config(cfg: RunConfig, world_size: int) -> list[str]:
+    ds = cfg.ds_config
+    src = cfg.ds_config_path or "built-in ds_config"
+    p = []
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        p.append(f"{src}: zero_optimization.stage = {stage!r}: accepted stages: 0, 1, 2, 3")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        v = ds.get(key, "auto")
+        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            p.append(f"{src}: {key} = {v!r}: must be a positive integer or \"auto\"")
+    micro, accum, total = (ds.get(k, "auto") for k in
+                           ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
+    if p:
+        return p
+    micro = cfg.train.micro_batch_size if micro == "auto" else micro
+    accum = cfg.train.grad_accum if accum == "auto" else accum
+    if total != "auto" and total != micro * accum * world_size:
+        p.append(f"{src}: train_batch_size = {total}: must equal train_micro_batch_size_per_gpu ({micro}) x "
+                 f"gradient_accumulation_steps ({accum}) x world size ({world_size}) = "
+                 f"{micro * accum * world_size}; set it to \"auto\" or fix one of the three")
+    for section in ("fp16", "bf16"):
+        if ds.get(section, {}).get("enabled") and ds.get("fp16", {}).get("enabled") and \
+                ds.get("bf16", {}).get("enabled"):
+            p.append(f"{src}: fp16.enabled and bf16.enabled are both true: enable at most one")
+            break
+    return p

@@ -1,0 +1,85 @@
+"""Tokenize pair examples, order training batches per rank, and collate with dynamic padding.
+
+Training order is a pure function of (seed, global batch index, rank): resuming at batch
+``b`` reproduces exactly the batches an uninterrupted run would have seen, with no sampler
+state to save. Evaluation shards are padded to equal length on every rank (ZeRO-3 gathers
+parameters collectively, so every rank must run the same number of forward passes); the
+padding rows carry weight 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_robust.data.examples import PairExample
+
+
+@dataclass
+class Encoded:
+    """Token ids of a list of examples, ready to be batched."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(examples: list[PairExample], tokenizer, max_length: int) -> Encoded:
+    """Tokenize pairs as the model family expects (``<s> A </s></s> B </s>`` for XLM-R)."""
+    enc = tokenizer([e.sentence1 for e in examples], [e.sentence2 for e in examples],
+                    truncation=True, max_length=max_length)
+    return Encoded(list(enc["input_ids"]), [e.label for e in examples])
+
+
+class Collator:
+    """Pad a list of rows to the longest one; mark which tokens objectives may perturb."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+
+    def __call__(self, data: Encoded, indices: list[int], weights: list[float] | None = None) -> dict:
+        rows = [data.input_ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        attention = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+        # Real tokens only: never padding, never <s>/</s>/... (B, T)
+        perturb = attention.bool() & ~torch.isin(ids, self.special_ids)
+        return {
+            "input_ids": ids,
+            "attention_mask": attention,
+            "labels": torch.tensor([data.labels[i] for i in indices], dtype=torch.long),
+            "perturb_mask": perturb,
+            "weight": torch.tensor(weights if weights is not None else [1.0] * len(rows)),
+        }
+
+
+def batches_per_epoch(n: int, micro_batch_size: int, world_size: int) -> int:
+    per = n // (micro_batch_size * world_size)
+    if per < 1:
+        raise ValueError(f"{n} training examples cannot fill one batch of {micro_batch_size} x "
+                         f"{world_size} ranks; lower --micro-batch-size or add data")
+    return per
+
+
+def train_batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
+                        batch_index: int) -> list[int]:
+    """Example indices of data batch ``batch_index`` (counted from 0 over the run) on ``rank``."""
+    per_epoch = batches_per_epoch(n, micro_batch_size, world_size)
+    epoch, j = divmod(batch_index, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    start = (j * world_size + rank) * micro_batch_size
+    return perm[start: start + micro_batch_size].tolist()
+
+
+def eval_shard(n: int, world_size: int, rank: int) -> tuple[list[int], list[float]]:
+    """This rank's strided share of ``n`` rows, padded so every rank has the same count."""
+    per_rank = -(-n // world_size)
+    idx = [rank + k * world_size for k in range(per_rank)]
+    return [i % n for i in idx], [1.0 if i < n else 0.0 for i in idx]

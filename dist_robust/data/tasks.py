@@ -1,0 +1,70 @@
+"""Task registry: a name maps to a builder returning training and evaluation examples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dist_robust.config import DataConfig
+from dist_robust.data import synthetic
+from dist_robust.data.examples import PairExample
+
+
+@dataclass
+class TaskData:
+    """Everything a run reads: English training pairs and per-language evaluation sets.
+
+    ``dev`` selects checkpoints; ``test`` is reported for the selected model. Both map a
+    language to examples that are parallel across languages (same ids).
+    """
+
+    name: str
+    label_names: tuple[str, ...]
+    train: list[PairExample]
+    dev: dict[str, list[PairExample]]
+    test: dict[str, list[PairExample]] = field(default_factory=dict)
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.dev)
+
+    def tokenizer_corpus(self):
+        """Text a locally trained tokenizer learns from: training pairs and evaluation-language text."""
+        for e in self.train:
+            yield e.sentence1
+            yield e.sentence2
+        for sets in (self.dev, self.test):
+            for rows in sets.values():
+                for e in rows:
+                    yield e.sentence1
+                    yield e.sentence2
+
+
+def _synthetic(cfg: DataConfig) -> TaskData:
+    langs = tuple(cfg.languages) or synthetic.LANGUAGES
+    if cfg.source_language not in langs:
+        langs = (cfg.source_language, *langs)
+    world = synthetic.SyntheticWorld()
+    train = synthetic.generate("train", cfg.synthetic_train_size, [cfg.source_language], world)
+    dev = synthetic.generate("dev", cfg.synthetic_eval_size, langs, world)
+    test = synthetic.generate("test", cfg.synthetic_eval_size, langs, world)
+    return TaskData("synthetic", synthetic.LABELS, train[cfg.source_language], dev, test)
+
+
+TASK_BUILDERS: dict[str, Callable[[DataConfig], TaskData]] = {
+    "synthetic": _synthetic,
+}
+
+
+def get_task(cfg: DataConfig) -> TaskData:
+    """Build the configured task, trimmed to the configured sizes."""
+    if cfg.task not in TASK_BUILDERS:
+        raise ValueError(f"unknown task {cfg.task!r}; available: {', '.join(sorted(TASK_BUILDERS))}")
+    data = TASK_BUILDERS[cfg.task](cfg)
+    if cfg.max_train_examples is not None:
+        data.train = data.train[: cfg.max_train_examples]
+    if cfg.max_eval_examples is not None:
+        k = cfg.max_eval_examples
+        data.dev = {lang: rows[:k] for lang, rows in data.dev.items()}
+        data.test = {lang: rows[:k] for lang, rows in data.test.items()}
+    return data

@@ -1,0 +1,109 @@
+"""Build the encoder and its tokenizer from a built-in config, a hub name or a local directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification)
+
+log = logging.getLogger(__name__)
+
+# Built-in random-init configurations in the XLM-R architecture. ``vocab_size=None`` takes
+# the size of the (locally trained) tokenizer; the large shapes keep XLM-R's real 250002
+# so memory and speed match the pretrained model.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 max_position_embeddings=258, vocab_size=None),
+    "xlmr-base-random": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072, max_position_embeddings=514, vocab_size=250002),
+    "xlmr-large-random": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                              intermediate_size=4096, max_position_embeddings=514, vocab_size=250002),
+}
+SPECIAL_TOKENS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                  "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"}
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_CONFIGS
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str) -> PreTrainedTokenizerFast:
+    """Train a Unigram tokenizer (the model family XLM-R's SentencePiece uses) and save it.
+
+    Pairs are encoded as XLM-R does: ``<s> A </s></s> B </s>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                      show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", bos), ("</s>", eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **SPECIAL_TOKENS)
+    os.makedirs(save_dir, exist_ok=True)
+    fast.save_pretrained(save_dir)
+    return fast
+
+
+def load_tokenizer(name_or_path: str):
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def build_model(name: str, num_labels: int, tokenizer, dropout: float | None = None,
+                ds_config: dict | None = None) -> torch.nn.Module:
+    """A sequence-pair classifier.
+
+    Under ZeRO-3 the model is created already partitioned: transformers sees the live
+    ``HfDeepSpeedConfig`` the caller keeps (see :func:`zero3_context`) and constructs the
+    weights inside ``deepspeed.zero.Init`` itself.
+    """
+    overrides: dict[str, Any] = {"num_labels": num_labels}
+    if dropout is not None:
+        overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if is_builtin(name):
+        shape = dict(BUILTIN_CONFIGS[name])
+        if shape["vocab_size"] is None:
+            shape["vocab_size"] = len(tokenizer)
+        cfg = XLMRobertaConfig(**shape, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               layer_norm_eps=1e-5, **overrides)
+        return XLMRobertaForSequenceClassification._from_config(cfg)
+    cfg = AutoConfig.from_pretrained(name, **overrides)
+    return AutoModelForSequenceClassification.from_pretrained(name, config=cfg)
+
+
+class zero3_context:
+    """Keep an ``HfDeepSpeedConfig`` alive while a ZeRO-3 model is built and trained.
+
+    transformers consults a weak global reference to decide whether to construct weights
+    partitioned; dropping the object would silently build the full model on every rank.
+    """
+
+    def __init__(self, ds_config: dict):
+        self.handle = None
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.handle = HfDeepSpeedConfig(ds_config)
+
+
+def word_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """The token-embedding module whose *output* the objectives perturb."""
+    return model.get_input_embeddings()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameter count, correct for ZeRO-3 partitioned parameters too."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -1,0 +1,103 @@
+"""The only module that imports fsspec: read, write, upload and download by URI.
+
+Everything else passes locations around as plain strings. A location without a scheme is
+a local path. DeepSpeed can only write to a local directory, so remote checkpoints are
+staged locally and then *published*: files first, the ``latest`` pointer last, so a reader
+never sees a half-written checkpoint as the newest one.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+import fsspec
+
+
+def is_local(uri: str) -> bool:
+    """True for plain paths and file:// URLs."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local URI."""
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path segments onto a URI with forward slashes (os.path for local paths)."""
+    if is_local(uri):
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri, *parts)
+
+
+def _fs(uri: str):
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.exists(path)
+
+
+def read_text(uri: str) -> str:
+    with fsspec.open(uri, "r", encoding="utf-8") as f:
+        return f.read()
+
+
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write text; parent directories are created for local paths."""
+    fs, path = _fs(uri)
+    parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = _fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def listdir(uri: str) -> list[str]:
+    """Base names of the entries of a directory ([] if it does not exist)."""
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to a (remote) URI."""
+    fs, path = _fs(uri)
+    for root, _, files in os.walk(local_dir):
+        rel = os.path.relpath(root, local_dir)
+        target = path if rel == "." else posixpath.join(path, *rel.split(os.sep))
+        fs.makedirs(target, exist_ok=True)
+        for name in files:
+            fs.put_file(os.path.join(root, name), posixpath.join(target, name))
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy a (remote) directory tree into a local directory."""
+    fs, path = _fs(uri)
+    prefix = path.rstrip("/")
+    for remote in fs.find(prefix):
+        rel = remote[len(prefix):].lstrip("/")
+        dest = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(remote, dest)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or directory tree if it exists."""
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

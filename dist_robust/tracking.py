@@ -1,0 +1,119 @@
+"""Experiment tracking behind a small protocol: MLflow on rank 0, nothing elsewhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM_LEN = 6000
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_dict(self, data: dict, name: str) -> None: ...
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Used on ranks other than 0 and when tracking is disabled."""
+
+    run_id = None
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_dict(self, data, name):
+        pass
+
+    def log_artifact(self, local_path, artifact_path=None):
+        pass
+
+    def finish(self, status="FINISHED"):
+        pass
+
+
+def resolve_uri(uri: str | None) -> str | None:
+    """The tracking URI to use, or None when tracking is off."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    return None if uri.lower() in ("none", "off", "") else uri
+
+
+class MLflowTracker:
+    """One MLflow run. ``run_id`` lets a resumed training continue the same run."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str | None, run_id: str | None = None,
+                 tags: dict[str, str] | None = None):
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        self._client = mlflow.MlflowClient(uri)
+        exp = self._client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
+        if run_id is not None:
+            self.run_id = run_id
+            self._client.update_run(run_id, status="RUNNING")
+        else:
+            self.run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        batch = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()
+                 if k not in existing]
+        for i in range(0, len(batch), 100):
+            self._client.log_batch(self.run_id, params=batch[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), 500):
+            self._client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self._client.log_dict(self.run_id, data, name)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            self.log_artifact(path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out

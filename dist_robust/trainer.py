@@ -1,0 +1,339 @@
+"""The one training loop: setup -> resume -> fit -> evaluate -> save.
+
+Every entry point (``train.py``, ``dist-robust train``, Ray Tune trials) calls :func:`run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dist_robust import distributed as D
+from dist_robust import evaluate as E
+from dist_robust import storage
+from dist_robust.checkpointing import BEST, CheckpointStore, export_model, resolve_resume, step_tag
+from dist_robust.config import RunConfig, resolve_ds_config, user_grad_accum, validate
+from dist_robust.data.pipeline import Collator, encode, train_batch_indices
+from dist_robust.data.tasks import TaskData, get_task
+from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
+                                word_embeddings, zero3_context)
+from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
+from dist_robust.tracking import MLflowTracker, NullTracker, Tracker, flatten, resolve_uri
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "DIST_ROBUST_CRASH_AT_STEP"  # fault injection for resume tests: raise before this step
+
+
+@dataclass
+class Setup:
+    """Everything built once before the first step."""
+
+    cfg: RunConfig
+    ds_config: dict
+    data: TaskData
+    tokenizer: Any
+    collator: Collator
+    train_set: Any
+    dev: E.EvalGroups
+    engine: Any
+    objective: Objective
+    perturbation: EmbeddingPerturbation
+    store: CheckpointStore
+    zero3: zero3_context
+    tracker: Tracker = field(default_factory=NullTracker)
+
+
+@dataclass
+class State:
+    """What a checkpoint's client_state carries so a resumed run continues exactly."""
+
+    step: int = 0
+    batch_index: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    dev_history: list[dict] = field(default_factory=list)
+    best_score: float = -1.0
+    best_step: int = -1
+    mlflow_run_id: str | None = None
+
+
+def run(cfg: RunConfig, report=None) -> dict | None:
+    """Train and evaluate one configured run. Returns the results on rank 0 (None elsewhere).
+
+    ``report(metrics: dict, step: int)`` is called on every rank after each evaluation
+    (Ray Tune reports through it).
+    """
+    setup = _setup(cfg)
+    state = _resume(setup)
+    _start_tracking(setup, state)
+    try:
+        _fit(setup, state, report)
+        results = _final_evaluation(setup, state)
+        _save_outputs(setup, state, results)
+    except BaseException:
+        setup.tracker.finish("FAILED")
+        raise
+    setup.tracker.finish()
+    return results if D.is_main() else None
+
+
+def _init_distributed() -> None:
+    import deepspeed
+
+    deepspeed.init_distributed()
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", D.world_size())))
+    if not torch.cuda.is_available():
+        # Ranks on one CPU host share its cores; oversubscription slows every rank down.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
+
+
+def _setup(cfg: RunConfig) -> Setup:
+    import deepspeed
+
+    validate(cfg, D.world_size())
+    _init_distributed()
+    D.setup_logging()
+    ds = resolve_ds_config(cfg, D.world_size())
+    store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit)
+    data = get_task(cfg.data)
+    tokenizer = _tokenizer(cfg, data, store)
+    collator = Collator(tokenizer)
+    train_set = encode(data.train, tokenizer, cfg.model.max_length)
+    dev = E.prepare(data.dev, tokenizer, cfg.model.max_length)
+    zero3 = zero3_context(ds)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, len(data.label_names), tokenizer, cfg.model.dropout, ds)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                     if p.requires_grad], config=ds)
+    log.info("%s: %.1fM parameters, %d rank(s), ZeRO stage %d, objective %s, %d training pairs",
+             cfg.model.name, count_parameters(engine.module) / 1e6, D.world_size(),
+             engine.zero_optimization_stage(), cfg.objective.name, len(train_set))
+    perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
+    return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
+                 perturbation, store, zero3)
+
+
+def _tokenizer(cfg: RunConfig, data: TaskData, store: CheckpointStore):
+    """The run's tokenizer: given, the model's own, or trained here on rank 0 and shared."""
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer)
+    if not is_builtin(cfg.model.name):
+        return load_tokenizer(cfg.model.name)
+    saved = storage.join(cfg.train.output_dir, "tokenizer")
+    local = os.path.join(os.path.dirname(store.local_root), "tokenizer")
+    with D.main_first(local=True):
+        if not os.path.exists(os.path.join(local, "tokenizer.json")):
+            if storage.exists(storage.join(saved, "tokenizer.json")):  # a resumed remote run reuses it
+                storage.download_dir(saved, local)
+            elif D.local_rank() == 0:
+                train_tokenizer(data.tokenizer_corpus(), cfg.model.tokenizer_vocab_size, local)
+                if store.remote:
+                    storage.upload_dir(local, saved)
+    return load_tokenizer(local)
+
+
+def _resume(setup: Setup) -> State:
+    found = resolve_resume(setup.cfg.train.resume, setup.store)
+    if found is None:
+        if setup.cfg.train.resume:
+            log.info("--resume %s: no checkpoint yet, starting from step 0", setup.cfg.train.resume)
+        return State()
+    root, tag = found
+    local_root = setup.store.fetch(root, tag)
+    _, client_state = setup.engine.load_checkpoint(local_root, tag=tag)
+    state = State(**client_state["dist_robust"])
+    log.info("resumed from %s/%s at step %d", root, tag, state.step)
+    return state
+
+
+def _start_tracking(setup: Setup, state: State) -> None:
+    cfg = setup.cfg
+    uri = resolve_uri(cfg.tracking.mlflow_uri)
+    if not D.is_main() or uri is None:
+        return
+    name = cfg.tracking.run_name or f"{cfg.objective.name}-{os.path.basename(cfg.train.output_dir.rstrip('/'))}"
+    setup.tracker = MLflowTracker(uri, cfg.tracking.experiment, name, run_id=state.mlflow_run_id,
+                                  tags={"task": cfg.data.task, "objective": cfg.objective.name})
+    state.mlflow_run_id = setup.tracker.run_id
+    params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})
+    params.update(flatten(setup.ds_config, "ds."))
+    params["world_size"] = D.world_size()
+    setup.tracker.log_params(params)
+
+
+def _seed_for(seed: int, stream: int, batch_index: int) -> int:
+    """A distinct seed per (run seed, stream, rank, batch): resume needs no RNG state."""
+    return (seed * 1_000_003 + stream * 7_919 + D.rank() * 104_729 + batch_index) % (2 ** 63)
+
+
+def _train_step(setup: Setup, state: State) -> dict[str, float]:
+    """One optimizer step: ``grad_accum`` data batches, each through the objective."""
+    cfg, engine = setup.cfg, setup.engine
+    per_batch: list[dict[str, float]] = []
+    for _ in range(user_grad_accum(setup.ds_config, cfg.objective)):
+        idx = train_batch_indices(len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"],
+                                  D.world_size(), D.rank(), cfg.train.seed, state.batch_index)
+        batch = setup.collator(setup.train_set, idx)
+        torch.manual_seed(_seed_for(cfg.train.seed, 0, state.batch_index))  # dropout
+        gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, 1, state.batch_index))
+        ctx = StepContext(setup.perturbation, engine.module.config.hidden_size, gen)
+        per_batch.append(setup.objective.train_step(engine, batch, ctx))
+        state.batch_index += 1
+    state.step += 1
+    if engine.global_steps != state.step:
+        raise RuntimeError(f"engine took {engine.global_steps} optimizer steps, expected {state.step}: "
+                           "the ds_config's gradient_accumulation_steps does not match the run")
+    keys = sorted(per_batch[0])
+    local = [sum(s[k] for s in per_batch) / len(per_batch) for k in keys]
+    return dict(zip(keys, D.mean_over_ranks(local)))
+
+
+def _fit(setup: Setup, state: State, report) -> None:
+    cfg = setup.cfg.train
+    crash_at = int(os.environ.get(CRASH_ENV, "0"))
+    bar = _progress(cfg, state)
+    while state.step < cfg.max_steps:
+        if crash_at and state.step + 1 == crash_at:
+            raise RuntimeError(f"injected crash before step {crash_at} ({CRASH_ENV})")
+        t0 = time.perf_counter()
+        stats = _train_step(setup, state)
+        elapsed = time.perf_counter() - t0
+        state.train_losses.append(stats["loss"])
+        _log_step(setup, state, stats, elapsed)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        last = state.step == cfg.max_steps
+        if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or last:
+            _evaluate_dev(setup, state, report)
+        if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
+            setup.store.save(setup.engine, step_tag(state.step), _client_state(state), periodic=True)
+    if bar is not None:
+        bar.close()
+
+
+def _progress(cfg, state: State):
+    if not (cfg.progress and D.is_main()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _log_step(setup: Setup, state: State, stats: dict[str, float], elapsed: float) -> None:
+    engine = setup.engine
+    metrics = {f"train/{k}": v for k, v in stats.items()}
+    metrics["train/lr"] = engine.get_lr()[0]
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        metrics["train/grad_norm"] = float(norm)
+    metrics["train/samples_per_s"] = setup.ds_config["train_batch_size"] / max(elapsed, 1e-9) / \
+        (setup.objective.micro_steps or 1)
+    setup.tracker.log_metrics(metrics, step=state.step)
+
+
+def _client_state(state: State) -> dict:
+    return {"dist_robust": dict(state.__dict__)}
+
+
+def _evaluate_dev(setup: Setup, state: State, report) -> None:
+    """Dev accuracy in every language; keep the best checkpoint by source-language accuracy."""
+    cfg = setup.cfg
+    acc = E.accuracy(setup.engine, setup.dev, setup.collator, cfg.train.eval_batch_size)
+    summary = E.summarize(acc, None, cfg.data.source_language)
+    state.dev_history.append({"step": state.step, "per_language": acc, **summary})
+    metrics = {f"dev_acc.{lang}": a for lang, a in acc.items()}
+    metrics.update({f"dev_{k}": v for k, v in summary.items()})
+    setup.tracker.log_metrics(metrics, step=state.step)
+    log.info("step %d dev: %s", state.step, "  ".join(f"{k} {100 * v:.2f}" for k, v in acc.items()))
+    improved = summary["source_acc"] > state.best_score
+    if improved:
+        state.best_score, state.best_step = summary["source_acc"], state.step
+    last = state.step == cfg.train.max_steps
+    if improved and not last:
+        setup.store.save(setup.engine, BEST, _client_state(state), periodic=False)
+    if report is not None:
+        report({**metrics, **{f"dev_{k}": v for k, v in summary.items()}, "step": state.step}, state.step)
+
+
+def _final_evaluation(setup: Setup, state: State) -> dict:
+    """Test (or dev) accuracy per language and the generalized matrix, for the best model."""
+    cfg = setup.cfg
+    if state.best_step != state.step:
+        local_root = setup.store.fetch(setup.store.root, BEST)
+        setup.engine.load_checkpoint(local_root, tag=BEST, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False, load_module_only=True)
+        log.info("loaded the best checkpoint (step %d, %s dev accuracy %.4f)", state.best_step,
+                 cfg.data.source_language, state.best_score)
+    split, sets = ("test", setup.data.test) if setup.data.test else ("dev", setup.data.dev)
+    groups = {lang: rows for lang, rows in sets.items()}
+    generalized = E.generalized_sets(sets) if cfg.train.generalized else {}
+    all_sets = {("std", lang): rows for lang, rows in groups.items()}
+    all_sets.update({("gen", a, b): rows for (a, b), rows in generalized.items()})
+    prepared = E.prepare(all_sets, setup.tokenizer, cfg.model.max_length)
+    bar = None
+    if cfg.train.progress and D.is_main():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=E.num_batches(prepared, cfg.train.eval_batch_size), desc=f"evaluate {split}",
+                   unit="batch", dynamic_ncols=True)
+    acc = E.accuracy(setup.engine, prepared, setup.collator, cfg.train.eval_batch_size, bar)
+    if bar is not None:
+        bar.close()
+    per_language = {key[1]: a for key, a in acc.items() if key[0] == "std"}
+    matrix = E.matrix_from_cells({(key[1], key[2]): a for key, a in acc.items() if key[0] == "gen"})
+    return {
+        "task": cfg.data.task,
+        "objective": cfg.objective.name,
+        "eval_split": split,
+        "source_language": cfg.data.source_language,
+        "best_step": state.best_step,
+        "best_dev_source_acc": state.best_score,
+        "per_language": per_language,
+        "generalized": matrix,
+        **E.summarize(per_language, matrix, cfg.data.source_language),
+        "train_losses": state.train_losses,
+        "dev_history": state.dev_history,
+        "config": {**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size()},
+    }
+
+
+def _save_outputs(setup: Setup, state: State, results: dict) -> None:
+    cfg = setup.cfg
+    if cfg.train.export_model:
+        results["model_uri"] = export_model(setup.engine, setup.tokenizer, cfg.train.output_dir,
+                                            cfg.train.staging_dir)
+    if not D.is_main():
+        return
+    out = cfg.train.output_dir
+    storage.write_text(storage.join(out, "results.json"), json.dumps(results, indent=2))
+    if results["generalized"]:
+        storage.write_text(storage.join(out, "generalized.csv"), E.matrix_csv(results["generalized"]))
+    _print_report(results)
+    tracker = setup.tracker
+    final = {f"acc.{lang}": a for lang, a in results["per_language"].items()}
+    final.update({f"gen.{a}.{b}": v for a, row in results["generalized"].items() for b, v in row.items()})
+    final.update({k: results[k] for k in ("source_acc", "standard_avg", "all_avg", "generalized_avg")
+                  if k in results})
+    tracker.log_metrics(final, step=state.step)
+    tracker.log_dict(results["config"], "run_config.json")
+    tracker.log_dict(results, "results.json")
+    if results["generalized"] and hasattr(tracker, "log_text"):
+        tracker.log_text(E.matrix_csv(results["generalized"]), "generalized.csv")
+
+
+def _print_report(results: dict) -> None:
+    print(f"\n{results['task']} / {results['objective']}: {results['eval_split']} accuracy of the model "
+          f"selected at step {results['best_step']}")
+    summary = {k: results[k] for k in ("standard_avg", "all_avg", "generalized_avg") if k in results}
+    print(E.format_table(results["per_language"], summary))
+    if results["generalized"]:
+        print("\ngeneralized (sentence1 language x sentence2 language):")
+        print(E.format_matrix(results["generalized"]))
+    print(flush=True)
