@@ -1,0 +1,51 @@
+"""Run the real ``deepspeed`` launcher on CPU ranks and read what the run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launcher_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "MLFLOW_TRACKING_URI": "none", **extra})
+    return env
+
+
+def deepspeed(script_args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 900,
+              script: str = "train.py", check: bool = True) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N <script> ...`` from the repository root; output captured."""
+    exe = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    port = str(_free_port())
+    cmd = [exe, "--num_gpus", str(nproc), "--master_port", port, script, *script_args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def results(output_dir: str | Path) -> dict:
+    return json.loads((Path(output_dir) / "results.json").read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Flags that make a launch small and quiet: tiny model, small synthetic task, no tracking.
+TINY = ["--model", "tiny", "--synthetic-train-size", "256", "--synthetic-eval-size", "32",
+        "--micro-batch-size", "8", "--eval-batch-size", "32", "--no-progress", "--mlflow-uri", "none",
+        "--tokenizer-vocab-size", "600", "--max-length", "64"]
