@@ -73,7 +73,10 @@ def logits_of(model, batch: dict, repeat: int = 1) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels)
+    """Mean cross-entropy, computed in at least fp32 (bf16/fp16 logits are upcast)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels)
 
 
 def delta_shape(batch: dict, ctx: StepContext) -> torch.Size:

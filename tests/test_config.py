@@ -1,0 +1,115 @@
+"""Configuration: precedence, "auto" resolution, and errors that name key, value and what is accepted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dist_robust.cli import add_run_arguments, config_from_args
+from dist_robust.config import ConfigError, RunConfig, resolve_ds_config, validate
+from dist_robust.objectives import BUILDERS
+from dist_robust.config import OBJECTIVES
+from tests.launch import REPO
+
+
+def _cfg(*argv: str) -> RunConfig:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_every_objective_name_has_a_builder():
+    assert set(BUILDERS) == set(OBJECTIVES)
+
+
+def test_precedence_file_then_overrides_then_flags(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("objective:\n  name: pgd\n  epsilon: 0.2\n  alpha: 0.05\ntrain:\n  max_steps: 7\n")
+    cfg = _cfg("--config", str(run), "objective.epsilon=0.3", "train.seed=5", "--epsilon", "0.4")
+    assert cfg.objective.name == "pgd"
+    assert cfg.objective.alpha == 0.05
+    assert cfg.objective.epsilon == 0.4  # the flag beats the override, which beats the file
+    assert cfg.train.seed == 5 and cfg.train.max_steps == 7
+
+
+def test_deepspeed_flag_spellings(tmp_path):
+    hf_style = _cfg("--deepspeed", "ds_configs/zero3.json".replace("ds_configs", str(REPO / "ds_configs")))
+    ds_style = _cfg("--deepspeed", "--deepspeed_config", str(REPO / "ds_configs" / "zero1.json"))
+    assert hf_style.ds_config["zero_optimization"]["stage"] == 3
+    assert ds_style.ds_config["zero_optimization"]["stage"] == 1
+    assert _cfg().ds_config["zero_optimization"]["stage"] == 2  # built-in default
+
+
+def test_auto_values_and_freelb_accumulation():
+    cfg = _cfg("--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--objective", "freelb",
+               "--adv-steps", "3", "--micro-batch-size", "4", "--grad-accum", "2", "--lr", "3e-4",
+               "--max-steps", "50", "--warmup-ratio", "0.2")
+    ds = resolve_ds_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 6  # 2 batches x K=3 ascent passes
+    assert ds["train_batch_size"] == 4 * 6 * 2
+    assert ds["optimizer"]["params"]["lr"] == 3e-4
+    assert ds["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 3e-4, "warmup_num_steps": 10,
+                                         "total_num_steps": 50}
+
+
+def test_all_problems_reported_at_once_with_key_value_and_accepted():
+    cfg = _cfg("objective.name=adversarial", "--epsilon", "-0.5", "--noise-samples", "0")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=1)
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    assert "objective.name (--objective) = 'adversarial': accepted objectives: erm, pgd, freelb, gaussian" in text
+    assert "objective.epsilon (--epsilon) = -0.5: must be >= 0" in text
+    assert "objective.noise_samples (--noise-samples) = 0: must be >= 1" in text
+
+
+def test_batch_size_inconsistent_with_world_size(tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, train_batch_size=16)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    validate(_cfg("--deepspeed", str(path)), world_size=2)  # 4 x 2 x 2 = 16: fine
+    with pytest.raises(ConfigError, match=r"train_batch_size = 16: must equal .* \(4\) x .* \(2\) x world size "
+                                          r"\(4\) = 32"):
+        validate(_cfg("--deepspeed", str(path)), world_size=4)
+
+
+def test_unknown_keys_list_what_is_accepted(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'objective.epsilonn'; objective accepts name, epsilon"):
+        _cfg("objective.epsilonn=0.1")
+    run = tmp_path / "bad.yaml"
+    run.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'optimizer'"):
+        _cfg("--config", str(run))
+    with pytest.raises(ConfigError, match=r"train.max_steps \(--max-steps\) = 'many': expected int"):
+        _cfg("train.max_steps=many")
+
+
+def test_bad_config_fails_before_any_process_starts(tmp_path):
+    """train.py exits 2 with the message, without importing DeepSpeed or starting a process group."""
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "train.py", "--epsilon", "-1", "--output-dir", str(tmp_path / "out"),
+                           "--deepspeed", "ds_configs/zero2.json"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "objective.epsilon (--epsilon) = -1.0: must be >= 0" in proc.stderr
+    assert "deepspeed" not in proc.stderr.lower().replace("--deepspeed", "")  # never got as far as DeepSpeed
+    assert not (tmp_path / "out").exists()
+    missing = subprocess.run([sys.executable, "train.py", "--deepspeed", "ds_configs/zero9.json"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "ds_configs/zero9.json: file not found" in missing.stderr
+    assert time.time() - t0 < 120
+
+
+def test_unknown_objective_flag_lists_choices():
+    proc = subprocess.run([sys.executable, "train.py", "--objective", "fgsm"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "invalid choice: 'fgsm'" in proc.stderr and "'pgd'" in proc.stderr and "'gaussian'" in proc.stderr

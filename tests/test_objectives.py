@@ -1,0 +1,207 @@
+"""Objectives as pure tensor math on a tiny XLM-R classifier (no process group needed).
+
+``_Recorder`` stands in for the DeepSpeed engine's three calls (forward, backward, step) so
+the math can be checked exactly; the real engines are exercised in test_engine_stages.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+from dist_robust.objectives import ERM, PGD, EmbeddingPerturbation, FreeLB, Gaussian, StepContext, ball
+from dist_robust.objectives.base import cross_entropy, logits_of
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Finite differences need double precision; restore the default afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class _Recorder(torch.nn.Module):
+    """Forward = the model; backward = autograd; records every loss it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+        self.losses: list[float] = []
+        self.steps = 0
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+    def backward(self, loss):
+        self.losses.append(loss.item())
+        loss.backward()
+
+    def step(self):
+        self.steps += 1
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = XLMRobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, type_vocab_size=1, num_labels=3,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=1,
+                           initializer_range=0.3)  # large weights: a loss surface with some slope
+    return XLMRobertaForSequenceClassification(cfg).double().eval()
+
+
+def _batch():
+    # <s>=0, </s>=2, <pad>=1; second row is padded.
+    ids = torch.tensor([[0, 5, 6, 7, 8, 2, 2, 9, 10, 2],
+                        [0, 11, 12, 2, 2, 13, 2, 1, 1, 1]])
+    attention = (ids != 1).long()
+    perturb = attention.bool() & ~torch.isin(ids, torch.tensor([0, 1, 2]))
+    return {"input_ids": ids, "attention_mask": attention, "labels": torch.tensor([0, 2]),
+            "perturb_mask": perturb}
+
+
+def _ctx(model, seed=0):
+    return StepContext(EmbeddingPerturbation(model.get_input_embeddings()), model.config.hidden_size,
+                       torch.Generator().manual_seed(seed))
+
+
+def _erm_loss(model, batch) -> float:
+    return cross_entropy(logits_of(model, batch), batch["labels"]).item()
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_projection_stays_in_ball_and_off_padding(norm):
+    mask = _batch()["perturb_mask"]
+    g = torch.Generator().manual_seed(1)
+    eps = 0.5
+    delta = torch.randn((2, 10, 16), generator=g) * 10  # far outside the ball
+    p = ball.project(delta, mask, eps, norm)
+    assert (ball.ball_norms(p, mask, norm) <= eps + 1e-12).all()
+    assert torch.allclose(ball.ball_norms(p, mask, norm), torch.full((2,), eps))  # it lands on the sphere
+    assert (p[~mask] == 0).all()
+    inside = ball.project(p * 0.3, mask, eps, norm)
+    assert torch.equal(inside, p * 0.3)  # points inside the ball do not move
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_random_start_and_ascent_respect_mask_and_radius(norm):
+    mask = _batch()["perturb_mask"]
+    g = torch.Generator().manual_seed(2)
+    d = ball.random_start(torch.Size((2, 10, 16)), mask, 0.3, norm, g)
+    assert (ball.ball_norms(d, mask, norm) <= 0.3 + 1e-12).all() and (d[~mask] == 0).all()
+    assert (ball.ball_norms(d, mask, norm) > 0).all()
+    step = ball.ascent_step(d, torch.randn((2, 10, 16), generator=g), mask, 0.1, norm)
+    assert (step[~mask] == 0).all()
+    moved = ball.ball_norms(step - d, mask, norm)
+    expected = 0.1 if norm == "linf" else 0.1  # one alpha-sized step in the ball's own norm
+    assert torch.allclose(moved, torch.full((2,), expected))
+
+
+def test_hook_perturbs_word_embedding_output_only():
+    model, batch = _model(), _batch()
+    delta = torch.randn((2, 10, 16)) * batch["perturb_mask"].unsqueeze(-1)
+    ctx = _ctx(model)
+    with ctx.perturbation.apply(delta):
+        hooked = logits_of(model, batch)
+    embeds = model.get_input_embeddings()(batch["input_ids"]) + delta
+    reference = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(hooked, logits_of(model, batch))
+    # Same as adding delta to the word embeddings by hand: positions are left alone.
+    assert torch.allclose(hooked, reference, atol=1e-10)
+
+
+def test_epsilon_zero_and_sigma_zero_give_erm_loss():
+    batch = _batch()
+    expected = _erm_loss(_model(), batch)
+    for objective in (PGD(epsilon=0.0, alpha=0.1, steps=3, norm="l2"), PGD(0.0, 0.1, 2, "linf", adv_weight=0.3),
+                      FreeLB(epsilon=0.0, alpha=0.1, steps=2), Gaussian(sigma=0.0, samples=3), ERM()):
+        model = _model()
+        engine = _Recorder(model)
+        stats = objective.train_step(engine, batch, _ctx(model))
+        assert stats["loss"] == pytest.approx(expected, abs=1e-12), objective.name
+        assert engine.steps == objective.micro_steps
+
+
+def test_pgd_gradient_matches_finite_differences():
+    model, batch = _model(), _batch()
+    ctx = _ctx(model)
+    mask = batch["perturb_mask"]
+    delta = ball.random_start(torch.Size((2, 10, 16)), mask, 0.5, "l2", torch.Generator().manual_seed(3))
+
+    def loss_at(d):
+        with ctx.perturbation.apply(d):
+            return cross_entropy(logits_of(model, batch), batch["labels"])
+
+    d = delta.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_at(d), d)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        v = torch.randn((2, 10, 16), generator=g) * mask.unsqueeze(-1)
+        h = 1e-5
+        fd = (loss_at(delta + h * v) - loss_at(delta - h * v)) / (2 * h)
+        assert fd.item() == pytest.approx((grad * v).sum().item(), rel=1e-6, abs=1e-9)
+    padding = batch["attention_mask"] == 0
+    assert (grad[padding] == 0).all()  # attention never reads padding, so it carries no signal
+
+
+def test_pgd_attack_raises_loss_within_ball():
+    model, batch = _model(), _batch()
+    pgd = PGD(epsilon=1.0, alpha=0.5, steps=4, norm="l2")
+    delta = pgd.attack(model, batch, _ctx(model))
+    assert (ball.l2_norms(delta, batch["perturb_mask"]) <= 1.0 + 1e-9).all()
+    assert (delta[~batch["perturb_mask"]] == 0).all()
+    ctx = _ctx(model)
+    with ctx.perturbation.apply(delta):
+        adversarial = cross_entropy(logits_of(model, batch), batch["labels"]).item()
+    assert adversarial > _erm_loss(model, batch) + 1e-4
+    # A random direction of the same size hurts less than the attack's direction.
+    mask = batch["perturb_mask"]
+    noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(9)) * mask.unsqueeze(-1)
+    noise = noise * (ball.l2_norms(delta, mask) / ball.l2_norms(noise, mask)).view(-1, 1, 1)
+    with ctx.perturbation.apply(noise):
+        random_loss = cross_entropy(logits_of(model, batch), batch["labels"]).item()
+    assert adversarial > random_loss
+
+
+def test_pgd_loss_mixes_clean_and_adversarial():
+    batch = _batch()
+    model = _model()
+    stats = PGD(epsilon=1.0, alpha=0.5, steps=2, adv_weight=0.25).train_step(_Recorder(model), batch, _ctx(model))
+    assert stats["loss"] == pytest.approx(0.75 * stats["loss_clean"] + 0.25 * stats["loss_adv"], abs=1e-12)
+    assert stats["loss_clean"] == pytest.approx(_erm_loss(_model(), batch), abs=1e-12)
+    assert stats["loss_adv"] > stats["loss_clean"]
+    assert stats["delta_norm"] <= 1.0 + 1e-9
+
+
+def test_freelb_accumulates_k_backward_passes_scaled_by_engine():
+    batch = _batch()
+    model = _model()
+    engine = _Recorder(model)
+    stats = FreeLB(epsilon=0.5, alpha=0.2, steps=3).train_step(engine, batch, _ctx(model))
+    assert len(engine.losses) == 3 and engine.steps == 3
+    assert stats["loss"] == pytest.approx(sum(engine.losses) / 3)
+    assert engine.losses[-1] > engine.losses[0]  # later passes see the ascended perturbation
+
+
+def test_gaussian_noise_scale_and_mask():
+    batch = _batch()
+    model = _model()
+    ctx = _ctx(model, seed=5)
+    seen = {}
+    original = ctx.perturbation.apply
+
+    def spy(delta):
+        seen["delta"] = delta
+        return original(delta)
+
+    ctx.perturbation.apply = spy
+    Gaussian(sigma=0.2, samples=4).train_step(_Recorder(model), batch, ctx)
+    noise = seen["delta"]
+    mask = batch["perturb_mask"].repeat(4, 1)
+    assert noise.shape == (8, 10, 16)
+    assert (noise[~mask] == 0).all()
+    assert noise[mask].std().item() == pytest.approx(0.2, rel=0.1)
