@@ -7,6 +7,7 @@ newest complete periodic checkpoint. Remote stores get the files first and ``lat
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -33,7 +34,9 @@ class CheckpointStore:
         self.remote = not storage.is_local(output_dir)
         self.keep = keep
         if self.remote:
-            staging = staging_dir or os.path.join(tempfile.gettempdir(), "dist-robust-staging")
+            # One staging directory per destination, so concurrent runs never share one.
+            key = hashlib.sha1(output_dir.encode()).hexdigest()[:12]
+            staging = staging_dir or os.path.join(tempfile.gettempdir(), "dist-robust-staging", key)
             self.local_root = os.path.join(staging, "checkpoints")
         else:
             self.local_root = os.path.join(storage.local_path(output_dir), "checkpoints")

@@ -26,6 +26,7 @@ OBJECTIVES = ("erm", "pgd", "freelb", "gaussian")
 NORMS = ("l2", "linf")
 TASKS = ("synthetic", "pawsx", "xnli")
 AUGMENTATIONS = ("none", "synonym")
+DATA_FORMATS = ("auto", "tsv", "xtreme", "jsonl", "parquet")
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -63,10 +64,20 @@ class ModelConfig:
 class DataConfig:
     task: str = _f("synthetic", "Task: synthetic (built in, no download), pawsx or xnli.", "--task",
                    choices=TASKS)
-    data_dir: str | None = _f(None, "Local directory or fsspec URL with {lang}/{split}.tsv files "
-                              "(default for pawsx/xnli: the hub).", "--data-dir")
+    data_dir: str | None = _f(None, "Local directory or fsspec URL with {task}/{lang}/{split}.tsv files "
+                              "(or .jsonl/.parquet, or XTREME's {task}/{split}-{lang}.tsv); default for "
+                              "pawsx/xnli: the hub.", "--data-dir")
     train_file: str | None = _f(None, "Training file (path or URL); default: the task's English train split.",
                                 "--train-file")
+    data_format: str = _f("auto", "Format of the data files: auto (by extension and header), tsv (header, "
+                          "no quoting), xtreme (csv-quoted, no header, no ids), jsonl or parquet.",
+                          "--data-format", choices=DATA_FORMATS)
+    skip_bad_rows: bool = _f(False, "Skip (count and report) rows with an unknown label or the wrong number of "
+                             "columns instead of stopping at the first one.", "--skip-bad-rows")
+    allow_leakage: bool = _f(False, "Only warn (instead of refusing to start) when the training set shares "
+                             "pairs or sentence1s with an evaluation set.", "--allow-leakage")
+    cache_dir: str | None = _f(None, "Local directory for hub downloads and tokenized-dataset caches "
+                               "(default: the datasets library's cache; no tokenization cache).", "--cache-dir")
     languages: list[str] = _f([], "Evaluation languages (default: all the task has).", "--languages",
                               nargs="+")
     source_language: str = _f("en", "Language trained on; its dev accuracy selects the best checkpoint.",
@@ -77,7 +88,12 @@ class DataConfig:
                                        "--max-eval-examples")
     synthetic_train_size: int = _f(4000, "Synthetic task: English training pairs.", "--synthetic-train-size")
     synthetic_eval_size: int = _f(400, "Synthetic task: dev/test pairs per language.", "--synthetic-eval-size")
-    augment: str = _f("none", "On-the-fly augmentation of training pairs.", "--augment", choices=AUGMENTATIONS)
+    augment: str = _f("none", "On-the-fly augmentation of training pairs (synonym: RS-DA substitution, fresh "
+                      "every epoch).", "--augment", choices=AUGMENTATIONS)
+    synonyms: str | None = _f(None, "Synonym source for --augment synonym: JSON word -> [neighbour, ...] "
+                              "(path or URL), e.g. counterfitted_neighbors.json.", "--synonyms")
+    synonym_prob: float = _f(1.0, "--augment synonym: probability that a word with neighbours is redrawn "
+                             "(uniformly from itself and its neighbours; 1.0 as in RS-DA).", "--synonym-prob")
 
 
 @dataclass
@@ -98,10 +114,10 @@ class ObjectiveConfig:
 class TrainConfig:
     max_steps: int = _f(300, "Optimizer steps to train.", "--max-steps")
     seed: int = _f(42, "Seed for data order, initialization, dropout and perturbations.", "--seed")
-    micro_batch_size: int = _f(16, "Examples per rank per micro-step (fills \"auto\" in the ds_config).",
+    micro_batch_size: int = _f(32, "Examples per rank per micro-step (fills \"auto\" in the ds_config).",
                                "--micro-batch-size")
     grad_accum: int = _f(1, "Micro-batches per optimizer step (fills \"auto\").", "--grad-accum")
-    lr: float | None = _f(None, "Peak learning rate (fills \"auto\"); default 1e-3 for built-in configs "
+    lr: float | None = _f(None, "Peak learning rate (fills \"auto\"); default 2e-3 for built-in configs "
                           "trained from scratch, 1e-5 for pretrained models.", "--lr")
     warmup_ratio: float = _f(0.1, "Fraction of max_steps spent in linear warm-up (fills \"auto\").",
                              "--warmup-ratio")
@@ -324,7 +340,7 @@ def default_lr(model_name: str) -> float:
     """Training a built-in config from scratch wants a far larger step than fine-tuning."""
     from dist_robust.models import BUILTIN_CONFIGS
 
-    return 1e-3 if model_name in BUILTIN_CONFIGS else 1e-5
+    return 2e-3 if model_name in BUILTIN_CONFIGS else 1e-5
 
 
 def user_grad_accum(ds: dict, obj: ObjectiveConfig) -> int:
@@ -357,6 +373,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         bad("data.task", d.task, f"accepted tasks: {', '.join(TASKS)}")
     if d.augment not in AUGMENTATIONS:
         bad("data.augment", d.augment, f"accepted: {', '.join(AUGMENTATIONS)}")
+    if d.augment == "synonym" and not d.synonyms:
+        bad("data.synonyms", d.synonyms, "--augment synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
+    if not 0.0 <= d.synonym_prob <= 1.0:
+        bad("data.synonym_prob", d.synonym_prob, "must be in [0, 1]")
+    if d.data_format not in DATA_FORMATS:
+        bad("data.data_format", d.data_format, f"accepted formats: {', '.join(DATA_FORMATS)}")
     for key in ("synthetic_train_size", "synthetic_eval_size"):
         if getattr(d, key) < 8:
             bad(f"data.{key}", getattr(d, key), "must be >= 8")

@@ -62,7 +62,7 @@ def load_tokenizer(name_or_path: str):
 
 
 def build_model(name: str, num_labels: int, tokenizer, dropout: float | None = None,
-                ds_config: dict | None = None) -> torch.nn.Module:
+                seed: int = 0) -> torch.nn.Module:
     """A sequence-pair classifier.
 
     Under ZeRO-3 the model is created already partitioned: transformers sees the live
@@ -79,9 +79,43 @@ def build_model(name: str, num_labels: int, tokenizer, dropout: float | None = N
         cfg = XLMRobertaConfig(**shape, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                layer_norm_eps=1e-5, **overrides)
-        return XLMRobertaForSequenceClassification._from_config(cfg)
+        model = XLMRobertaForSequenceClassification._from_config(cfg)
+        init_by_name(model, seed, cfg.initializer_range)
+        return model
     cfg = AutoConfig.from_pretrained(name, **overrides)
     return AutoModelForSequenceClassification.from_pretrained(name, config=cfg)
+
+
+def init_by_name(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Initialize a random-init model from per-parameter generators seeded by name.
+
+    The weights then do not depend on how the model was constructed: built whole, or
+    partitioned under ZeRO-3 (whose construction draws random numbers in another order),
+    on any number of ranks. Linear and embedding weights ~ N(0, std), padding rows and
+    biases 0, LayerNorm weights 1, as BERT/XLM-R initialize.
+    """
+    import zlib
+
+    import deepspeed
+
+    for module_name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            for name, p in params:
+                full = f"{module_name}.{name}"
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full.encode()))
+                with torch.no_grad():
+                    if isinstance(module, torch.nn.LayerNorm):
+                        p.fill_(1.0 if name == "weight" else 0.0)
+                    elif name == "bias":
+                        p.zero_()
+                    else:
+                        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+                        pad = getattr(module, "padding_idx", None)
+                        if pad is not None:
+                            p[pad].zero_()
 
 
 class zero3_context:

@@ -31,6 +31,14 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri, *parts)
 
 
+def canonical(uri: str) -> str:
+    """One spelling per location: resolved absolute path for local files, the URL otherwise."""
+    if is_local(uri):
+        return os.path.realpath(local_path(uri))
+    fs, path = _fs(uri)
+    return fs.unstrip_protocol(path)
+
+
 def _fs(uri: str):
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path

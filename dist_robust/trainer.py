@@ -108,7 +108,7 @@ def _setup(cfg: RunConfig) -> Setup:
     dev = E.prepare(data.dev, tokenizer, cfg.model.max_length)
     zero3 = zero3_context(ds)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, len(data.label_names), tokenizer, cfg.model.dropout, ds)
+    model = build_model(cfg.model.name, len(data.label_names), tokenizer, cfg.model.dropout, cfg.train.seed)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds)
     log.info("%s: %.1fM parameters, %d rank(s), ZeRO stage %d, objective %s, %d training pairs",

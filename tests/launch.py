@@ -20,12 +20,15 @@ def launcher_env(**extra: str) -> dict:
 
 
 def deepspeed(script_args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 900,
-              script: str = "train.py", check: bool = True) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N <script> ...`` from the repository root; output captured."""
+              script: str = "train.py", check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N <script> ...`` (plain ``deepspeed <script>`` for nproc=0).
+
+    Runs from the repository root unless ``cwd`` is given; output is captured.
+    """
     exe = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    port = str(_free_port())
-    cmd = [exe, "--num_gpus", str(nproc), "--master_port", port, script, *script_args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
+    ranks = ["--num_gpus", str(nproc)] if nproc else []
+    cmd = [exe, *ranks, "--master_port", str(_free_port()), script, *script_args]
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"

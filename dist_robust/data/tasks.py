@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from dist_robust.config import DataConfig
 from dist_robust.data import synthetic
-from dist_robust.data.examples import PairExample
+from dist_robust.data.real_tasks import pawsx, xnli
+from dist_robust.data.taskdata import TaskData
 
-
-@dataclass
-class TaskData:
-    """Everything a run reads: English training pairs and per-language evaluation sets.
-
-    ``dev`` selects checkpoints; ``test`` is reported for the selected model. Both map a
-    language to examples that are parallel across languages (same ids).
-    """
-
-    name: str
-    label_names: tuple[str, ...]
-    train: list[PairExample]
-    dev: dict[str, list[PairExample]]
-    test: dict[str, list[PairExample]] = field(default_factory=dict)
-
-    @property
-    def languages(self) -> list[str]:
-        return list(self.dev)
-
-    def tokenizer_corpus(self):
-        """Text a locally trained tokenizer learns from: training pairs and evaluation-language text."""
-        for e in self.train:
-            yield e.sentence1
-            yield e.sentence2
-        for sets in (self.dev, self.test):
-            for rows in sets.values():
-                for e in rows:
-                    yield e.sentence1
-                    yield e.sentence2
+__all__ = ["TASK_BUILDERS", "TaskData", "get_task"]
 
 
 def _synthetic(cfg: DataConfig) -> TaskData:
@@ -53,6 +25,8 @@ def _synthetic(cfg: DataConfig) -> TaskData:
 
 TASK_BUILDERS: dict[str, Callable[[DataConfig], TaskData]] = {
     "synthetic": _synthetic,
+    "pawsx": pawsx,
+    "xnli": xnli,
 }
 
 

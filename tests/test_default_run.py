@@ -1,0 +1,68 @@
+"""The embedded default, exactly as the README runs it: no flags beyond the ds_config."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dist_robust.data.synthetic import LANGUAGES
+from tests.launch import REPO, deepspeed, launcher_env
+
+pytestmark = pytest.mark.launcher
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("default")
+    env = launcher_env()
+    env.pop("MLFLOW_TRACKING_URI")  # the default local store, as a user gets it
+    proc = deepspeed(["--deepspeed", str(REPO / "ds_configs" / "zero2.json")], nproc=0, env=env,
+                     script=str(REPO / "train.py"), cwd=cwd)
+    return cwd, proc
+
+
+def test_default_run_learns_and_reports(default_run):
+    cwd, proc = default_run
+    res = json.loads((cwd / "runs" / "default" / "results.json").read_text())
+    assert res["task"] == "synthetic" and res["objective"] == "erm"
+    assert res["config"]["world_size"] == 1
+    assert res["config"]["ds_config"]["zero_optimization"]["stage"] == 2
+    assert len(res["train_losses"]) == res["config"]["train"]["max_steps"] == 300
+    assert sum(res["train_losses"][-20:]) / 20 < sum(res["train_losses"][:20]) / 20 - 0.2  # it learned
+    per = res["per_language"]
+    assert list(per) == list(LANGUAGES)
+    assert per["en"] > 0.65  # three classes: chance is about 0.33-0.5
+    assert per["de"] > 0.5  # German shares most words with English and transfers
+    targets = [per[lang] for lang in LANGUAGES if lang != "en"]
+    assert res["standard_avg"] == pytest.approx(sum(targets) / len(targets))
+    off = [res["generalized"][a][b] for a in LANGUAGES for b in LANGUAGES if a != b]
+    assert res["generalized_avg"] == pytest.approx(sum(off) / len(off))
+    for lang in LANGUAGES:  # the diagonal of the matrix is the per-language set itself
+        assert res["generalized"][lang][lang] == pytest.approx(per[lang])
+    # The table and matrix are printed for the user.
+    assert "generalized (sentence1 language x sentence2 language)" in proc.stdout
+    assert "standard_avg" in proc.stdout
+    assert (cwd / "runs" / "default" / "model" / "model.safetensors").exists()
+    assert (cwd / "runs" / "default" / "generalized.csv").read_text().startswith("s1_lang,en,de,fr,es,zh")
+
+
+def test_default_run_is_tracked_in_local_mlflow(default_run):
+    import mlflow
+
+    cwd, _ = default_run
+    client = mlflow.MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+    exp = client.get_experiment_by_name("dist-robust")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["objective.name"] == "erm"
+    assert run.data.params["ds.zero_optimization.stage"] == "2"
+    assert run.data.metrics["acc.en"] > 0.65
+    assert "gen.de.zh" in run.data.metrics and "generalized_avg" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == 300 and sorted(m.step for m in history) == list(range(1, 301))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "run_config.json", "generalized.csv"} <= artifacts
