@@ -42,8 +42,11 @@ class CheckpointStore:
             self.local_root = os.path.join(storage.local_path(output_dir), "checkpoints")
         self.root = storage.join(output_dir, "checkpoints")
 
-    def save(self, engine, tag: str, client_state: dict, periodic: bool) -> None:
-        """Save on every rank, publish, then move ``latest`` (periodic checkpoints only)."""
+    def save(self, engine, tag: str, client_state: dict, periodic: bool) -> str:
+        """Save on every rank, publish, then move ``latest`` (periodic checkpoints only).
+
+        Returns the local directory of the tag (this node's files).
+        """
         engine.save_checkpoint(self.local_root, tag=tag, client_state=client_state, save_latest=False)
         D.barrier()
         if self.remote and D.local_rank() == 0:
@@ -57,6 +60,7 @@ class CheckpointStore:
             self._prune()
         D.barrier()
         log.info("checkpoint %s saved to %s", tag, self.root)
+        return os.path.join(self.local_root, tag)
 
     def _prune(self) -> None:
         tags = sorted(t for t in storage.listdir(self.root) if t.startswith("step-"))

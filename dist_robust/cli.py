@@ -77,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def _fail(err: ConfigError | FileNotFoundError | ValueError) -> int:
+def _fail(err: Exception) -> int:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"error: {err}", file=sys.stderr)
         print("Run with --help for every option and its accepted values.", file=sys.stderr)
@@ -105,9 +105,16 @@ def train_main(argv: list[str] | None = None) -> int:
         return _fail(err)
     if nproc and "LOCAL_RANK" not in os.environ:
         return _relaunch(nproc, argv if argv is not None else sys.argv[1:])
+    from dist_robust.data.hub import HubUnavailableError
+    from dist_robust.data.leakage import LeakageError
+    from dist_robust.data.readers import DataFileError
+    from dist_robust.evaluate import ParallelIdError
     from dist_robust.trainer import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (DataFileError, LeakageError, HubUnavailableError, ParallelIdError) as err:
+        return _fail(err)
     return 0
 
 
@@ -145,9 +152,16 @@ def config_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def augment_main(argv: list[str] | None = None) -> int:
+    from dist_robust.data.augment import augment_main as run_augment
+
+    return run_augment(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "config": config_main,
+    "augment": augment_main,
 }
 
 
@@ -160,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"usage: dist-robust {{{known}}} ...\n\n"
               "  train    fine-tune with a robust objective on DeepSpeed (see: dist-robust train --help)\n"
-              "  config   print the resolved configuration without training")
+              "  config   print the resolved configuration without training\n"
+              "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)")
         return 0
     return COMMANDS[argv[0]](argv[1:])
 

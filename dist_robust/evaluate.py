@@ -9,7 +9,8 @@ import torch
 
 from dist_robust import distributed as D
 from dist_robust.data.examples import PairExample
-from dist_robust.data.pipeline import Collator, Encoded, encode, eval_shard
+from dist_robust.data.cache import encode_cached
+from dist_robust.data.pipeline import Collator, Encoded, eval_shard
 
 
 class ParallelIdError(ValueError):
@@ -47,14 +48,14 @@ class EvalGroups:
     group: list[int]
 
 
-def prepare(sets: dict, tokenizer, max_length: int) -> EvalGroups:
+def prepare(sets: dict, tokenizer, max_length: int, cache_dir: str | None = None) -> EvalGroups:
     keys = list(sets)
     rows: list[PairExample] = []
     group: list[int] = []
     for g, key in enumerate(keys):
         rows.extend(sets[key])
         group.extend([g] * len(sets[key]))
-    return EvalGroups(keys, encode(rows, tokenizer, max_length), group)
+    return EvalGroups(keys, encode_cached(rows, tokenizer, max_length, cache_dir), group)
 
 
 @torch.no_grad()

@@ -19,7 +19,9 @@ from dist_robust import evaluate as E
 from dist_robust import storage
 from dist_robust.checkpointing import BEST, CheckpointStore, export_model, resolve_resume, step_tag
 from dist_robust.config import RunConfig, resolve_ds_config, user_grad_accum, validate
-from dist_robust.data.pipeline import Collator, encode, train_batch_indices
+from dist_robust.data.augment import SynonymAugmenter
+from dist_robust.data.cache import encode_cached
+from dist_robust.data.pipeline import Collator, batches_per_epoch, encode, train_batch_indices
 from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
                                 word_embeddings, zero3_context)
@@ -47,6 +49,7 @@ class Setup:
     perturbation: EmbeddingPerturbation
     store: CheckpointStore
     zero3: zero3_context
+    augmenter: SynonymAugmenter | None = None
     tracker: Tracker = field(default_factory=NullTracker)
 
 
@@ -66,8 +69,9 @@ class State:
 def run(cfg: RunConfig, report=None) -> dict | None:
     """Train and evaluate one configured run. Returns the results on rank 0 (None elsewhere).
 
-    ``report(metrics: dict, step: int)`` is called on every rank after each evaluation
-    (Ray Tune reports through it).
+    ``report(metrics: dict, checkpoint_dir: str | None)`` is called on every rank after each
+    evaluation or checkpoint, with this rank's local checkpoint directory when one was just
+    saved, and once more with the final metrics (Ray Tune reports through it).
     """
     setup = _setup(cfg)
     state = _resume(setup)
@@ -76,6 +80,8 @@ def run(cfg: RunConfig, report=None) -> dict | None:
         _fit(setup, state, report)
         results = _final_evaluation(setup, state)
         _save_outputs(setup, state, results)
+        if report is not None:
+            report(_final_metrics(results, state), None)
     except BaseException:
         setup.tracker.finish("FAILED")
         raise
@@ -97,15 +103,16 @@ def _setup(cfg: RunConfig) -> Setup:
     import deepspeed
 
     validate(cfg, D.world_size())
+    data = get_task(cfg.data)  # data errors (bad rows, leakage) surface before any process group
+    augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed)
     _init_distributed()
     D.setup_logging()
     ds = resolve_ds_config(cfg, D.world_size())
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit)
-    data = get_task(cfg.data)
     tokenizer = _tokenizer(cfg, data, store)
     collator = Collator(tokenizer)
-    train_set = encode(data.train, tokenizer, cfg.model.max_length)
-    dev = E.prepare(data.dev, tokenizer, cfg.model.max_length)
+    train_set = encode_cached(data.train, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
+    dev = E.prepare(data.dev, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
     zero3 = zero3_context(ds)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, len(data.label_names), tokenizer, cfg.model.dropout, cfg.train.seed)
@@ -116,7 +123,7 @@ def _setup(cfg: RunConfig) -> Setup:
              engine.zero_optimization_stage(), cfg.objective.name, len(train_set))
     perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
     return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
-                 perturbation, store, zero3)
+                 perturbation, store, zero3, augmenter)
 
 
 def _tokenizer(cfg: RunConfig, data: TaskData, store: CheckpointStore):
@@ -177,9 +184,7 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
     cfg, engine = setup.cfg, setup.engine
     per_batch: list[dict[str, float]] = []
     for _ in range(user_grad_accum(setup.ds_config, cfg.objective)):
-        idx = train_batch_indices(len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"],
-                                  D.world_size(), D.rank(), cfg.train.seed, state.batch_index)
-        batch = setup.collator(setup.train_set, idx)
+        batch = _train_batch(setup, state.batch_index)
         torch.manual_seed(_seed_for(cfg.train.seed, 0, state.batch_index))  # dropout
         gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, 1, state.batch_index))
         ctx = StepContext(setup.perturbation, engine.module.config.hidden_size, gen)
@@ -192,6 +197,17 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
     keys = sorted(per_batch[0])
     local = [sum(s[k] for s in per_batch) / len(per_batch) for k in keys]
     return dict(zip(keys, D.mean_over_ranks(local)))
+
+
+def _train_batch(setup: Setup, batch_index: int) -> dict:
+    """This rank's data batch number ``batch_index``, freshly augmented when RS-DA is on."""
+    n, micro = len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"]
+    idx = train_batch_indices(n, micro, D.world_size(), D.rank(), setup.cfg.train.seed, batch_index)
+    if setup.augmenter is None:
+        return setup.collator(setup.train_set, idx)
+    epoch = batch_index // batches_per_epoch(n, micro, D.world_size())
+    rows = setup.augmenter.batch([setup.data.train[i] for i in idx], epoch)  # new substitutes every epoch
+    return setup.collator(encode(rows, setup.tokenizer, setup.cfg.model.max_length), list(range(len(rows))))
 
 
 def _fit(setup: Setup, state: State, report) -> None:
@@ -210,10 +226,13 @@ def _fit(setup: Setup, state: State, report) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
         last = state.step == cfg.max_steps
+        metrics, checkpoint = {}, None
         if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or last:
-            _evaluate_dev(setup, state, report)
+            metrics = _evaluate_dev(setup, state)
         if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
-            setup.store.save(setup.engine, step_tag(state.step), _client_state(state), periodic=True)
+            checkpoint = setup.store.save(setup.engine, step_tag(state.step), _client_state(state), periodic=True)
+        if report is not None and (metrics or checkpoint):
+            report({**metrics, "step": state.step, "train/loss": stats["loss"]}, checkpoint)
     if bar is not None:
         bar.close()
 
@@ -242,7 +261,7 @@ def _client_state(state: State) -> dict:
     return {"dist_robust": dict(state.__dict__)}
 
 
-def _evaluate_dev(setup: Setup, state: State, report) -> None:
+def _evaluate_dev(setup: Setup, state: State) -> dict[str, float]:
     """Dev accuracy in every language; keep the best checkpoint by source-language accuracy."""
     cfg = setup.cfg
     acc = E.accuracy(setup.engine, setup.dev, setup.collator, cfg.train.eval_batch_size)
@@ -258,8 +277,7 @@ def _evaluate_dev(setup: Setup, state: State, report) -> None:
     last = state.step == cfg.train.max_steps
     if improved and not last:
         setup.store.save(setup.engine, BEST, _client_state(state), periodic=False)
-    if report is not None:
-        report({**metrics, **{f"dev_{k}": v for k, v in summary.items()}, "step": state.step}, state.step)
+    return metrics
 
 
 def _final_evaluation(setup: Setup, state: State) -> dict:
@@ -317,15 +335,25 @@ def _save_outputs(setup: Setup, state: State, results: dict) -> None:
         storage.write_text(storage.join(out, "generalized.csv"), E.matrix_csv(results["generalized"]))
     _print_report(results)
     tracker = setup.tracker
-    final = {f"acc.{lang}": a for lang, a in results["per_language"].items()}
-    final.update({f"gen.{a}.{b}": v for a, row in results["generalized"].items() for b, v in row.items()})
-    final.update({k: results[k] for k in ("source_acc", "standard_avg", "all_avg", "generalized_avg")
-                  if k in results})
-    tracker.log_metrics(final, step=state.step)
+    tracker.log_metrics(_final_metrics(results, state), step=state.step)
     tracker.log_dict(results["config"], "run_config.json")
     tracker.log_dict(results, "results.json")
     if results["generalized"] and hasattr(tracker, "log_text"):
         tracker.log_text(E.matrix_csv(results["generalized"]), "generalized.csv")
+
+
+def _final_metrics(results: dict, state: State) -> dict[str, float]:
+    """Final accuracies under their MLflow names, plus the last dev evaluation's."""
+    final = {f"acc.{lang}": a for lang, a in results["per_language"].items()}
+    final.update({f"gen.{a}.{b}": v for a, row in results["generalized"].items() for b, v in row.items()})
+    final.update({k: results[k] for k in ("source_acc", "standard_avg", "all_avg", "generalized_avg")
+                  if k in results})
+    if state.dev_history:
+        last = state.dev_history[-1]
+        final.update({f"dev_acc.{lang}": a for lang, a in last["per_language"].items()})
+        final.update({f"dev_{k}": v for k, v in last.items() if k not in ("step", "per_language")})
+    final["step"] = state.step
+    return final
 
 
 def _print_report(results: dict) -> None:
