@@ -1,11 +1,13 @@
 """Launched by the deepspeed launcher in tests: several training runs in one set of ranks.
 
-    deepspeed --num_gpus 2 tests/engine_runs.py OUT_DIR --objectives erm pgd -- <train.py flags>
+    deepspeed --num_gpus 2 tests/engine_runs.py OUT_DIR --ds-configs A.json B.json \
+        --objectives erm pgd -- <train.py flags>
 
-Each objective trains into OUT_DIR/<objective> with the same flags, so one launch (and one
-process-group start-up) serves several runs.
+Every (ds_config, objective) pair trains into OUT_DIR/<ds_config stem>/<objective> with the
+same flags, so one launch (one process-group start-up) serves many runs.
 """
 
+import os
 import sys
 
 from dist_robust.cli import train_main
@@ -14,12 +16,16 @@ from dist_robust.cli import train_main
 def main(argv: list[str]) -> int:
     out, rest = argv[0], argv[1:]
     split = rest.index("--")
-    objectives, flags = rest[1:split], rest[split + 1:]
-    flags = [f for f in flags if not f.startswith("--local_rank")]
-    for objective in objectives:
-        code = train_main([*flags, "--objective", objective, "--output-dir", f"{out}/{objective}"])
-        if code:
-            return code
+    options, flags = rest[:split], rest[split + 1:]
+    configs = options[options.index("--ds-configs") + 1: options.index("--objectives")]
+    objectives = options[options.index("--objectives") + 1:]
+    for ds_config in configs:
+        stem = os.path.splitext(os.path.basename(ds_config))[0]
+        for objective in objectives:
+            code = train_main([*flags, "--deepspeed", ds_config, "--objective", objective,
+                               "--output-dir", f"{out}/{stem}/{objective}"])
+            if code:
+                return code
     return 0
 
 

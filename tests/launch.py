@@ -36,6 +36,18 @@ def deepspeed(script_args: list[str], nproc: int = 2, env: dict | None = None, t
     return proc
 
 
+def torchrun(script_args: list[str], nproc: int = 2, env: dict | None = None,
+             timeout: int = 900) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N train.py ...`` from the repository root."""
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    cmd = [exe, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "train.py", *script_args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def results(output_dir: str | Path) -> dict:
     return json.loads((Path(output_dir) / "results.json").read_text())
 

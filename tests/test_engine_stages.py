@@ -32,17 +32,15 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory, tokenizer_dir):
-    """{stage: {objective: results.json}} from one 2-rank launch per ZeRO stage."""
-    out = {}
-    for stage in (0, 1, 2, 3):
-        d = tmp_path_factory.mktemp(f"zero{stage}")
-        flags = [*TINY, "--tokenizer", tokenizer_dir, "--deepspeed", str(REPO / "ds_configs" / f"zero{stage}.json"),
-                 "--max-steps", str(STEPS), "--eval-steps", "0", "--save-steps", "0", "--no-export-model",
-                 "--epsilon", "0.5", "--alpha", "0.2", "--adv-steps", "2", "--sigma", "0.05",
-                 "--noise-samples", "2", "--grad-accum", "2"]
-        deepspeed([str(d), "--objectives", *OBJECTIVES, "--", *flags], script="tests/engine_runs.py")
-        out[stage] = {obj: results(d / obj) for obj in OBJECTIVES}
-    return out
+    """{stage: {objective: results.json}} from one 2-rank launch running all 16 combinations."""
+    d = tmp_path_factory.mktemp("stages")
+    configs = [str(REPO / "ds_configs" / f"zero{stage}.json") for stage in (0, 1, 2, 3)]
+    flags = [*TINY, "--tokenizer", tokenizer_dir, "--max-steps", str(STEPS), "--eval-steps", "0",
+             "--save-steps", "0", "--no-export-model", "--epsilon", "0.5", "--alpha", "0.2", "--adv-steps", "2",
+             "--sigma", "0.05", "--noise-samples", "2", "--grad-accum", "2"]
+    deepspeed([str(d), "--ds-configs", *configs, "--objectives", *OBJECTIVES, "--", *flags],
+              script="tests/engine_runs.py")
+    return {stage: {obj: results(d / f"zero{stage}" / obj) for obj in OBJECTIVES} for stage in (0, 1, 2, 3)}
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
