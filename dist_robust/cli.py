@@ -158,10 +158,17 @@ def augment_main(argv: list[str] | None = None) -> int:
     return run_augment(argv)
 
 
+def compare_main(argv: list[str] | None = None) -> int:
+    from dist_robust.compare import compare_main as run_compare
+
+    return run_compare(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "config": config_main,
     "augment": augment_main,
+    "compare": compare_main,
 }
 
 
@@ -175,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: dist-robust {{{known}}} ...\n\n"
               "  train    fine-tune with a robust objective on DeepSpeed (see: dist-robust train --help)\n"
               "  config   print the resolved configuration without training\n"
-              "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)")
+              "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)\n"
+              "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment")
         return 0
     return COMMANDS[argv[0]](argv[1:])
 

@@ -25,6 +25,7 @@ from dist_robust.data.pipeline import Collator, batches_per_epoch, encode, train
 from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
                                 word_embeddings, zero3_context)
+from dist_robust.plots import log_run_plots
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.tracking import MLflowTracker, NullTracker, Tracker, flatten, resolve_uri
 
@@ -338,6 +339,10 @@ def _save_outputs(setup: Setup, state: State, results: dict) -> None:
     tracker.log_metrics(_final_metrics(results, state), step=state.step)
     tracker.log_dict(results["config"], "run_config.json")
     tracker.log_dict(results, "results.json")
+    try:
+        log_run_plots(tracker, results)
+    except Exception as err:  # a plot must never fail a finished training run
+        log.warning("could not log the run's plots: %s", err)
     if results["generalized"] and hasattr(tracker, "log_text"):
         tracker.log_text(E.matrix_csv(results["generalized"]), "generalized.csv")
 

@@ -1,0 +1,326 @@
+"""Compare the runs of an MLflow experiment: a runs (or groups) x languages accuracy table.
+
+Columns are the per-language accuracies a training run logs as ``acc.<lang>`` (source language
+first), then ``standard_avg`` and ``generalized_avg``. Rows are runs, or groups of runs
+(``--group-by``) shown as mean and sample standard deviation over their runs (seeds). With a
+baseline every cell also carries its difference from the baseline's. A metric a run did not log
+is shown as ``n/a`` rather than failing. Rendering is in :mod:`dist_robust.compare_format`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dist_robust.mlflow_runs import (CompareError, RunRecord, fetch_runs, open_client, quote, resolve_experiment,
+                                     search_all)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Experiment
+
+AVERAGES = ("standard_avg", "generalized_avg")
+GROUP_ALIASES = {
+    "objective": "params.objective.name",
+    "task": "params.data.task",
+    "model": "params.model.name",
+    "seed": "params.train.seed",
+    "epsilon": "params.objective.epsilon",
+    "sigma": "params.objective.sigma",
+}
+_FILTER_OPERATOR = re.compile(r"(=|<|>|\bLIKE\b|\bILIKE\b|\bIN\b)", re.IGNORECASE)
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class Cell:
+    """One table cell: mean (and std) over the row's runs that logged the metric."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    delta: float | None = None
+
+
+@dataclass
+class Row:
+    """A run, or a group of runs sharing the ``--group-by`` values."""
+
+    label: str
+    records: list[RunRecord]
+    cells: dict[str, Cell] = field(default_factory=dict)
+    is_baseline: bool = False
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.records]
+
+    @property
+    def seeds(self) -> list[str]:
+        return [r.params.get("train.seed", "") for r in self.records]
+
+
+@dataclass
+class Table:
+    """What every output format renders."""
+
+    experiment: str
+    columns: list[str]  # metric keys: acc.<lang>..., standard_avg, generalized_avg
+    rows: list[Row]
+    group_by: list[str]
+    baseline: Row | None = None
+    parents_left_out: int = 0
+
+    @property
+    def headers(self) -> list[str]:
+        return [header(c) for c in self.columns]
+
+    @property
+    def run_count(self) -> int:
+        return len({run_id for row in self.rows for run_id in row.run_ids})
+
+
+def header(column: str) -> str:
+    """``acc.de`` -> ``de``; averages keep their names."""
+    return column[4:] if column.startswith("acc.") else column
+
+
+def resolve_group_key(key: str) -> str:
+    """``objective`` -> ``params.objective.name``; accepts ``params.<key>`` and ``tags.<key>``."""
+    key = GROUP_ALIASES.get(key, key).replace("`", "")
+    prefix, _, name = key.partition(".")
+    if prefix not in ("params", "tags") or not name:
+        raise CompareError(f"--group-by {key!r}: expected params.<key>, tags.<key> or an alias "
+                           f"({', '.join(GROUP_ALIASES)}), e.g. objective, params.objective.name, tags.objective")
+    return key
+
+
+def short_key(key: str) -> str:
+    """``params.objective.name`` -> ``objective`` (its alias), ``tags.task`` -> ``task``."""
+    for alias, full in GROUP_ALIASES.items():
+        if full == key:
+            return alias
+    return key.partition(".")[2]
+
+
+def value_of(record: RunRecord, key: str) -> str | None:
+    """The value of a resolved ``params.``/``tags.`` key in one run."""
+    prefix, _, name = key.partition(".")
+    return (record.params if prefix == "params" else record.tags).get(name)
+
+
+def check_group_keys(keys: list[str], records: list[RunRecord]) -> None:
+    """Every group key must be present in some run; the error lists the params that vary."""
+    for key in keys:
+        if any(value_of(r, key) is not None for r in records):
+            continue
+        varying = sorted(k for k in {k for r in records for k in r.params}
+                         if len({r.params.get(k) for r in records}) > 1)
+        tags = sorted({k for r in records for k in r.tags if not k.startswith("mlflow.")})
+        raise CompareError(f"--group-by {key!r}: no run has it. Params that vary across these runs: "
+                           f"{', '.join('params.' + k for k in varying) or 'none'}; tags: "
+                           f"{', '.join('tags.' + k for k in tags) or 'none'}")
+
+
+def columns_for(records: list[RunRecord]) -> list[str]:
+    """``acc.<source>`` first, the other languages alphabetically, then the averages."""
+    langs = {k[4:] for r in records for k in r.metrics if k.startswith("acc.")}
+    sources = Counter(r.params.get("data.source_language", "en") for r in records)
+    source = sources.most_common(1)[0][0] if sources else "en"
+    ordered = sorted(langs, key=lambda lang: (lang != source, lang))
+    return [f"acc.{lang}" for lang in ordered] + list(AVERAGES)
+
+
+def make_row(label: str, records: list[RunRecord], columns: list[str]) -> Row:
+    """Mean and sample std (n - 1) of every column over the runs that logged it."""
+    row = Row(label, records)
+    for column in columns:
+        values = [r.metrics[column] for r in records if column in r.metrics]
+        mean = statistics.fmean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else None
+        row.cells[column] = Cell(mean, std, len(values))
+    return row
+
+
+def run_rows(records: list[RunRecord], columns: list[str]) -> list[Row]:
+    """One row per run, labelled by run name (with the id's start when names repeat)."""
+    names = Counter(r.name for r in records)
+    return [make_row(r.name if names[r.name] == 1 else f"{r.name} [{r.run_id[:8]}]", [r], columns)
+            for r in records]
+
+
+def group_rows(records: list[RunRecord], keys: list[str], columns: list[str]) -> list[Row]:
+    """One row per distinct combination of the keys' values, in natural order."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault(tuple(value_of(r, k) or "(none)" for k in keys), []).append(r)
+    rows = []
+    for values in sorted(groups, key=lambda vs: [_natural(v) for v in vs]):
+        label = values[0] if len(keys) == 1 else " ".join(f"{short_key(k)}={v}" for k, v in zip(keys, values))
+        rows.append(make_row(label, groups[values], columns))
+    return rows
+
+
+def _natural(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def resolve_baseline(spec: str, rows: list[Row], records: list[RunRecord], columns: list[str],
+                     search: Callable[[str], list[RunRecord]]) -> Row:
+    """The baseline named by ``spec``: a row label (group), a run id or name, or a filter string.
+
+    Runs outside the table are searched for in the experiment. A filter matching several runs
+    (e.g. the seeds of ERM) makes a baseline of their mean.
+    """
+    for row in rows:
+        if row.label == spec:
+            return row
+    is_filter = bool(_FILTER_OPERATOR.search(spec)) and not _RUN_ID.fullmatch(spec)
+    found = [] if is_filter else [r for r in records if spec in (r.run_id, r.name)]
+    found = found or search(_baseline_query(spec, is_filter))
+    if not found and is_filter:
+        raise CompareError(f"--baseline {spec!r}: no run in the experiment matches this filter")
+    if not found:
+        labels = ", ".join(repr(r.label) for r in rows[:20])
+        raise CompareError(f"--baseline {spec!r} matches no row ({labels}), run id or run name; a filter "
+                           "such as \"tags.objective = 'erm'\" makes the mean of its runs the baseline")
+    if len(found) > 1 and not is_filter:
+        raise CompareError(f"--baseline {spec!r} names {len(found)} runs; give one run id: "
+                           + ", ".join(r.run_id for r in found))
+    return make_row(found[0].name if len(found) == 1 else f"baseline ({spec})", found, columns)
+
+
+def _baseline_query(spec: str, is_filter: bool) -> str:
+    if is_filter:
+        return spec
+    quoted = quote(spec)
+    return f"attributes.run_id = '{quoted}'" if _RUN_ID.fullmatch(spec) else f"attributes.run_name = '{quoted}'"
+
+
+def apply_baseline(rows: list[Row], baseline: Row) -> list[Row]:
+    """Baseline row first, then the others with each cell's difference from the baseline's."""
+    baseline.is_baseline = True
+    others = [row for row in rows if set(row.run_ids) != set(baseline.run_ids)]
+    for row in others:
+        for column, cell in row.cells.items():
+            base = baseline.cells[column].mean
+            cell.delta = None if cell.mean is None or base is None else cell.mean - base
+    return [baseline, *others]
+
+
+def build_table(experiment: str, records: list[RunRecord], group_by: list[str] | None = None,
+                baseline: str | None = None, search: Callable[[str], list[RunRecord]] | None = None) -> Table:
+    """The comparison table of ``records``; ``search(filter)`` finds baseline runs outside them."""
+    keys = [resolve_group_key(k) for k in group_by or []]
+    check_group_keys(keys, records)
+    columns = columns_for(records)
+    rows = group_rows(records, keys, columns) if keys else run_rows(records, columns)
+    table = Table(experiment, columns, rows, keys)
+    if baseline:
+        table.baseline = resolve_baseline(baseline, rows, records, columns, search or (lambda f: []))
+        table.rows = apply_baseline(rows, table.baseline)
+    return table
+
+
+def without_sweep_parents(records: list[RunRecord]) -> tuple[list[RunRecord], int]:
+    """Drop the parent runs of sweeps (their children are the trials); returns how many went."""
+    parents = {r.parent_id for r in records if r.parent_id}
+    kept = [r for r in records if r.run_id not in parents]
+    return kept, len(records) - len(kept)
+
+
+def compare_runs(client: MlflowClient, experiment: str, filter_string: str = "", run_ids: list[str] | None = None,
+                 group_by: list[str] | None = None, baseline: str | None = None) -> Table:
+    """Query the experiment (sweep parents left out unless named in ``run_ids``) and build its table."""
+    for key in group_by or []:
+        resolve_group_key(key)  # fail before querying
+    exp = resolve_experiment(client, experiment)
+    records = fetch_runs(client, exp.experiment_id, filter_string, run_ids)
+    records, parents = (records, 0) if run_ids else without_sweep_parents(records)
+    if not records:
+        raise CompareError(_no_runs_message(client, exp, filter_string))
+    table = build_table(exp.name, records, group_by, baseline,
+                        lambda f: search_all(client, [exp.experiment_id], f))
+    table.parents_left_out = parents
+    return table
+
+
+def _no_runs_message(client: MlflowClient, exp: Experiment, filter_string: str) -> str:
+    if not filter_string:
+        return f"experiment {exp.name!r} has no runs"
+    sample = client.search_runs([exp.experiment_id], "", max_results=1)
+    params = ", ".join(k for k in sorted(sample[0].data.params) if not k.startswith("ds.")) if sample else "none"
+    return (f"no run in experiment {exp.name!r} matches --filter {filter_string!r}. Param keys contain dots, "
+            "e.g. params.`objective.name` = 'pgd' (or use the tag: tags.objective = 'pgd'). "
+            f"Params of a run there: {params}")
+
+
+_EPILOG = """\
+filters use MLflow's search syntax; param keys contain dots, so quote them with backticks:
+  --filter "params.`objective.name` = 'pgd' and params.`objective.epsilon` = '0.1'"
+  --filter "tags.objective != 'erm' and metrics.standard_avg > 0.8 and attributes.status = 'FINISHED'"
+params are strings (compare them with quoted values); runs carry the tags task and objective.
+
+--group-by takes params.<key>, tags.<key> (e.g. tags.objective) or an alias:
+""" + "".join(f"  {alias:<10} {key}\n" for alias, key in GROUP_ALIASES.items()) + """\
+--baseline takes a row label (a group's value, e.g. erm), a run id or run name, or a filter whose
+runs' mean is the baseline, e.g. "tags.objective = 'erm'".
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``dist-robust compare`` options."""
+    from dist_robust.compare_format import FORMATS
+
+    parser = argparse.ArgumentParser(prog="dist-robust compare", description=__doc__.split("\n")[0],
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name (or id).")
+    parser.add_argument("--mlflow-uri", help="Tracking URI (http://host:5000, sqlite:///mlflow.db, ...). "
+                                             "Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+    parser.add_argument("--runs", nargs="+", metavar="RUN_ID", help="Only these runs (full run ids).")
+    parser.add_argument("--filter", default="", help="MLflow search filter (see below).")
+    parser.add_argument("--baseline", metavar="RUN_OR_FILTER",
+                        help="Show differences against this row, run, or the mean of the runs a filter matches.")
+    parser.add_argument("--group-by", nargs="+", action="extend", metavar="KEY",
+                        help="Group runs by these params/tags: mean +- std over each group's runs (seeds).")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
+    parser.add_argument("--plot-dir", help="Also write PNG and SVG plots into this directory.")
+    return parser
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """``dist-robust compare``: print the table; 2 with a message when it cannot be made."""
+    from mlflow.exceptions import MlflowException
+
+    from dist_robust.compare_format import render
+
+    args = build_parser().parse_args(argv)
+    try:
+        client = open_client(args.mlflow_uri)
+        table = compare_runs(client, args.experiment, args.filter, args.runs, args.group_by, args.baseline)
+        print(render(table, args.format), end="", flush=True)
+        if args.plot_dir:
+            from dist_robust.compare_plots import write_comparison_plots
+
+            paths = write_comparison_plots(client, table, args.plot_dir)
+            print(f"wrote {len(paths)} plot files to {args.plot_dir}", file=sys.stderr)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except MlflowException as err:
+        print(f"error: MLflow: {err.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(compare_main())

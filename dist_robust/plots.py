@@ -1,0 +1,307 @@
+"""Figures from plain data: per-language bars, generalized heatmaps, sweep curves, training curves.
+
+Every figure is built with matplotlib's object API (``Figure`` rendered by the Agg canvas for PNG),
+never ``pyplot``: no global state or display, so it is safe inside a training process. Inputs are
+dicts of accuracies as fractions (0..1); the figures show percentages.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from dist_robust.tracking import Tracker
+
+FORMATS = ("png", "svg")
+DPI = 110
+OBJECTIVE_COLORS = {"erm": "#555555", "pgd": "#1f77b4", "freelb": "#ff7f0e", "gaussian": "#2ca02c"}
+_CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf"]
+
+Series = list[tuple[float, float]]  # [(step, value), ...]
+
+
+def save_figure(fig: Figure, directory: str, stem: str) -> list[str]:
+    """Write ``<stem>.png`` and ``<stem>.svg`` into ``directory``; returns both paths."""
+    import matplotlib
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    # SVG text stays text (searchable, editable, smaller) instead of glyph outlines.
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        for fmt in FORMATS:
+            path = os.path.join(directory, f"{stem}.{fmt}")
+            fig.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight")
+            paths.append(path)
+    return paths
+
+
+def color_for(label: str, index: int) -> str:
+    """The objective's own colour when the label starts with one ("erm (n=3)"), else the cycle's next."""
+    return OBJECTIVE_COLORS.get(label.split(" ")[0], _CYCLE[index % len(_CYCLE)])
+
+
+def bar_figure(values: dict[str, dict[str, float | None]], errors: dict[str, dict[str, float | None]] | None = None,
+               title: str = "") -> Figure:
+    """Grouped bars: one group per column (languages, averages), one bar per series (run or group).
+
+    ``values[series][column]`` is an accuracy or None (drawn as an "n/a" mark); ``errors`` the
+    matching standard deviations for error bars.
+    """
+    columns = list(dict.fromkeys(c for row in values.values() for c in row))
+    x = np.arange(len(columns))
+    width = 0.8 / max(1, len(values))
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.3 * len(columns) * len(values) + 2.5)), 4.2))
+    ax = fig.add_subplot()
+    floor = _bar_floor(values)
+    for k, (label, row) in enumerate(values.items()):
+        ys = np.array([_pct(row.get(c)) for c in columns])
+        errs = np.array([_pct((errors or {}).get(label, {}).get(c)) for c in columns])
+        offset = x - 0.4 + width * (k + 0.5)
+        ax.bar(offset, np.nan_to_num(ys - floor, nan=0.0), width, bottom=floor, label=label,
+               color=color_for(label, k), yerr=np.nan_to_num(errs), capsize=2, ecolor="#333333")
+        for pos in offset[np.isnan(ys)]:
+            ax.text(pos, floor + 0.5, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="#b00020")
+    ax.set_xticks(x, [c.replace("_", "\n") for c in columns], rotation=30 if len(columns) > 16 else 0)
+    ax.set_ylim(bottom=floor)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return fig
+
+
+def _bar_floor(values: dict[str, dict[str, float | None]]) -> float:
+    """Bars start a little below the lowest accuracy so differences of a point stay visible."""
+    present = [_pct(v) for row in values.values() for v in row.values() if v is not None]
+    return max(0.0, 5 * math.floor((min(present) - 5) / 5)) if present else 0.0
+
+
+def heatmap_figure(matrix: dict[str, dict[str, float | None]], title: str = "", diff: bool = False) -> Figure:
+    """The L x L generalized matrix: rows sentence1's language, columns sentence2's.
+
+    With ``diff`` the cells are differences in points (see :func:`matrix_difference`) on a
+    diverging scale centred at zero: blue better than the baseline, red worse.
+    """
+    langs = list(matrix)
+    data = np.array([[_pct(matrix[a].get(b)) for b in langs] for a in langs])
+    size = len(langs)
+    fig = Figure(figsize=(max(4.5, 0.6 * size + 1.8), max(3.8, 0.55 * size + 1.2)))
+    ax = fig.add_subplot()
+    cmap, vmin, vmax = _heatmap_scale(data, diff)
+    image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax)
+    for i in range(size):
+        for j in range(size):
+            ax.text(j, i, _cell_text(data[i, j], diff), ha="center", va="center",
+                    fontsize=8 if size <= 10 else 6, color=_text_color(data[i, j], vmin, vmax, diff))
+    ax.set_xticks(range(size), langs)
+    ax.set_yticks(range(size), langs)
+    ax.set_xlabel("sentence 2 language")
+    ax.set_ylabel("sentence 1 language")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="difference (points)" if diff else "accuracy (%)", shrink=0.85)
+    return fig
+
+
+def _heatmap_scale(data: np.ndarray, diff: bool):
+    import matplotlib
+
+    finite = data[np.isfinite(data)]
+    if diff:
+        limit = max(float(np.abs(finite).max()) if finite.size else 0.0, 0.5)
+        return matplotlib.colormaps["RdBu"].with_extremes(bad="#dddddd"), -limit, limit
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    if high - low < 1.0:
+        low, high = low - 0.5, high + 0.5
+    return matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd"), low, high
+
+
+def _cell_text(value: float, diff: bool) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:+.1f}" if diff else f"{value:.1f}"
+
+
+def _text_color(value: float, vmin: float, vmax: float, diff: bool) -> str:
+    if not np.isfinite(value):
+        return "#b00020"
+    position = (value - vmin) / (vmax - vmin)
+    if diff:
+        return "white" if abs(position - 0.5) > 0.3 else "black"
+    return "black" if position > 0.55 else "white"
+
+
+def matrix_difference(matrix: dict[str, dict[str, float | None]],
+                      baseline: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """``matrix - baseline`` cell by cell over ``matrix``'s languages; None where either is missing."""
+    out: dict[str, dict[str, float | None]] = {}
+    for a, row in matrix.items():
+        out[a] = {}
+        for b, value in row.items():
+            base = baseline.get(a, {}).get(b)
+            out[a][b] = None if value is None or base is None else value - base
+    return out
+
+
+def sweep_figure(points: list[dict], metric: str, title: str = "") -> Figure | None:
+    """Accuracy against perturbation size: one panel per size parameter, one line per objective.
+
+    ``points``: ``{"objective", "param" (e.g. "objective.epsilon", None for objectives without one),
+    "x", "y"}``, one per run. Lines are means over seeds with a +-1 std band and the seeds as dots;
+    objectives without a size parameter (erm) are dashed horizontal references. None when no
+    objective has a size parameter.
+    """
+    params = list(dict.fromkeys(p["param"] for p in points if p["param"] and p["x"] is not None))
+    if not params:
+        return None
+    fig = Figure(figsize=(5.2 * len(params), 4.0))
+    axes = fig.subplots(1, len(params), squeeze=False)[0]
+    references = _by_objective([p for p in points if not p["param"]])
+    for ax, param in zip(axes, params):
+        lines = _by_objective([p for p in points if p["param"] == param and p["x"] is not None])
+        for k, (objective, pts) in enumerate(lines.items()):
+            _sweep_line(ax, objective, pts, color_for(objective, k))
+        for k, (objective, pts) in enumerate(references.items()):
+            _reference_line(ax, objective, [p["y"] for p in pts], color_for(objective, k + len(lines)))
+        _sweep_axes(ax, param, metric, [p["x"] for p in points if p["param"] == param and p["x"] is not None])
+    fig.suptitle(f"{title}: {metric} against perturbation size" if title else f"{metric} against perturbation size")
+    return fig
+
+
+def _by_objective(points: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for p in points:
+        out[p["objective"]].append(p)
+    return dict(out)
+
+
+def _sweep_line(ax, objective: str, points: list[dict], color: str) -> None:
+    by_x: dict[float, list[float]] = defaultdict(list)
+    for p in points:
+        by_x[float(p["x"])].append(100 * p["y"])
+    xs = sorted(by_x)
+    means = np.array([np.mean(by_x[x]) for x in xs])
+    stds = np.array([np.std(by_x[x], ddof=1) if len(by_x[x]) > 1 else 0.0 for x in xs])
+    seeds = max(len(v) for v in by_x.values())
+    ax.plot(xs, means, marker="o", color=color, label=f"{objective} (up to {seeds} seed(s))")
+    ax.fill_between(xs, means - stds, means + stds, color=color, alpha=0.18, linewidth=0)
+    ax.scatter([x for x in xs for _ in by_x[x]], [y for x in xs for y in by_x[x]], s=10, color=color, alpha=0.5)
+
+
+def _reference_line(ax, objective: str, ys: list[float], color: str) -> None:
+    values = [100 * y for y in ys]
+    mean = float(np.mean(values))
+    ax.axhline(mean, linestyle="--", color=color, label=f"{objective} ({len(values)} run(s))")
+    if len(values) > 1:
+        std = float(np.std(values, ddof=1))
+        ax.axhspan(mean - std, mean + std, color=color, alpha=0.1, linewidth=0)
+
+
+def _sweep_axes(ax, param: str, metric: str, xs: list[float]) -> None:
+    positive = [x for x in xs if x > 0]
+    if positive and len(positive) == len(xs) and max(positive) / min(positive) >= 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(param.split(".")[-1])
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def curves_figure(panels: dict[str, dict[str, list[Series]]], title: str = "") -> Figure:
+    """Training curves: one panel per quantity, one line per label.
+
+    ``panels[panel][label]`` is a list of runs' ``[(step, value), ...]``; several runs under one
+    label (seeds) are drawn as their mean with a +-1 std band. Values are plotted as given.
+    """
+    fig = Figure(figsize=(5.2 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (panel, series) in zip(axes, panels.items()):
+        for k, (label, runs) in enumerate(series.items()):
+            _curve(ax, label, [r for r in runs if r], color_for(label, k))
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if not any(any(runs) for runs in series.values()):
+            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="#b00020")
+    _curve_legends(axes, [list(series) for series in panels.values()])
+    fig.suptitle(title)
+    return fig
+
+
+def _curve_legends(axes, labels: list[list[str]]) -> None:
+    """One legend outside the last panel when every panel has the same lines, else one per panel."""
+    if all(set(ls) == set(labels[0]) for ls in labels):
+        handles = {}
+        for ax in axes:
+            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+        if len(handles) > 1:
+            axes[-1].legend(list(handles.values()), list(handles), fontsize=8, loc="upper left",
+                            bbox_to_anchor=(1.02, 1.0), frameon=False)
+        return
+    for ax, ls in zip(axes, labels):
+        if len(ls) > 1 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+
+
+def _curve(ax, label: str, runs: list[Series], color: str) -> None:
+    if not runs:
+        return
+    by_step: dict[float, list[float]] = defaultdict(list)
+    for run in runs:
+        for step, value in run:
+            by_step[step].append(value)
+    steps = sorted(by_step)
+    means = np.array([np.mean(by_step[s]) for s in steps])
+    ax.plot(steps, means, color=color, label=label if len(runs) == 1 else f"{label} (mean of {len(runs)})",
+            marker="o" if len(steps) < 15 else None, markersize=3)
+    if len(runs) > 1:
+        stds = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
+        ax.fill_between(steps, means - stds, means + stds, color=color, alpha=0.18, linewidth=0)
+
+
+def run_figures(results: dict) -> dict[str, Figure]:
+    """A finished training run's own figures from its ``results.json`` dict: heatmap and curves."""
+    figures: dict[str, Figure] = {}
+    name = f"{results.get('task', '')} / {results.get('objective', '')}".strip(" /")
+    if results.get("generalized"):
+        figures["generalized"] = heatmap_figure(
+            results["generalized"], f"{name}: generalized {results.get('eval_split', '')} accuracy")
+    losses, history = results.get("train_losses") or [], results.get("dev_history") or []
+    if losses or history:
+        source = f"source ({results.get('source_language', 'en')})"
+        dev = {label: [[(h["step"], 100 * h[key]) for h in history if _finite(h.get(key))]]
+               for label, key in ((source, "source_acc"), ("standard avg", "standard_avg"))}
+        figures["curves"] = curves_figure(
+            {"train loss": {"loss": [[(i + 1, v) for i, v in enumerate(losses)]]}, "dev accuracy (%)": dev},
+            name)
+    return figures
+
+
+def log_run_plots(tracker: Tracker, results: dict, artifact_path: str = "plots") -> list[str]:
+    """Render :func:`run_figures` and log them as PNG + SVG artifacts of the tracker's run.
+
+    Returns the artifact paths (e.g. ``plots/generalized.png``); nothing is rendered when the
+    tracker has no run (``NullTracker``: other ranks, tracking off).
+    """
+    if getattr(tracker, "run_id", None) is None:
+        return []
+    logged = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stem, fig in run_figures(results).items():
+            for path in save_figure(fig, tmp, stem):
+                tracker.log_artifact(path, artifact_path)
+                logged.append(f"{artifact_path}/{os.path.basename(path)}")
+    return logged
+
+
+def _pct(value: float | None) -> float:
+    return 100 * value if _finite(value) else float("nan")
+
+
+def _finite(value) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
