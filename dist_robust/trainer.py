@@ -25,8 +25,8 @@ from dist_robust.data.pipeline import Collator, batches_per_epoch, encode, train
 from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
                                 word_embeddings, zero3_context)
-from dist_robust.plots import log_run_plots
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
+from dist_robust.plots import log_run_plots
 from dist_robust.tracking import MLflowTracker, NullTracker, Tracker, flatten, resolve_uri
 
 log = logging.getLogger(__name__)
