@@ -145,6 +145,8 @@ class TrackingConfig:
                                 "--mlflow-uri")
     experiment: str = _f("dist-robust", "MLflow experiment name.", "--experiment")
     run_name: str | None = _f(None, "MLflow run name (default: objective and output dir).", "--run-name")
+    run_id: str | None = _f(None, "Log into this existing MLflow run (a sweep creates one per trial) instead of a "
+                            "new one or the one a resumed checkpoint names.")
 
 
 @dataclass

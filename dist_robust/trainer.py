@@ -166,7 +166,7 @@ def _start_tracking(setup: Setup, state: State) -> None:
     if not D.is_main() or uri is None:
         return
     name = cfg.tracking.run_name or f"{cfg.objective.name}-{os.path.basename(cfg.train.output_dir.rstrip('/'))}"
-    setup.tracker = MLflowTracker(uri, cfg.tracking.experiment, name, run_id=state.mlflow_run_id,
+    setup.tracker = MLflowTracker(uri, cfg.tracking.experiment, name, run_id=cfg.tracking.run_id or state.mlflow_run_id,
                                   tags={"task": cfg.data.task, "objective": cfg.objective.name})
     state.mlflow_run_id = setup.tracker.run_id
     params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})

@@ -75,7 +75,7 @@ def test_exported_model_fine_tunes_from_its_directory_under_zero3(default_run, t
     model_dir = cwd / "runs" / "default" / "model"
     out = tmp_path / "finetune"
     deepspeed([*TINY, "--model", str(model_dir), "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
-               "--max-steps", "2", "--lr", "1e-5", "--objective", "pgd", "--output-dir", str(out),
+               "--max-steps", "2", "--lr", "1e-5", "--output-dir", str(out),
                "--no-export-model", "--max-length", "128"])
     res = json.loads((out / "results.json").read_text())
     assert res["train_losses"][0] < 0.8
