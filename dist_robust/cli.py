@@ -152,6 +152,13 @@ def config_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def eval_main(argv: list[str] | None = None) -> int:
+    """``dist-robust eval --model DIR ...``: per-language and generalized accuracy, no training."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    extra = [flag for flag in ("--eval-only", "--no-export-model") if flag not in args]
+    return train_main([*args, *extra])
+
+
 def augment_main(argv: list[str] | None = None) -> int:
     from dist_robust.data.augment import augment_main as run_augment
 
@@ -167,6 +174,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 COMMANDS = {
     "train": train_main,
     "config": config_main,
+    "eval": eval_main,
     "augment": augment_main,
     "compare": compare_main,
 }
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"usage: dist-robust {{{known}}} ...\n\n"
               "  train    fine-tune with a robust objective on DeepSpeed (see: dist-robust train --help)\n"
+              "  eval     evaluate a model (per language and generalized) without training\n"
               "  config   print the resolved configuration without training\n"
               "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)\n"
               "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment")

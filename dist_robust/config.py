@@ -136,6 +136,8 @@ class TrainConfig:
     export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors.",
                             "--export-model")
     progress: bool = _f(True, "Show a progress bar on rank 0.", "--progress")
+    eval_only: bool = _f(False, "Skip training: evaluate the model as loaded (or as resumed) and write "
+                         "results (what `dist-robust eval` does).", "--eval-only")
 
 
 @dataclass

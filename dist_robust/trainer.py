@@ -78,7 +78,10 @@ def run(cfg: RunConfig, report=None) -> dict | None:
     state = _resume(setup)
     _start_tracking(setup, state)
     try:
-        _fit(setup, state, report)
+        if cfg.train.eval_only:
+            state.best_step = state.step  # evaluate the weights as they are
+        else:
+            _fit(setup, state, report)
         results = _final_evaluation(setup, state)
         _save_outputs(setup, state, results)
         if report is not None:

@@ -80,3 +80,26 @@ def test_exported_model_fine_tunes_from_its_directory_under_zero3(default_run, t
     res = json.loads((out / "results.json").read_text())
     assert res["train_losses"][0] < 0.8
     assert res["per_language"]["en"] > 0.65
+
+
+def test_eval_of_exported_model_reproduces_final_accuracies(default_run, tmp_path):
+    """``dist-robust eval`` on the exported model gives the training run's own numbers: the
+    export holds the selected weights and the tokenizer, and evaluation is deterministic."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    cwd, _ = default_run
+    trained = json.loads((cwd / "runs" / "default" / "results.json").read_text())
+    env = launcher_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(free_port()))
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "dist_robust.cli", "eval", "--model",
+                           str(cwd / "runs" / "default" / "model"), "--output-dir", str(out), "--no-progress",
+                           "--mlflow-uri", "none"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["per_language"] == trained["per_language"]
+    assert res["generalized"] == trained["generalized"]
+    assert res["train_losses"] == [] and not (out / "model").exists()
