@@ -98,11 +98,11 @@ def resolve_resume(resume: str | None, store: CheckpointStore) -> tuple[str, str
         return (store.root, tag) if tag else None
     if storage.exists(storage.join(resume, LATEST)):
         return resume, storage.read_text(storage.join(resume, LATEST)).strip()
-    if storage.exists(resume) and any(n.startswith("mp_rank_") for n in storage.listdir(resume)):
+    if storage.exists(resume) and any(n.startswith(("mp_rank_", "zero_pp_rank_")) for n in storage.listdir(resume)):
         parent, _, tag = resume.rstrip("/").rpartition("/")
         return parent, tag
     raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected a directory with a "
-                            f"'{LATEST}' file, or a checkpoint tag directory holding mp_rank_* files)")
+                            f"'{LATEST}' file, or a checkpoint tag directory holding mp_rank_* or zero_pp_rank_* files)")
 
 
 def _write_local(path: str, text: str) -> None:

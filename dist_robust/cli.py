@@ -171,12 +171,19 @@ def compare_main(argv: list[str] | None = None) -> int:
     return run_compare(argv)
 
 
+def tune_main(argv: list[str] | None = None) -> int:
+    from dist_robust.tuning.cli import tune_main as run_tune
+
+    return run_tune(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "config": config_main,
     "eval": eval_main,
     "augment": augment_main,
     "compare": compare_main,
+    "tune": tune_main,
 }
 
 
@@ -192,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
               "  eval     evaluate a model (per language and generalized) without training\n"
               "  config   print the resolved configuration without training\n"
               "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)\n"
-              "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment")
+              "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment\n"
+              "  tune     Ray Tune sweep over perturbation radius, noise scale, ... (see tuning/*.yaml)")
         return 0
     return COMMANDS[argv[0]](argv[1:])
 

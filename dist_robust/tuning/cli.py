@@ -1,0 +1,281 @@
+"""``dist-robust tune``: run (or resume) a Ray Tune sweep whose trials are multi-worker DeepSpeed runs.
+
+    dist-robust tune --space tuning/smoke.yaml
+    dist-robust tune --space tuning/pgd_epsilon.yaml --mlflow-uri http://mlflow:5000 --storage s3://bucket/sweeps
+    dist-robust tune --space tuning/pgd_epsilon.yaml --resume        # after an interruption
+
+The sweep file is checked in full before Ray starts (see :mod:`dist_robust.tuning.space`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from dist_robust import storage
+from dist_robust.tuning import sweep_runs
+from dist_robust.tuning.space import SpaceError, SweepSpec, load_space
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "dist_robust_sweep.json"  # in the Tune experiment directory: what --resume rebuilds from
+TRIAL_RESOURCES = {"cpu": 0, "memory": 2 ** 28}  # the trial driver; its Train workers take the CPUs
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-robust tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", help="Sweep file (YAML), e.g. tuning/smoke.yaml. Not needed with --resume --name.")
+    p.add_argument("--name", help="Sweep name: the Tune experiment and the MLflow parent run (default: the "
+                                  "file's 'name', else its stem).")
+    p.add_argument("--storage", default="ray_results",
+                   help="Where Tune and Train keep results and checkpoints: a path, or a URL (s3://, gs://) "
+                        "that every node of a cluster can reach.")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: the base run's --mlflow-uri, "
+                                        "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; 'none' disables).")
+    p.add_argument("--experiment", help="MLflow experiment (default: the file's 'experiment', else the base "
+                                        "run's --experiment).")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue an interrupted sweep (Tuner.restore) from --storage/--name.")
+    p.add_argument("--smoke", action="store_true",
+                   help="The same sweep on the tiny built-in config: 6 steps per trial, at most 2 samples.")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' on a cluster node, ray://host:10001 from outside); "
+                        "default: $RAY_ADDRESS, else a Ray instance on this machine.")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all).")
+    return p
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dist-robust tune``; returns the exit code (2: bad sweep file, 130: interrupted)."""
+    args = _parser().parse_args(argv)
+    try:
+        spec, saved = _sweep(args)
+    except (SpaceError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _init_ray(args)
+    experiment_path = storage.join(_storage_root(args.storage), spec.name)
+    tracking = _start_tracking(args, spec, saved)
+    _save_sweep(experiment_path, spec, tracking, args)
+    with GracefulStop() as stop:
+        grid = _run(args, spec, tracking, experiment_path)
+    return _finish(grid, spec, tracking, experiment_path, stop.received)
+
+
+def _storage_root(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _sweep(args: argparse.Namespace) -> tuple[SweepSpec, dict | None]:
+    """The sweep to run: parsed from --space, or as saved by the run being resumed."""
+    if args.resume:
+        name = args.name or (load_space(args.space, args.smoke).name if args.space else None)
+        if not name:
+            raise SpaceError("(none)", ["--resume needs --name NAME or the --space file of the sweep"])
+        path = storage.join(_storage_root(args.storage), name, SWEEP_FILE)
+        if not storage.exists(path):
+            raise FileNotFoundError(f"--resume: no sweep {name!r} under --storage {args.storage} (no {path})")
+        saved = json.loads(storage.read_text(path))
+        return SweepSpec.from_dict(saved["spec"]), saved
+    if not args.space:
+        raise SpaceError("(none)", ["--space FILE is required (e.g. tuning/smoke.yaml)"])
+    spec = load_space(args.space, args.smoke)
+    if args.name:
+        spec.name = args.name
+    path = storage.join(_storage_root(args.storage), spec.name)
+    if storage.exists(storage.join(path, SWEEP_FILE)):
+        raise FileNotFoundError(f"sweep {spec.name!r} already exists at {path}: pass --resume to continue it, "
+                                "or --name to start another")
+    return spec, None
+
+
+def _init_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        local = args.address is None and not os.environ.get("RAY_ADDRESS")
+        ray.init(address=args.address, num_cpus=args.num_cpus if local else None, include_dashboard=False)
+
+
+def _start_tracking(args: argparse.Namespace, spec: SweepSpec,
+                    saved: dict | None) -> sweep_runs.SweepTracking | None:
+    """The MLflow parent run: continued on --resume, else created (None with tracking off)."""
+    if saved is not None:
+        t = saved.get("tracking")
+        return sweep_runs.start_parent(t["uri"], t["experiment"], spec, t["parent_run_id"]) if t else None
+    uri = sweep_runs.absolute_uri(args.mlflow_uri or spec.base.tracking.mlflow_uri)
+    if uri is None:
+        return None
+    experiment = args.experiment or spec.experiment or spec.base.tracking.experiment
+    return sweep_runs.start_parent(uri, experiment, spec)
+
+
+def _save_sweep(experiment_path: str, spec: SweepSpec, tracking: sweep_runs.SweepTracking | None,
+                args: argparse.Namespace) -> None:
+    saved = {"spec": spec.to_dict(), "tracking": tracking.__dict__ if tracking else None,
+             "storage": _storage_root(args.storage)}
+    storage.write_text(storage.join(experiment_path, SWEEP_FILE), json.dumps(saved, indent=2))
+
+
+def _run(args: argparse.Namespace, spec: SweepSpec, tracking: sweep_runs.SweepTracking | None,
+         experiment_path: str):
+    """Tuner.fit (or Tuner.restore + fit on --resume); returns the ResultGrid."""
+    import ray
+    from ray import tune
+
+    from dist_robust.tuning.cleanup import TrialCleanup
+    from dist_robust.tuning.search import max_concurrent_trials, param_space, scheduler, search_alg, use_gpu
+    from dist_robust.tuning.trial import TrialPlan, run_trial
+
+    scratch = spec.scratch_dir or os.path.join(tempfile.gettempdir(), "dist-robust-tune")
+    cluster = ray.cluster_resources()
+    plan = TrialPlan(spec, storage.join(experiment_path, "train-runs"), os.path.join(scratch, spec.name), tracking,
+                     use_gpu(spec, cluster))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_RESOURCES)
+    callbacks = [TrialCleanup(tracking)]  # a restored Tuner brings its own (pickled with its state)
+    if args.resume and tune.Tuner.can_restore(experiment_path):
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        return tuner.fit()
+    concurrent = max_concurrent_trials(spec, cluster)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                    scheduler=scheduler(spec), search_alg=search_alg(spec, concurrent),
+                                    reuse_actors=False,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=spec.name, storage_path=_storage_root(args.storage), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks),
+    )
+    return tuner.fit()
+
+
+class GracefulStop:
+    """Ctrl+C or SIGTERM (a cluster scheduler's stop): Tune saves the sweep's state and returns.
+
+    Tune stops gracefully on SIGUSR1; this turns the first SIGINT/SIGTERM into that and records it,
+    so an interrupted sweep is told apart from a finished one. A second signal interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's own handler would hide the interruption
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+        print(f"{signal.Signals(signum).name}: stopping the sweep after saving its state "
+              "(send it again to stop at once)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
+    """One plain record per trial: id, outcome (finished / stopped_early / error), config, last metrics."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        if result.error is not None:
+            status = "error"
+        elif "standard_avg" in metrics:  # only the final evaluation reports it
+            status = "finished"
+        else:
+            status = "stopped_early"
+        rows.append({"trial_id": metrics.get("trial_id") or os.path.basename(result.path), "status": status,
+                     "config": {k: v.item() if hasattr(v, "item") else v for k, v in result.config.items()},
+                     "step": metrics.get("step"), "mlflow_run_id": metrics.get("mlflow_run_id") or None,
+                     "metrics": {k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                     "error": str(result.error)[:2000] if result.error is not None else None})
+    return rows
+
+
+def best_trial(rows: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any] | None:
+    """The trial whose last reported ``metric`` is best (errored trials and missing values left out)."""
+    scored = [r for r in rows if r["status"] != "error" and _finite(r["metrics"].get(spec.metric))]
+    if not scored:
+        return None
+    pick = max if spec.mode == "max" else min
+    best = pick(scored, key=lambda r: r["metrics"][spec.metric])
+    return {**best, "metrics": {**best["metrics"], "mlflow_run_id": best["mlflow_run_id"]}}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _finish(grid, spec: SweepSpec, tracking: sweep_runs.SweepTracking | None, experiment_path: str,
+            interrupted: bool) -> int:
+    rows = trial_rows(grid, spec)
+    best = best_trial(rows, spec)
+    _print_summary(rows, best, spec)
+    if interrupted:
+        if tracking is not None:
+            sweep_runs.set_status(tracking, tracking.parent_run_id, "KILLED")
+        print(f"interrupted: continue with  dist-robust tune --resume --name {spec.name} "
+              f"--storage {os.path.dirname(experiment_path.rstrip('/'))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    errors = sum(r["status"] == "error" for r in rows)
+    if tracking is not None:
+        status = "FAILED" if rows and errors == len(rows) else "FINISHED"
+        sweep_runs.log_summary(tracking, spec, rows, best, status)
+    return 1 if errors else 0
+
+
+def _print_summary(rows: list[dict[str, Any]], best: dict | None, spec: SweepSpec) -> None:
+    keys = list(spec.params)
+    header = ["trial", "status", "step", spec.metric, *keys]
+    table = [[r["trial_id"], r["status"], str(r["step"]), _fmt(r["metrics"].get(spec.metric)),
+              *(_fmt(r["config"].get(k)) for k in keys)] for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
+    print()
+    for line in [header, *table]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+    if best is not None:
+        print(f"\nbest trial {best['trial_id']}: {spec.metric} = {_fmt(best['metrics'][spec.metric])}, "
+              f"config {json.dumps(best['config'])}" +
+              (f", MLflow run {best['mlflow_run_id']}" if best["mlflow_run_id"] else ""))
+    for r in rows:
+        if r["error"]:
+            print(f"trial {r['trial_id']} failed: {r['error'].splitlines()[0] if r['error'] else ''}",
+                  file=sys.stderr)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def main() -> None:
+    sys.exit(tune_main())
+
+
+if __name__ == "__main__":
+    main()

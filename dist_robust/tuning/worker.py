@@ -1,0 +1,221 @@
+"""Inside a Ray Train worker: restore the trial's checkpoint, run ``trainer.run``, report through Ray.
+
+Ray Train has already created the process group; the trainer's ``deepspeed.init_distributed()``
+reuses it. Every rank reports every checkpoint with the files *it* wrote (its ZeRO shards; rank 0
+also the model states and the tokenizer), and Ray merges the ranks' uploads into one checkpoint
+directory, so a checkpoint holds every shard and any later attempt, node or PBT clone can resume.
+
+Layout of a reported checkpoint::
+
+    step-00000004/   the DeepSpeed tag just saved (every rank's files)
+    best/            the best-so-far tag, when the run keeps one (its final evaluation loads it)
+    tokenizer/       a tokenizer trained by the run (built-in model configs)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+from typing import Any
+
+from dist_robust import distributed as D
+from dist_robust.checkpointing import BEST, LATEST
+from dist_robust.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+RESTORED = ".restored-from"  # names the Ray checkpoint a local checkpoints/ dir was rebuilt from
+# Fault injection for retry tests: "<step>:<marker file>" kills the last rank's process (SIGKILL) right
+# after it reported the checkpoint of that step, once: the marker file records that it happened.
+KILL_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
+_RANK_IN_NAME = re.compile(r"pp_rank_(\d+)_")
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train loop: one ``trainer.run`` that resumes from the trial's latest checkpoint."""
+    import ray
+    import ray.train
+
+    from dist_robust import trainer
+
+    os.environ.update(loop_config.get("env", {}))
+    cfg: RunConfig = loop_config["cfg"]
+    # One working directory per node, as on machines with local disks (also when scratch is shared).
+    scratch, segment = os.path.split(cfg.train.output_dir.rstrip("/"))
+    cfg.train.output_dir = os.path.join(scratch, ray.util.get_node_ip_address(), segment)
+    checkpoint = ray.train.get_checkpoint() or _initial(loop_config.get("initial_checkpoint"))
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, cfg.train.output_dir)
+        cfg.train.resume = "auto"
+    copies = loop_config.get("augment_copies")
+    if copies:
+        offline_augment(cfg, int(copies))
+    from dist_robust.tuning.cleanup import PG_KEY, current_placement_group_id
+
+    report = RayReport(cfg.train.output_dir, {"num_nodes": _num_nodes(), PG_KEY: current_placement_group_id()})
+    trainer.run(cfg, report=report)
+
+
+def _initial(uri: str | None):
+    """The checkpoint a new PBT segment starts from (another trial's), when given."""
+    from ray.train import Checkpoint
+
+    return Checkpoint(uri) if uri else None
+
+
+def _num_nodes() -> int:
+    """How many nodes this trial's workers span."""
+    import ray.train
+    import torch.distributed as dist
+
+    node = ray.train.get_context().get_node_rank()
+    if not dist.is_initialized():
+        return 1
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+def owner_rank(filename: str) -> int:
+    """The rank that writes a checkpoint file: ``*pp_rank_<r>_*`` are rank r's ZeRO shards, the rest rank 0's."""
+    match = _RANK_IN_NAME.search(filename)
+    return int(match.group(1)) if match else 0
+
+
+def stage_rank_files(tag_dir: str, output_dir: str, rank: int) -> str | None:
+    """Hard-link (or copy) this rank's files of the checkpoint into a staging directory for Ray.
+
+    Returns the directory, or None when this rank wrote nothing (e.g. rank 1 under ZeRO-0).
+    """
+    staging = os.path.join(output_dir, ".ray-upload", f"rank-{rank}")
+    shutil.rmtree(staging, ignore_errors=True)
+    sources = {os.path.basename(tag_dir.rstrip("/")): tag_dir,
+               BEST: os.path.join(os.path.dirname(tag_dir.rstrip("/")), BEST)}
+    if rank == 0:
+        sources["tokenizer"] = os.path.join(output_dir, "tokenizer")
+    staged = 0
+    for name, src in sources.items():
+        if not os.path.isdir(src):
+            continue
+        for root, _, files in os.walk(src):
+            for f in files:
+                if name != "tokenizer" and owner_rank(f) != rank:
+                    continue
+                dest = os.path.join(staging, name, os.path.relpath(os.path.join(root, f), src))
+                _link_or_copy(os.path.join(root, f), dest)
+                staged += 1
+    return staging if staged else None
+
+
+def _link_or_copy(src: str, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+class RayReport:
+    """The trainer's ``report`` hook: metrics from every rank, and each rank's checkpoint files."""
+
+    def __init__(self, output_dir: str, extra: dict[str, Any]):
+        self.output_dir, self.extra = output_dir, extra
+
+    def __call__(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        staging = stage_rank_files(checkpoint_dir, self.output_dir, D.rank()) if checkpoint_dir else None
+        try:
+            checkpoint = ray.train.Checkpoint.from_directory(staging) if staging else None
+            ray.train.report({**metrics, **self.extra}, checkpoint=checkpoint)
+        finally:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
+        if checkpoint_dir:
+            _maybe_kill(int(metrics["step"]))
+
+
+def _maybe_kill(step: int) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec or D.rank() != D.world_size() - 1:
+        return
+    at, _, marker = spec.partition(":")
+    if int(at) == step and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.warning("%s: killing this worker (rank %d) after step %d", KILL_ENV, D.rank(), step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restore_checkpoint(checkpoint, output_dir: str) -> None:
+    """Rebuild ``<output_dir>/checkpoints`` (and the tokenizer) from a Ray checkpoint.
+
+    Each node's local rank 0 copies it (global rank 0 first, so nodes sharing a filesystem copy
+    once); afterwards ``--resume auto`` finds the tag through ``checkpoints/latest``.
+    """
+    root = os.path.join(output_dir, "checkpoints")
+    with D.main_first():
+        if D.local_rank() == 0 and _read(os.path.join(root, RESTORED)) != checkpoint.path:
+            _materialize(checkpoint, output_dir, root)
+    D.barrier()
+
+
+def _materialize(checkpoint, output_dir: str, root: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".restore-", dir=output_dir)
+    try:
+        checkpoint.to_directory(tmp)
+        tags = sorted(n for n in os.listdir(tmp) if n.startswith("step-"))
+        if len(tags) != 1:
+            raise RuntimeError(f"checkpoint {checkpoint.path} holds tags {tags}: expected one step-* directory")
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+        for name in (tags[0], BEST):
+            if os.path.isdir(os.path.join(tmp, name)):
+                shutil.move(os.path.join(tmp, name), os.path.join(root, name))
+        if os.path.isdir(os.path.join(tmp, "tokenizer")):
+            shutil.rmtree(os.path.join(output_dir, "tokenizer"), ignore_errors=True)
+            shutil.move(os.path.join(tmp, "tokenizer"), os.path.join(output_dir, "tokenizer"))
+        _write(os.path.join(root, LATEST), tags[0])
+        _write(os.path.join(root, RESTORED), checkpoint.path)
+        log.info("restored %s from %s", tags[0], checkpoint.path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def offline_augment(cfg: RunConfig, copies: int) -> None:
+    """Train on ``copies`` synonym-substituted copies of every pair (``dist-robust augment``), made once per node."""
+    from dist_robust.data.augment import augment_main
+
+    d = cfg.data
+    out = os.path.join(os.path.dirname(cfg.train.output_dir), "augmented",
+                       f"{d.task}-c{copies}-p{d.synonym_prob}-s{cfg.train.seed}.tsv")
+    with D.main_first(local=True):
+        if D.local_rank() == 0 and not os.path.exists(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            tmp = f"{out}.{os.getpid()}.tsv"
+            argv = ["--task", d.task, "--output", tmp, "--synonyms", d.synonyms, "--copies", str(copies),
+                    "--synonym-prob", str(d.synonym_prob), "--seed", str(cfg.train.seed),
+                    "--data-format", d.data_format]
+            argv += ["--input", d.train_file] if d.train_file else []
+            argv += ["--cache-dir", d.cache_dir] if d.cache_dir else []
+            if augment_main(argv) != 0:
+                raise RuntimeError(f"dist-robust augment {' '.join(argv)} failed")
+            os.replace(tmp, out)
+    d.train_file, d.augment = out, "none"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)

@@ -1,0 +1,146 @@
+"""Beyond one machine, on loopback: two "nodes" on 127.0.0.1 and 127.0.0.2.
+
+* a 2-node Ray cluster (``ray.cluster_utils.Cluster``) running a PBT sweep of two trials side by
+  side, each with its two Train workers on different nodes (STRICT_SPREAD), one cloned into the
+  other's checkpoint at step 2;
+* ``cluster/deepspeed-multinode.sh`` started once per node (node ranks, rendezvous address),
+  training the tiny config, each node with its own working directory as on local disks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import REPO, TINY, _free_port, launcher_env
+
+pytestmark = pytest.mark.launcher
+
+NODES = ("127.0.0.1", "127.0.0.2")
+
+
+def _loopback_alias_works() -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((NODES[1], 0))
+        except OSError:
+            return False
+    return True
+
+
+needs_loopback = pytest.mark.skipif(not _loopback_alias_works(), reason="127.0.0.2 is not a loopback address here")
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path_factory, monkeypatch):
+    """A Ray head on this machine's address and a second node on 127.0.0.2, 2 logical CPUs each.
+
+    (Ray maps a 127.0.0.1 cluster address to the machine's address, so the head keeps that one.)
+    """
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 * 2 ** 20})
+    cluster.add_node(num_cpus=2, node_ip_address=NODES[1], object_store_memory=100 * 2 ** 20)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def _pbt_space(tmp_path: Path) -> Path:
+    flags = [f for f in TINY if f not in ("--mlflow-uri", "none")]
+    flags += ["--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--objective", "pgd", "--max-steps", "3",
+              "--eval-steps", "2", "--save-steps", "2", "--no-export-model", "--no-generalized"]
+    space = {"name": "pbt-two-nodes", "base": {"flags": flags},
+             "params": {"objective.epsilon": {"type": "uniform", "low": 0.05, "high": 0.5}},
+             "num_samples": 2, "workers_per_trial": 2, "placement": "STRICT_SPREAD", "max_concurrent_trials": 2,
+             "scheduler": {"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                           "resample_probability": 0.0, "synch": True},
+             "search": {"type": "random", "seed": 0}, "scratch_dir": str(tmp_path / "scratch")}
+    path = tmp_path / "space.yaml"
+    path.write_text(json.dumps(space))
+    return path
+
+
+@needs_loopback
+def test_pbt_sweep_on_two_ray_nodes(two_node_cluster, tmp_path):
+    """Both trials' workers span the two nodes; at step 2 PBT clones the better trial into the other."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # a local store (the other sweep test uses a server)
+    env = launcher_env(RAY_AUTH_MODE="disabled", RAY_TMPDIR=os.environ["RAY_TMPDIR"])
+    proc = subprocess.run([sys.executable, "-m", "dist_robust.tuning", "--space", str(_pbt_space(tmp_path)),
+                           "--storage", str(tmp_path / "results"), "--mlflow-uri", uri, "--experiment", "pbt",
+                           "--address", two_node_cluster.address], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "Changing param values is not allowed" not in log
+    rows = {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in (tmp_path / "results" / "pbt-two-nodes").glob("*/result.json")}
+    assert len(rows) == 2
+    assert all(r[-1]["num_nodes"] == 2 and "standard_avg" in r[-1] for r in rows.values())
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
+    children = {r.info.run_id: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    (clone,) = [r for r in children.values() if r.data.tags["dist_robust.generation"] == "1"]
+    donor = children[clone.data.tags["dist_robust.cloned_from_run"]]
+    assert donor.data.tags["ray.trial_id"] != clone.data.tags["ray.trial_id"]
+    # the clone continues the donor's trajectory (its step 3 follows their step 2) with a perturbed epsilon
+    assert [m.step for m in client.get_metric_history(clone.info.run_id, "train/loss")] == [3]
+    assert float(clone.data.params["objective.epsilon"]) != pytest.approx(float(donor.data.params["objective.epsilon"]))
+    assert clone.info.status == "FINISHED" and "standard_avg" in clone.data.metrics
+    (replaced,) = [r for r in children.values() if r.data.tags["ray.trial_id"] == clone.data.tags["ray.trial_id"]
+                   and r.info.run_id != clone.info.run_id]
+    # the replaced segment's run: its own steps (its workers may have run on past step 2 while PBT
+    # decided), and ended rather than left RUNNING
+    assert [m.step for m in client.get_metric_history(replaced.info.run_id, "train/loss")][:2] == [1, 2]
+    assert replaced.info.status in ("KILLED", "FINISHED")
+    # each node trained in its own working directory, named after its address, holding its rank's shard
+    scratch = tmp_path / "scratch" / "pbt-two-nodes"
+    nodes = sorted(p.name for p in scratch.iterdir())
+    assert len(nodes) == 2 and NODES[1] in nodes
+    for node in nodes:
+        for tag in scratch.glob(f"{node}/*/checkpoints/step-00000002"):
+            if (tag.parent / ".restored-from").exists():
+                continue  # the clone's copy of the donor's whole checkpoint
+            shards = [f for f in os.listdir(tag) if f.endswith("optim_states.pt")]
+            assert len(shards) == 1, (tag, shards)  # one rank per node: each node holds one shard
+
+
+@needs_loopback
+def test_deepspeed_launch_script_on_two_loopback_nodes(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two loopback nodes\nnode0 slots=1\nnode1 slots=1\n")
+    port = str(_free_port())
+    procs = []
+    for rank, addr in enumerate(NODES):
+        env = launcher_env(HOSTFILE=str(hostfile), NODE_RANK=str(rank), MASTER_ADDR=NODES[0], MASTER_PORT=port,
+                           DS_CONFIG=str(REPO / "ds_configs" / "zero2.json"))
+        log = open(tmp_path / f"node{rank}.log", "w")
+        procs.append((subprocess.Popen(["bash", str(REPO / "cluster" / "deepspeed-multinode.sh"), *TINY,
+                                        "--max-steps", "4", "--eval-steps", "0", "--save-steps", "2",
+                                        "--no-export-model", "--output-dir", str(tmp_path / f"node{rank}")],
+                                       cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        proc.wait(timeout=900)
+        log.close()
+    logs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+    assert [p.returncode for p, _ in procs] == [0, 0], "\n-----\n".join(text[-3000:] for text in logs)
+    results = json.loads((tmp_path / "node0" / "results.json").read_text())
+    assert results["config"]["world_size"] == 2 and len(results["train_losses"]) == 4
+    assert not (tmp_path / "node1" / "results.json").exists()  # rank 0 alone writes results
+    # each node holds its own rank's shard of every checkpoint, as on machines with local disks
+    node0, node1 = (set(os.listdir(tmp_path / f"node{r}" / "checkpoints" / "step-00000004")) for r in (0, 1))
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= node0
+    assert node1 == {"zero_pp_rank_1_mp_rank_00_optim_states.pt"}
