@@ -46,15 +46,6 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return (summed / world_size()).tolist()
 
 
-def broadcast_object(obj):
-    """Rank 0's value of ``obj`` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @contextmanager
 def main_first(local: bool = False):
     """Run the body on rank 0 (or each node's local rank 0) first, then on the others.
