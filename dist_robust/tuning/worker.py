@@ -29,8 +29,8 @@ from dist_robust.config import RunConfig
 log = logging.getLogger(__name__)
 
 RESTORED = ".restored-from"  # names the Ray checkpoint a local checkpoints/ dir was rebuilt from
-# Fault injection for retry tests: "<step>:<marker file>" kills the last rank's process (SIGKILL) right
-# after it reported the checkpoint of that step, once: the marker file records that it happened.
+# Fault injection for retry tests: "<step>:<marker file>" kills the last rank's process (SIGKILL) once the
+# Train controller has committed the checkpoint of that step, once: the marker file records that it happened.
 KILL_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
 _RANK_IN_NAME = re.compile(r"pp_rank_(\d+)_")
 
@@ -145,6 +145,12 @@ def _maybe_kill(step: int) -> None:
         return
     at, _, marker = spec.partition(":")
     if int(at) == step and not os.path.exists(marker):
+        import ray.train
+
+        # A report is only registered once the controller has polled it from every worker; without this
+        # wait a loaded machine can kill the worker first and the retry goes back further than `step`.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=300)
         open(marker, "w").close()
         log.warning("%s: killing this worker (rank %d) after step %d", KILL_ENV, D.rank(), step)
         os.kill(os.getpid(), signal.SIGKILL)
