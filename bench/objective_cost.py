@@ -21,7 +21,8 @@ import torch
 def _engines(model_name: str, tokenizer, objectives: dict):
     import deepspeed
 
-    from dist_robust.config import RunConfig, default_ds_config, resolve_ds_config
+    from dist_robust.config import RunConfig
+    from dist_robust.ds_config import default_ds_config, resolve_ds_config
     from dist_robust.models import build_model, word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, build_objective
 

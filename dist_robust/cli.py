@@ -10,8 +10,9 @@ import shutil
 import subprocess
 import sys
 
-from dist_robust.config import (ConfigError, RunConfig, apply_mapping, apply_overrides, iter_fields,
-                                load_ds_config, load_run_file, resolve_ds_config, validate, world_size_from_env)
+from dist_robust.config import (ConfigError, RunConfig, apply_mapping, apply_overrides, iter_fields, load_run_file,
+                                validate, world_size_from_env)
+from dist_robust.ds_config import load_ds_config, resolve_ds_config
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,8 +7,8 @@ Every field carries its help text and its flag, so the parser, the run file and 
 validation messages all speak of the same keys.
 
 The DeepSpeed JSON (``--deepspeed ds_configs/zero2.json``) holds engine settings only; the
-values it marks ``"auto"`` are filled from this config (batch sizes, learning rate,
-schedule length), the way the Hugging Face integration does it.
+values it marks ``"auto"`` are filled from this config (see ``ds_config``), and its problems
+are reported by the same validation pass.
 """
 
 from __future__ import annotations
@@ -273,83 +273,9 @@ def load_run_file(path: str) -> dict:
     return data
 
 
-def load_ds_config(path: str | None) -> dict:
-    """Read a DeepSpeed JSON config, or return the built-in ZeRO-2 default."""
-    if not path:
-        return default_ds_config()
-    from dist_robust.storage import read_text
-
-    try:
-        return json.loads(read_text(path))
-    except FileNotFoundError:
-        raise ConfigError([f"--deepspeed {path}: file not found (the repository ships ds_configs/zero0.json"
-                           " ... zero3.json)"]) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError([f"--deepspeed {path}: not valid JSON ({e})"]) from None
-
-
-def default_ds_config() -> dict:
-    """ZeRO-2, fp32, torch AdamW, warm-up then linear decay: runs on CPU and GPU alike."""
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": 1.0,
-        "zero_allow_untested_optimizer": True,
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.01, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
-                                                          "warmup_num_steps": "auto",
-                                                          "total_num_steps": "auto"}},
-        "bf16": {"enabled": False},
-        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                              "reduce_bucket_size": 5e7},
-        "steps_per_print": 1000000,
-    }
-
-
 def world_size_from_env() -> int:
     """World size as launchers announce it, before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def micro_steps_per_batch(obj: ObjectiveConfig) -> int:
-    """Engine micro-steps one data batch takes: FreeLB accumulates over its K ascent steps."""
-    return obj.adv_steps if obj.name == "freelb" else 1
-
-
-def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    """Fill "auto" values from the run config; FreeLB multiplies accumulation by K."""
-    ds = copy.deepcopy(cfg.ds_config)
-    t = cfg.train
-    lr = t.lr if t.lr is not None else default_lr(cfg.model.name)
-    k = micro_steps_per_batch(cfg.objective)
-    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    if ds.get("gradient_accumulation_steps", "auto") == "auto":
-        ds["gradient_accumulation_steps"] = t.grad_accum
-    ds["gradient_accumulation_steps"] = int(ds["gradient_accumulation_steps"]) * k
-    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
-    opt = ds.get("optimizer", {}).get("params", {})
-    if opt.get("lr") == "auto":
-        opt["lr"] = lr
-    sched = ds.get("scheduler", {}).get("params", {})
-    warmup = max(1, int(t.warmup_ratio * t.max_steps)) if t.warmup_ratio > 0 else 0
-    for key, value in (("warmup_max_lr", lr), ("warmup_num_steps", warmup), ("total_num_steps", t.max_steps),
-                       ("cos_min_ratio", 0.0)):
-        if sched.get(key) == "auto":
-            sched[key] = value
-    return ds
-
-
-def default_lr(model_name: str) -> float:
-    """Training a built-in config from scratch wants a far larger step than fine-tuning."""
-    from dist_robust.models import BUILTIN_CONFIGS
-
-    return 2e-3 if model_name in BUILTIN_CONFIGS else 1e-5
-
-
-def user_grad_accum(ds: dict, obj: ObjectiveConfig) -> int:
-    """Data batches per optimizer step (the resolved accumulation divided by FreeLB's K)."""
-    return ds["gradient_accumulation_steps"] // micro_steps_per_batch(obj)
 
 
 def validate(cfg: RunConfig, world_size: int) -> None:
@@ -405,35 +331,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         bad("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     if not t.output_dir:
         bad("train.output_dir", t.output_dir, "must name a directory or URL")
-    p.extend(_validate_ds_config(cfg, world_size))
+    from dist_robust.ds_config import ds_config_problems  # (ds_config imports this module)
+
+    p.extend(ds_config_problems(cfg, world_size))
     if p:
         raise ConfigError(p)
-
-
-def _validate_ds_config(cfg: RunConfig, world_size: int) -> list[str]:
-    ds = cfg.ds_config
-    src = cfg.ds_config_path or "built-in ds_config"
-    p = []
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in ZERO_STAGES:
-        p.append(f"{src}: zero_optimization.stage = {stage!r}: accepted stages: 0, 1, 2, 3")
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-        v = ds.get(key, "auto")
-        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            p.append(f"{src}: {key} = {v!r}: must be a positive integer or \"auto\"")
-    micro, accum, total = (ds.get(k, "auto") for k in
-                           ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
-    if p:
-        return p
-    micro = cfg.train.micro_batch_size if micro == "auto" else micro
-    accum = cfg.train.grad_accum if accum == "auto" else accum
-    if total != "auto" and total != micro * accum * world_size:
-        p.append(f"{src}: train_batch_size = {total}: must equal train_micro_batch_size_per_gpu ({micro}) x "
-                 f"gradient_accumulation_steps ({accum}) x world size ({world_size}) = "
-                 f"{micro * accum * world_size}; set it to \"auto\" or fix one of the three")
-    for section in ("fp16", "bf16"):
-        if ds.get(section, {}).get("enabled") and ds.get("fp16", {}).get("enabled") and \
-                ds.get("bf16", {}).get("enabled"):
-            p.append(f"{src}: fp16.enabled and bf16.enabled are both true: enable at most one")
-            break
-    return p

@@ -18,7 +18,8 @@ from dist_robust import distributed as D
 from dist_robust import evaluate as E
 from dist_robust import storage
 from dist_robust.checkpointing import BEST, CheckpointStore, export_model, resolve_resume, step_tag
-from dist_robust.config import RunConfig, resolve_ds_config, user_grad_accum, validate
+from dist_robust.config import RunConfig, validate
+from dist_robust.ds_config import resolve_ds_config, user_grad_accum
 from dist_robust.data.augment import SynonymAugmenter
 from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import Collator, batches_per_epoch, encode, train_batch_indices

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from dist_robust.cli import add_run_arguments, config_from_args
-from dist_robust.config import ConfigError, RunConfig, resolve_ds_config, validate
+from dist_robust.config import OBJECTIVES, ConfigError, RunConfig, validate
+from dist_robust.ds_config import default_ds_config, resolve_ds_config
 from dist_robust.objectives import BUILDERS
-from dist_robust.config import OBJECTIVES
 from tests.launch import REPO
 
 
@@ -44,6 +44,11 @@ def test_deepspeed_flag_spellings(tmp_path):
     assert hf_style.ds_config["zero_optimization"]["stage"] == 3
     assert ds_style.ds_config["zero_optimization"]["stage"] == 1
     assert _cfg().ds_config["zero_optimization"]["stage"] == 2  # built-in default
+
+
+def test_built_in_ds_config_is_the_shipped_zero2_file():
+    # Running without --deepspeed must train exactly like --deepspeed ds_configs/zero2.json.
+    assert default_ds_config() == json.loads((REPO / "ds_configs" / "zero2.json").read_text())
 
 
 def test_auto_values_and_freelb_accumulation():
