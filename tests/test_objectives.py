@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
 from dist_robust.objectives import ERM, PGD, EmbeddingPerturbation, FreeLB, Gaussian, StepContext, ball
