@@ -54,9 +54,11 @@ def main() -> None:
     from dist_robust.data.pipeline import Collator, encode, train_batch_indices
     from dist_robust.data.tasks import get_task
     from dist_robust.models import train_tokenizer
+    from dist_robust import distributed as D
     from dist_robust.objectives import StepContext
 
     deepspeed.init_distributed()
+    D.release_shm_buffer()
     torch.set_num_threads(os.cpu_count() or 1)
     data = get_task(DataConfig(synthetic_train_size=2000, synthetic_eval_size=8))
     tokenizer = train_tokenizer(data.tokenizer_corpus(), 4000, tempfile.mkdtemp(prefix="bench-tokenizer-"))

@@ -98,6 +98,7 @@ def _init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed()
+    D.release_shm_buffer()
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", D.world_size())))
     if not torch.cuda.is_available():
         # Ranks on one CPU host share its cores; oversubscription slows every rank down.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -27,12 +28,16 @@ def deepspeed(script_args: list[str], nproc: int = 2, env: dict | None = None, t
     """
     exe = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     ranks = ["--num_gpus", str(nproc)] if nproc else []
-    cmd = [exe, *ranks, "--master_port", str(_free_port()), script, *script_args]
+    port = _free_port()
+    cmd = [exe, *ranks, "--master_port", str(port), script, *script_args]
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    # Every launch, crashed ones included, must leave no DeepSpeed all-reduce buffer in /dev/shm.
+    leftover = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+    assert not leftover, f"{' '.join(cmd)} left shared-memory buffers behind: {leftover}"
     return proc
 
 
