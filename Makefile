@@ -22,3 +22,4 @@ test: setup
 
 bench: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" python bench/objective_cost.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" deepspeed --num_gpus 2 bench/zero_stages.py
