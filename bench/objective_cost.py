@@ -53,8 +53,8 @@ def main() -> None:
     from dist_robust.config import DataConfig, ObjectiveConfig
     from dist_robust.data.pipeline import Collator, encode, train_batch_indices
     from dist_robust.data.tasks import get_task
-    from dist_robust.models import train_tokenizer
     from dist_robust import distributed as D
+    from dist_robust.models import train_tokenizer
     from dist_robust.objectives import StepContext
 
     deepspeed.init_distributed()

@@ -98,23 +98,19 @@ def ds_config_problems(cfg: RunConfig, world_size: int) -> list[str]:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         p.append(f"{src}: zero_optimization.stage = {stage!r}: accepted stages: 0, 1, 2, 3")
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-        v = ds.get(key, "auto")
-        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            p.append(f"{src}: {key} = {v!r}: must be a positive integer or \"auto\"")
-    micro, accum, total = (ds.get(k, "auto") for k in
-                           ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
-    if p:
-        return p
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        p.append(f"{src}: fp16.enabled and bf16.enabled are both true: enable at most one")
+    sizes = {k: ds.get(k, "auto") for k in
+             ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")}
+    bad_sizes = [f"{src}: {k} = {v!r}: must be a positive integer or \"auto\"" for k, v in sizes.items()
+                 if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+    if bad_sizes:
+        return p + bad_sizes
+    micro, accum, total = sizes.values()
     micro = cfg.train.micro_batch_size if micro == "auto" else micro
     accum = cfg.train.grad_accum if accum == "auto" else accum
     if total != "auto" and total != micro * accum * world_size:
         p.append(f"{src}: train_batch_size = {total}: must equal train_micro_batch_size_per_gpu ({micro}) x "
                  f"gradient_accumulation_steps ({accum}) x world size ({world_size}) = "
                  f"{micro * accum * world_size}; set it to \"auto\" or fix one of the three")
-    for section in ("fp16", "bf16"):
-        if ds.get(section, {}).get("enabled") and ds.get("fp16", {}).get("enabled") and \
-                ds.get("bf16", {}).get("enabled"):
-            p.append(f"{src}: fp16.enabled and bf16.enabled are both true: enable at most one")
-            break
     return p

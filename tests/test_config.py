@@ -86,6 +86,23 @@ def test_batch_size_inconsistent_with_world_size(tmp_path):
         validate(_cfg("--deepspeed", str(path)), world_size=4)
 
 
+def test_ds_config_problems_name_the_file_and_key(tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["zero_optimization"]["stage"] = 4
+    ds["fp16"] = ds["bf16"] = {"enabled": True}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg("--deepspeed", str(path)), world_size=1)
+    text = str(err.value)
+    assert f"{path}: zero_optimization.stage = 4: accepted stages: 0, 1, 2, 3" in text
+    assert f"{path}: fp16.enabled and bf16.enabled are both true: enable at most one" in text
+    ds["fp16"] = {"enabled": False}
+    ds["zero_optimization"]["stage"] = 3
+    path.write_text(json.dumps(ds))
+    validate(_cfg("--deepspeed", str(path)), world_size=1)  # bf16 alone at ZeRO-3: fine
+
+
 def test_unknown_keys_list_what_is_accepted(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'objective.epsilonn'; objective accepts name, epsilon"):
         _cfg("objective.epsilonn=0.1")
