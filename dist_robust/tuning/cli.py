@@ -196,8 +196,10 @@ def _trial_name(trial) -> str:
     return trial.trial_id
 
 
-def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
+def trial_rows(grid) -> list[dict[str, Any]]:
     """One plain record per trial: id, outcome (finished / stopped_early / error), config, last metrics."""
+    from dist_robust.tuning.trial import plain
+
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -208,7 +210,7 @@ def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
         else:
             status = "stopped_early"
         rows.append({"trial_id": metrics.get("trial_id") or os.path.basename(result.path), "status": status,
-                     "config": {k: v.item() if hasattr(v, "item") else v for k, v in result.config.items()},
+                     "config": plain(result.config),
                      "step": metrics.get("step"), "mlflow_run_id": metrics.get("mlflow_run_id") or None,
                      "metrics": {k: v for k, v in metrics.items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -232,7 +234,7 @@ def _finite(value: Any) -> bool:
 
 def _finish(grid, spec: SweepSpec, tracking: sweep_runs.SweepTracking | None, experiment_path: str,
             interrupted: bool) -> int:
-    rows = trial_rows(grid, spec)
+    rows = trial_rows(grid)
     best = best_trial(rows, spec)
     _print_summary(rows, best, spec)
     if interrupted:
@@ -263,8 +265,7 @@ def _print_summary(rows: list[dict[str, Any]], best: dict | None, spec: SweepSpe
               (f", MLflow run {best['mlflow_run_id']}" if best["mlflow_run_id"] else ""))
     for r in rows:
         if r["error"]:
-            print(f"trial {r['trial_id']} failed: {r['error'].splitlines()[0] if r['error'] else ''}",
-                  file=sys.stderr)
+            print(f"trial {r['trial_id']} failed: {r['error'].splitlines()[0]}", file=sys.stderr)
 
 
 def _fmt(value: Any) -> str:
