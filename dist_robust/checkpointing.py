@@ -1,8 +1,12 @@
 """DeepSpeed checkpoints on any fsspec store: save locally, publish, resume, export.
 
 Layout under ``<output-dir>/checkpoints``: one directory per tag (``step-00000300``,
-``best``) exactly as ``engine.save_checkpoint`` writes it, plus a ``latest`` file naming the
-newest complete periodic checkpoint. Remote stores get the files first and ``latest`` last.
+``best-00000200``) exactly as ``engine.save_checkpoint`` writes it, plus two pointer files:
+``latest`` names the newest complete periodic checkpoint, ``best`` the checkpoint with the
+best source-language dev accuracy. A pointer is written only after every file of its tag
+is in place, and old tags are deleted only after the pointer moved, so a kill at any moment
+leaves both pointers naming complete checkpoints (on object stores too, where a directory
+cannot be renamed atomically).
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 BEST = "best"
+BEST_PREFIX = "best-"
 
 
 def step_tag(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def best_tag(step: int) -> str:
+    return f"{BEST_PREFIX}{step:08d}"
 
 
 class CheckpointStore:
@@ -42,8 +51,8 @@ class CheckpointStore:
             self.local_root = os.path.join(storage.local_path(output_dir), "checkpoints")
         self.root = storage.join(output_dir, "checkpoints")
 
-    def save(self, engine, tag: str, client_state: dict, periodic: bool) -> str:
-        """Save on every rank, publish, then move ``latest`` (periodic checkpoints only).
+    def save(self, engine, tag: str, client_state: dict, pointer: str = LATEST) -> str:
+        """Save on every rank, publish, then move the ``pointer`` file (``latest`` or ``best``) to ``tag``.
 
         Returns the local directory of the tag (this node's files).
         """
@@ -53,24 +62,35 @@ class CheckpointStore:
             storage.remove(storage.join(self.root, tag))
             storage.upload_dir(os.path.join(self.local_root, tag), storage.join(self.root, tag))
         D.barrier()
-        if periodic and D.is_main():
-            storage.write_text(storage.join(self.root, LATEST), tag)
+        if D.is_main():
+            if storage.isdir(storage.join(self.root, pointer)):  # a `best` directory of an older version
+                storage.remove(storage.join(self.root, pointer))
+            storage.write_text(storage.join(self.root, pointer), tag)
             if self.remote:
-                _write_local(os.path.join(self.local_root, LATEST), tag)
+                _write_local(os.path.join(self.local_root, pointer), tag)
             self._prune()
         D.barrier()
-        log.info("checkpoint %s saved to %s", tag, self.root)
+        log.info("checkpoint %s saved to %s (%s)", tag, self.root, pointer)
         return os.path.join(self.local_root, tag)
 
     def _prune(self) -> None:
-        tags = sorted(t for t in storage.listdir(self.root) if t.startswith("step-"))
-        for old in tags[: max(0, len(tags) - self.keep)]:
+        """Keep the newest ``keep`` periodic tags and the one ``best`` names; delete the rest."""
+        names = storage.listdir(self.root)
+        periodic = sorted(t for t in names if t.startswith("step-"))
+        stale = periodic[: max(0, len(periodic) - self.keep)]
+        best = self.pointed(BEST)
+        stale += [t for t in names if t.startswith(BEST_PREFIX) and t != best]
+        for old in stale:
             storage.remove(storage.join(self.root, old))
             shutil.rmtree(os.path.join(self.local_root, old), ignore_errors=True)
 
+    def pointed(self, pointer: str) -> str | None:
+        """The tag a pointer file (``latest``, ``best``) names, or None."""
+        uri = storage.join(self.root, pointer)
+        return storage.read_text(uri).strip() if storage.exists(uri) and not storage.isdir(uri) else None
+
     def latest_tag(self) -> str | None:
-        uri = storage.join(self.root, LATEST)
-        return storage.read_text(uri).strip() if storage.exists(uri) else None
+        return self.pointed(LATEST)
 
     def fetch(self, source_root: str, tag: str) -> str:
         """Make ``source_root/tag`` available locally on every node; return the local root."""

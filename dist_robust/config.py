@@ -28,6 +28,7 @@ TASKS = ("synthetic", "pawsx", "xnli")
 AUGMENTATIONS = ("none", "synonym")
 DATA_FORMATS = ("auto", "tsv", "xtreme", "jsonl", "parquet")
 ZERO_STAGES = (0, 1, 2, 3)
+EVAL_SPLITS = ("auto", "dev", "test")
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,10 @@ class TrainConfig:
     eval_batch_size: int = _f(64, "Examples per rank per evaluation batch.", "--eval-batch-size")
     generalized: bool = _f(True, "Evaluate the generalized language x language matrix at the end.",
                            "--generalized")
+    eval_split: str = _f("auto", "Split of the final evaluation: test, dev, or auto (test when every evaluation "
+                         "language has a labelled test set, else dev).", "--eval-split", choices=EVAL_SPLITS)
+    max_bad_steps: int = _f(20, "Stop after this many consecutive optimizer steps with a non-finite loss or "
+                            "gradient (each one is skipped, counted and logged).", "--max-bad-steps")
     save_steps: int = _f(100, "Checkpoint every N steps (0: only the final and best ones).", "--save-steps")
     save_total_limit: int = _f(2, "Keep this many periodic checkpoints.", "--save-total-limit")
     output_dir: str = _f("runs/default", "Where results, checkpoints and the model go: a path or fsspec URL.",
@@ -319,7 +324,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         bad("model.max_length", m.max_length, "must be >= 8")
     if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
         bad("model.dropout", m.dropout, "must be in [0, 1)")
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit"):
+    if t.eval_split not in EVAL_SPLITS:
+        bad("train.eval_split", t.eval_split, f"accepted: {', '.join(EVAL_SPLITS)}")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit",
+                "max_bad_steps"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", getattr(t, key), "must be >= 1")
     for key in ("eval_steps", "save_steps"):

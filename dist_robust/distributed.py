@@ -33,6 +33,51 @@ def barrier() -> None:
         dist.barrier()
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+MPI_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def default_single_process_env() -> bool:
+    """Announce a one-rank world when no launcher did (``python train.py``), as the HF Trainer does.
+
+    Without this DeepSpeed falls back to MPI discovery and fails without mpi4py. The
+    rendezvous port is a free one, so several one-process runs can share a host. Returns
+    True when it set the environment. Launchers (deepspeed, torchrun, Ray, SLURM via srun
+    exports, MPI) are left alone.
+    """
+    if any(k in os.environ for k in LAUNCHER_ENV + MPI_ENV):
+        return False
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def accelerator_name() -> str:
+    """``cpu``, ``cuda``, ... as DeepSpeed's accelerator sees this host."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live for the process group's backend (gloo: CPU; NCCL: this GPU)."""
+    if dist.is_initialized() and dist.get_backend() != "gloo":
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    return torch.device("cpu")
+
+
 def release_shm_buffer() -> None:
     """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has mapped it.
 
@@ -50,17 +95,16 @@ def release_shm_buffer() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a CPU tensor over ranks (a copy; the input is left as it was)."""
-    out = t.detach().clone().to(torch.float64)
+    """Sum a tensor over ranks, in float64 on the backend's device (a copy; the input is left as it was)."""
+    out = t.detach().to(device=comm_device(), dtype=torch.float64, copy=True)
     if dist.is_initialized():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 
 
-def mean_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise mean of a list of floats over ranks."""
-    summed = all_reduce_sum(torch.tensor(values, dtype=torch.float64))
-    return (summed / world_size()).tolist()
+def mean_over_ranks(values: torch.Tensor) -> list[float]:
+    """Element-wise mean over ranks of a 1-d tensor (any device), read back to the host once."""
+    return (all_reduce_sum(values) / world_size()).tolist()
 
 
 @contextmanager

@@ -10,7 +10,8 @@ import torch
 from dist_robust import distributed as D
 from dist_robust.data.examples import PairExample
 from dist_robust.data.cache import encode_cached
-from dist_robust.data.pipeline import Collator, Encoded, eval_shard
+from dist_robust.data.pipeline import Collator, Encoded, eval_shard, to_device
+from dist_robust.objectives.base import model_inputs
 
 
 class ParallelIdError(ValueError):
@@ -58,38 +59,55 @@ def prepare(sets: dict, tokenizer, max_length: int, cache_dir: str | None = None
     return EvalGroups(keys, encode_cached(rows, tokenizer, max_length, cache_dir), group)
 
 
-@torch.no_grad()
 def accuracy(engine, groups: EvalGroups, collator: Collator, batch_size: int, progress=None) -> dict:
     """Accuracy of every group, computed on this rank's shard and summed over ranks.
 
     Every rank runs the same number of forward passes (shards are padded), which ZeRO-3's
     collective parameter gathering requires.
     """
-    n = len(groups.data)
-    indices, weights = eval_shard(n, D.world_size(), D.rank())
+    correct, total = count_correct(engine, groups, collator, batch_size, _device_of(engine), progress)
+    correct, total = D.all_reduce_sum(correct), D.all_reduce_sum(total)
+    correct, total = correct.tolist(), total.tolist()  # the one host read of the evaluation
+    return {key: correct[i] / total[i] if total[i] > 0 else float("nan") for i, key in enumerate(groups.keys)}
+
+
+@torch.no_grad()
+def count_correct(model, groups: EvalGroups, collator: Collator, batch_size: int, device: torch.device,
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted correct, weighted total) per group on this rank's shard, as float64 tensors on ``device``.
+
+    Nothing is read back to the host per batch: the counts stay on the device until the caller
+    reduces them.
+    """
+    indices, weights = eval_shard(len(groups.data), D.world_size(), D.rank())
     # Sort this rank's rows by length so batches pad little.
     order = sorted(range(len(indices)), key=lambda k: len(groups.data.input_ids[indices[k]]))
     indices = [indices[k] for k in order]
     weights = [weights[k] for k in order]
-    correct = torch.zeros(len(groups.keys), dtype=torch.float64)
-    total = torch.zeros(len(groups.keys), dtype=torch.float64)
-    was_training = engine.training
-    engine.eval()
+    correct = torch.zeros(len(groups.keys), dtype=torch.float64, device=device)
+    total = torch.zeros(len(groups.keys), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
     for start in range(0, len(indices), batch_size):
         idx, w = indices[start:start + batch_size], weights[start:start + batch_size]
-        batch = collator(groups.data, idx, w)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        hit = (logits.argmax(-1) == batch["labels"]).double() * batch["weight"].double()
-        g = torch.tensor([groups.group[i] for i in idx])
-        correct.index_add_(0, g, hit)
-        total.index_add_(0, g, batch["weight"].double())
+        cpu = collator(groups.data, idx, w)
+        cpu["group"] = torch.tensor([groups.group[i] for i in idx])
+        batch = to_device(cpu, device)
+        logits = model(**model_inputs(batch)).logits
+        weight = batch["weight"].double()
+        hit = (logits.argmax(-1) == batch["labels"]).double() * weight
+        correct.index_add_(0, batch["group"], hit)
+        total.index_add_(0, batch["group"], weight)
         if progress is not None:
             progress.update(1)
     if was_training:
-        engine.train()
-    correct, total = D.all_reduce_sum(correct), D.all_reduce_sum(total)
-    return {key: (correct[i] / total[i]).item() if total[i] > 0 else float("nan")
-            for i, key in enumerate(groups.keys)}
+        model.train()
+    return correct, total
+
+
+def _device_of(engine) -> torch.device:
+    device = getattr(engine, "device", None)
+    return torch.device(device) if device is not None else next(engine.parameters()).device
 
 
 def num_batches(groups: EvalGroups, batch_size: int) -> int:

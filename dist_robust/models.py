@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str) -> Pre
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", bos), ("</s>", eos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512,
+                                   model_input_names=["input_ids", "attention_mask"], **SPECIAL_TOKENS)
     os.makedirs(save_dir, exist_ok=True)
     fast.save_pretrained(save_dir)
     return fast
@@ -61,15 +62,20 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def build_model(name: str, num_labels: int, tokenizer, dropout: float | None = None,
+def build_model(name: str, label_names: Sequence[str], tokenizer, dropout: float | None = None,
                 seed: int = 0) -> torch.nn.Module:
-    """A sequence-pair classifier.
+    """A sequence-pair classifier whose config names the task's labels (``id2label``/``label2id``).
 
     Under ZeRO-3 the model is created already partitioned: transformers sees the live
     ``HfDeepSpeedConfig`` the caller keeps (see :func:`zero3_context`) and constructs the
-    weights inside ``deepspeed.zero.Init`` itself.
+    weights inside ``deepspeed.zero.Init`` itself. Weights that a checkpoint does not provide
+    (a pretrained encoder's new classification head) and built-in configs are initialized by
+    parameter name, so they are the same at every ZeRO stage and world size. Parameters are
+    fp32: DeepSpeed makes its bf16/fp16 copies itself.
     """
-    overrides: dict[str, Any] = {"num_labels": num_labels}
+    overrides: dict[str, Any] = {"num_labels": len(label_names),
+                                 "id2label": dict(enumerate(label_names)),
+                                 "label2id": {label: i for i, label in enumerate(label_names)}}
     if dropout is not None:
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if is_builtin(name):
@@ -83,28 +89,37 @@ def build_model(name: str, num_labels: int, tokenizer, dropout: float | None = N
         init_by_name(model, seed, cfg.initializer_range)
         return model
     cfg = AutoConfig.from_pretrained(name, **overrides)
-    return AutoModelForSequenceClassification.from_pretrained(name, config=cfg)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name, config=cfg, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True)
+    fresh = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
+    if fresh:
+        log.info("%s: %d tensor(s) not in the checkpoint, initialized by name: %s", name, len(fresh),
+                 ", ".join(sorted(fresh)[:6]))
+        init_by_name(model, seed, getattr(cfg, "initializer_range", 0.02), only=fresh)
+    return model
 
 
-def init_by_name(model: torch.nn.Module, seed: int, std: float) -> None:
+def init_by_name(model: torch.nn.Module, seed: int, std: float, only: set[str] | None = None) -> None:
     """Initialize a random-init model from per-parameter generators seeded by name.
 
     The weights then do not depend on how the model was constructed: built whole, or
     partitioned under ZeRO-3 (whose construction draws random numbers in another order),
     on any number of ranks. Linear and embedding weights ~ N(0, std), padding rows and
-    biases 0, LayerNorm weights 1, as BERT/XLM-R initialize.
+    biases 0, LayerNorm weights 1, as BERT/XLM-R initialize. ``only``: the full parameter
+    names to initialize (default: all).
     """
     import zlib
 
     import deepspeed
 
     for module_name, module in model.named_modules():
-        params = list(module.named_parameters(recurse=False))
+        params = [(name, p) for name, p in module.named_parameters(recurse=False)
+                  if only is None or _full_name(module_name, name) in only]
         if not params:
             continue
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
             for name, p in params:
-                full = f"{module_name}.{name}"
+                full = _full_name(module_name, name)
                 g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full.encode()))
                 with torch.no_grad():
                     if isinstance(module, torch.nn.LayerNorm):
@@ -112,10 +127,14 @@ def init_by_name(model: torch.nn.Module, seed: int, std: float) -> None:
                     elif name == "bias":
                         p.zero_()
                     else:
-                        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+                        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32, device="cpu").to(p) * std)
                         pad = getattr(module, "padding_idx", None)
                         if pad is not None:
                             p[pad].zero_()
+
+
+def _full_name(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
 
 
 class zero3_context:

@@ -49,6 +49,11 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def isdir(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.isdir(path)
+
+
 def read_text(uri: str) -> str:
     with fsspec.open(uri, "r", encoding="utf-8") as f:
         return f.read()
@@ -60,11 +65,22 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_text(uri: str, text: str) -> None:
-    """Write text; parent directories are created for local paths."""
+    """Write text, atomically: a reader sees the old content or the new, never a part.
+
+    Local files are written beside the target and renamed over it; an object store's single
+    upload is atomic by itself. Parent directories are created.
+    """
+    if is_local(uri):
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return
     fs, path = _fs(uri)
-    parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    if posixpath.dirname(path):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "w", encoding="utf-8") as f:
         f.write(text)
 

@@ -5,6 +5,7 @@ Every entry point (``train.py``, ``dist-robust train``, Ray Tune trials) calls :
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,22 +18,24 @@ import torch
 from dist_robust import distributed as D
 from dist_robust import evaluate as E
 from dist_robust import storage
-from dist_robust.checkpointing import BEST, CheckpointStore, export_model, resolve_resume, step_tag
-from dist_robust.config import RunConfig, validate
+from dist_robust.checkpointing import BEST, CheckpointStore, best_tag, export_model, resolve_resume, step_tag
+from dist_robust.config import ConfigError, RunConfig, validate
 from dist_robust.ds_config import resolve_ds_config, user_grad_accum
 from dist_robust.data.augment import SynonymAugmenter
 from dist_robust.data.cache import encode_cached
-from dist_robust.data.pipeline import Collator, batches_per_epoch, encode, train_batch_indices
+from dist_robust.data.pipeline import Collator, batches_per_epoch, encode, to_device, train_batch_indices
 from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
                                 word_embeddings, zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.plots import log_run_plots
+from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
 from dist_robust.tracking import MLflowTracker, NullTracker, Tracker, flatten, resolve_uri
 
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "DIST_ROBUST_CRASH_AT_STEP"  # fault injection for resume tests: raise before this step
+NAN_ENV = "DIST_ROBUST_NAN_AT_STEPS"  # fault injection for the non-finite-step tests
 
 
 @dataclass
@@ -65,6 +68,7 @@ class State:
     dev_history: list[dict] = field(default_factory=list)
     best_score: float = -1.0
     best_step: int = -1
+    skipped_steps: int = 0
     mlflow_run_id: str | None = None
 
 
@@ -95,12 +99,19 @@ def run(cfg: RunConfig, report=None) -> dict | None:
 
 
 def _init_distributed() -> None:
+    """Join (or, with no launcher, create) the process group on this host's accelerator."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    D.default_single_process_env()
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if not on_cpu:
+        # Before any collective: an NCCL barrier with no current device guesses one from the rank.
+        get_accelerator().set_device(D.local_rank())
     deepspeed.init_distributed()
-    D.release_shm_buffer()
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", D.world_size())))
-    if not torch.cuda.is_available():
+    if on_cpu:
+        D.release_shm_buffer()  # DeepSpeed's CPU all-reduce buffers exist only on CPU hosts
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", D.world_size())))
         # Ranks on one CPU host share its cores; oversubscription slows every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
 
@@ -110,6 +121,7 @@ def _setup(cfg: RunConfig) -> Setup:
 
     validate(cfg, D.world_size())
     data = get_task(cfg.data)  # data errors (bad rows, leakage) surface before any process group
+    _check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed)
     _init_distributed()
     D.setup_logging()
@@ -121,15 +133,34 @@ def _setup(cfg: RunConfig) -> Setup:
     dev = E.prepare(data.dev, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
     zero3 = zero3_context(ds)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, len(data.label_names), tokenizer, cfg.model.dropout, cfg.train.seed)
+    model = build_model(cfg.model.name, data.label_names, tokenizer, cfg.model.dropout, cfg.train.seed)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds)
+    guard_plain_optimizer(engine)
     log.info("%s: %.1fM parameters, %d rank(s), ZeRO stage %d, objective %s, %d training pairs",
              cfg.model.name, count_parameters(engine.module) / 1e6, D.world_size(),
              engine.zero_optimization_stage(), cfg.objective.name, len(train_set))
     perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
     return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
                  perturbation, store, zero3, augmenter)
+
+
+def final_split(cfg: RunConfig, data: TaskData) -> str:
+    """The split the final evaluation reports: as asked, or test when the task has labelled test sets."""
+    if cfg.train.eval_split != "auto":
+        return cfg.train.eval_split
+    return "test" if data.test else "dev"
+
+
+def _check_final_sets(cfg: RunConfig, data: TaskData) -> None:
+    """Problems of the final evaluation's sets, found before the first step rather than after the last."""
+    split = final_split(cfg, data)
+    sets = data.test if split == "test" else data.dev
+    if not sets:
+        raise ConfigError([f"train.eval_split (--eval-split) = {cfg.train.eval_split!r}: the {cfg.data.task} data "
+                           f"has no labelled {split} sets here; use --eval-split dev or auto"])
+    if cfg.train.generalized:
+        E.generalized_sets(sets)  # raises ParallelIdError when two languages' ids differ
 
 
 def _tokenizer(cfg: RunConfig, data: TaskData, store: CheckpointStore):
@@ -162,6 +193,11 @@ def _resume(setup: Setup) -> State:
     _, client_state = setup.engine.load_checkpoint(local_root, tag=tag)
     state = State(**client_state["dist_robust"])
     log.info("resumed from %s/%s at step %d", root, tag, state.step)
+    goes_on = state.step < setup.cfg.train.max_steps and not setup.cfg.train.eval_only
+    if goes_on and state.best_step == state.step and setup.store.pointed(BEST) != best_tag(state.step):
+        # The run ended at its best step (the last one gets no separate best checkpoint) and now
+        # goes on: these weights are that best model, so keep them before training changes them.
+        setup.store.save(setup.engine, best_tag(state.step), _client_state(state), pointer=BEST)
     return state
 
 
@@ -190,10 +226,12 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
     cfg, engine = setup.cfg, setup.engine
     per_batch: list[dict[str, float]] = []
     for _ in range(user_grad_accum(setup.ds_config, cfg.objective)):
-        batch = _train_batch(setup, state.batch_index)
-        torch.manual_seed(_seed_for(cfg.train.seed, 0, state.batch_index))  # dropout
-        gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, 1, state.batch_index))
-        ctx = StepContext(setup.perturbation, engine.module.config.hidden_size, gen)
+        batch = to_device(_train_batch(setup, state.batch_index), engine.device)
+        # Dropout draws from the device's generator (CPU and CUDA masks differ); perturbations
+        # come from this CPU generator, so they are the same on every device.
+        torch.manual_seed(_seed_for(cfg.train.seed, 0, state.batch_index))
+        gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.train.seed, 1, state.batch_index))
+        ctx = StepContext(setup.perturbation, engine.module.config.hidden_size, gen, fp16_loss_scale(engine))
         per_batch.append(setup.objective.train_step(engine, batch, ctx))
         state.batch_index += 1
     state.step += 1
@@ -201,8 +239,8 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
         raise RuntimeError(f"engine took {engine.global_steps} optimizer steps, expected {state.step}: "
                            "the ds_config's gradient_accumulation_steps does not match the run")
     keys = sorted(per_batch[0])
-    local = [sum(s[k] for s in per_batch) / len(per_batch) for k in keys]
-    return dict(zip(keys, D.mean_over_ranks(local)))
+    local = torch.stack([torch.stack([s[k].float() for s in per_batch]).mean() for k in keys])  # on the device
+    return dict(zip(keys, D.mean_over_ranks(local)))  # one collective, one host read per step
 
 
 def _train_batch(setup: Setup, batch_index: int) -> dict:
@@ -219,14 +257,19 @@ def _train_batch(setup: Setup, batch_index: int) -> dict:
 def _fit(setup: Setup, state: State, report) -> None:
     cfg = setup.cfg.train
     crash_at = int(os.environ.get(CRASH_ENV, "0"))
+    monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _progress(cfg, state)
     while state.step < cfg.max_steps:
         if crash_at and state.step + 1 == crash_at:
             raise RuntimeError(f"injected crash before step {crash_at} ({CRASH_ENV})")
         t0 = time.perf_counter()
-        stats = _train_step(setup, state)
+        with _injected_nan(setup, state.step + 1):
+            stats = _train_step(setup, state)
         elapsed = time.perf_counter() - t0
         state.train_losses.append(stats["loss"])
+        if monitor.check(state.step, stats["loss"]):
+            state.skipped_steps += 1
+            stats["skipped_steps"] = float(state.skipped_steps)
         _log_step(setup, state, stats, elapsed)
         if bar is not None:
             bar.update(1)
@@ -236,11 +279,26 @@ def _fit(setup: Setup, state: State, report) -> None:
         if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or last:
             metrics = _evaluate_dev(setup, state)
         if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
-            checkpoint = setup.store.save(setup.engine, step_tag(state.step), _client_state(state), periodic=True)
+            checkpoint = setup.store.save(setup.engine, step_tag(state.step), _client_state(state))
         if report is not None and (metrics or checkpoint):
             report({**metrics, "step": state.step, "train/loss": stats["loss"]}, checkpoint)
     if bar is not None:
         bar.close()
+
+
+@contextlib.contextmanager
+def _injected_nan(setup: Setup, step: int):
+    """Fault injection for tests: NaN word embeddings during the steps listed in ``$DIST_ROBUST_NAN_AT_STEPS``."""
+    steps = {int(s) for s in os.environ.get(NAN_ENV, "").replace(",", " ").split()}
+    if step not in steps:
+        yield
+        return
+    log.warning("%s: NaN word embeddings during step %d", NAN_ENV, step)
+    handle = word_embeddings(setup.engine.module).register_forward_hook(lambda m, i, out: out * float("nan"))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _progress(cfg, state: State):
@@ -282,7 +340,7 @@ def _evaluate_dev(setup: Setup, state: State) -> dict[str, float]:
         state.best_score, state.best_step = summary["source_acc"], state.step
     last = state.step == cfg.train.max_steps
     if improved and not last:
-        setup.store.save(setup.engine, BEST, _client_state(state), periodic=False)
+        setup.store.save(setup.engine, best_tag(state.step), _client_state(state), pointer=BEST)
     return metrics
 
 
@@ -290,16 +348,14 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
     """Test (or dev) accuracy per language and the generalized matrix, for the best model."""
     cfg = setup.cfg
     if state.best_step != state.step:
-        local_root = setup.store.fetch(setup.store.root, BEST)
-        setup.engine.load_checkpoint(local_root, tag=BEST, load_optimizer_states=False,
-                                     load_lr_scheduler_states=False, load_module_only=True)
-        log.info("loaded the best checkpoint (step %d, %s dev accuracy %.4f)", state.best_step,
-                 cfg.data.source_language, state.best_score)
-    split, sets = ("test", setup.data.test) if setup.data.test else ("dev", setup.data.dev)
-    groups = {lang: rows for lang, rows in sets.items()}
-    generalized = E.generalized_sets(sets) if cfg.train.generalized else {}
-    all_sets = {("std", lang): rows for lang, rows in groups.items()}
-    all_sets.update({("gen", a, b): rows for (a, b), rows in generalized.items()})
+        _load_best(setup, state)
+    split = final_split(cfg, setup.data)
+    sets = setup.data.test if split == "test" else setup.data.dev
+    if cfg.train.generalized:
+        # The diagonal cells are the per-language sets: every distinct pair is run once.
+        all_sets = {("gen", a, b): rows for (a, b), rows in E.generalized_sets(sets).items()}
+    else:
+        all_sets = {("gen", lang, lang): rows for lang, rows in sets.items()}
     prepared = E.prepare(all_sets, setup.tokenizer, cfg.model.max_length)
     bar = None
     if cfg.train.progress and D.is_main():
@@ -310,8 +366,8 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
     acc = E.accuracy(setup.engine, prepared, setup.collator, cfg.train.eval_batch_size, bar)
     if bar is not None:
         bar.close()
-    per_language = {key[1]: a for key, a in acc.items() if key[0] == "std"}
-    matrix = E.matrix_from_cells({(key[1], key[2]): a for key, a in acc.items() if key[0] == "gen"})
+    per_language = {key[1]: a for key, a in acc.items() if key[1] == key[2]}
+    matrix = E.matrix_from_cells({key[1:]: a for key, a in acc.items()}) if cfg.train.generalized else {}
     return {
         "task": cfg.data.task,
         "objective": cfg.objective.name,
@@ -319,6 +375,7 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         "source_language": cfg.data.source_language,
         "best_step": state.best_step,
         "best_dev_source_acc": state.best_score,
+        "skipped_steps": state.skipped_steps,
         "per_language": per_language,
         "generalized": matrix,
         **E.summarize(per_language, matrix, cfg.data.source_language),
@@ -326,6 +383,26 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         "dev_history": state.dev_history,
         "config": {**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size()},
     }
+
+
+def _load_best(setup: Setup, state: State) -> None:
+    """Load the checkpoint ``best`` names into the engine, at any ZeRO stage.
+
+    A full ``load_checkpoint`` of that tag: DeepSpeed's module-only load under ZeRO-3 rebuilds
+    the weights from the checkpoint root *without* the tag (the ``latest`` one), which would
+    evaluate and export the last step while reporting the best. The best step and score are
+    read from the loaded checkpoint itself, so the report always describes the weights it used.
+    """
+    tag = setup.store.pointed(BEST)
+    if tag is None:
+        raise RuntimeError(f"the best checkpoint (step {state.best_step}) is missing from {setup.store.root}: "
+                           f"no '{BEST}' pointer")
+    local_root = setup.store.fetch(setup.store.root, tag)
+    _, client_state = setup.engine.load_checkpoint(local_root, tag=tag, load_lr_scheduler_states=False)
+    best = client_state["dist_robust"]
+    state.best_step, state.best_score = best["best_step"], best["best_score"]
+    log.info("loaded the best checkpoint %s (step %d, %s dev accuracy %.4f)", tag, state.best_step,
+             setup.cfg.data.source_language, state.best_score)
 
 
 def _save_outputs(setup: Setup, state: State, results: dict) -> None:

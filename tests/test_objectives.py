@@ -14,7 +14,6 @@ from dist_robust.objectives import ERM, PGD, EmbeddingPerturbation, FreeLB, Gaus
 from dist_robust.objectives.base import cross_entropy, logits_of
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Finite differences need double precision; restore the default afterwards."""
@@ -68,6 +67,12 @@ def _ctx(model, seed=0):
                        torch.Generator().manual_seed(seed))
 
 
+def _floats(stats: dict) -> dict[str, float]:
+    """Objectives return 0-dim tensors on the batch's device; read them here."""
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in stats.values())
+    return {k: v.item() for k, v in stats.items()}
+
+
 def _erm_loss(model, batch) -> float:
     return cross_entropy(logits_of(model, batch), batch["labels"]).item()
 
@@ -119,7 +124,7 @@ def test_epsilon_zero_and_sigma_zero_give_erm_loss():
                       FreeLB(epsilon=0.0, alpha=0.1, steps=2), Gaussian(sigma=0.0, samples=3), ERM()):
         model = _model()
         engine = _Recorder(model)
-        stats = objective.train_step(engine, batch, _ctx(model))
+        stats = _floats(objective.train_step(engine, batch, _ctx(model)))
         assert stats["loss"] == pytest.approx(expected, abs=1e-12), objective.name
         assert engine.steps == objective.micro_steps
 
@@ -168,7 +173,8 @@ def test_pgd_attack_raises_loss_within_ball():
 def test_pgd_loss_mixes_clean_and_adversarial():
     batch = _batch()
     model = _model()
-    stats = PGD(epsilon=1.0, alpha=0.5, steps=2, adv_weight=0.25).train_step(_Recorder(model), batch, _ctx(model))
+    stats = _floats(PGD(epsilon=1.0, alpha=0.5, steps=2, adv_weight=0.25).train_step(_Recorder(model), batch,
+                                                                                   _ctx(model)))
     assert stats["loss"] == pytest.approx(0.75 * stats["loss_clean"] + 0.25 * stats["loss_adv"], abs=1e-12)
     assert stats["loss_clean"] == pytest.approx(_erm_loss(_model(), batch), abs=1e-12)
     assert stats["loss_adv"] > stats["loss_clean"]
@@ -179,7 +185,7 @@ def test_freelb_accumulates_k_backward_passes_scaled_by_engine():
     batch = _batch()
     model = _model()
     engine = _Recorder(model)
-    stats = FreeLB(epsilon=0.5, alpha=0.2, steps=3).train_step(engine, batch, _ctx(model))
+    stats = _floats(FreeLB(epsilon=0.5, alpha=0.2, steps=3).train_step(engine, batch, _ctx(model)))
     assert len(engine.losses) == 3 and engine.steps == 3
     assert stats["loss"] == pytest.approx(sum(engine.losses) / 3)
     assert engine.losses[-1] > engine.losses[0]  # later passes see the ascended perturbation

@@ -142,10 +142,11 @@ ZERO2_FILES = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_st
 
 
 def _fake_run(root: Path, files: list[str]) -> Path:
-    for tag in ("step-00000004", "best"):
+    for tag in ("step-00000004", "best-00000002", "best-00000001"):
         (root / "checkpoints" / tag).mkdir(parents=True)
         for f in files:
             (root / "checkpoints" / tag / f).write_text(f"{tag}/{f}")
+    (root / "checkpoints" / "best").write_text("best-00000002")  # the pointer; best-00000001 is stale
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "tokenizer.json").write_text("{}")
     return root / "checkpoints" / "step-00000004"
@@ -166,8 +167,9 @@ def test_each_rank_stages_exactly_its_own_files(tmp_path, files):
         os.rename(d, tmp_path / f"kept-{rank}")
     assert "tokenizer/tokenizer.json" in staged[0] and not any("tokenizer" in f for f in staged[1])
     both = sorted(staged[0] + staged[1])
-    expected = sorted([f"{t}/{f}" for t in ("step-00000004", "best") for f in files] + ["tokenizer/tokenizer.json"])
-    assert both == expected  # every shard once: nothing lost, nothing uploaded twice
+    expected = sorted([f"{t}/{f}" for t in ("step-00000004", "best-00000002") for f in files]
+                      + ["tokenizer/tokenizer.json", "best"])
+    assert both == expected  # every shard once: nothing lost, nothing uploaded twice, no stale best
     assert all("pp_rank_1_" in f for f in staged[1])
 
 
@@ -180,18 +182,22 @@ def test_restore_rebuilds_checkpoints_latest_best_and_tokenizer(tmp_path):
     from ray.train import Checkpoint
 
     source = tmp_path / "ray-checkpoint"
-    for name in ("step-00000004", "best", "tokenizer"):
+    for name in ("step-00000004", "best-00000002", "tokenizer"):
         (source / name).mkdir(parents=True)
         (source / name / "f.pt").write_text(name)
+    (source / "best").write_text("best-00000002")
     out = tmp_path / "trial"
-    (out / "checkpoints" / "best").mkdir(parents=True)
-    (out / "checkpoints" / "best" / "stale.pt").write_text("stale")
+    (out / "checkpoints" / "best-00000003").mkdir(parents=True)
+    (out / "checkpoints" / "best-00000003" / "stale.pt").write_text("stale")
+    (out / "checkpoints" / "best").write_text("best-00000003")
     (out / "checkpoints" / "step-00000002").mkdir()
     restore_checkpoint(Checkpoint.from_directory(str(source)), str(out))
     root = out / "checkpoints"
     assert (root / "latest").read_text() == "step-00000004"
-    assert sorted(p.name for p in root.iterdir()) == sorted([RESTORED, "latest", "step-00000004", "best"])
-    assert [p.name for p in (root / "best").iterdir()] == ["f.pt"]  # the checkpoint's best, not a stale one
+    assert sorted(p.name for p in root.iterdir()) == sorted([RESTORED, "latest", "step-00000004", "best",
+                                                             "best-00000002"])
+    assert (root / "best").read_text() == "best-00000002"  # the checkpoint's best, not a stale one
+    assert [p.name for p in (root / "best-00000002").iterdir()] == ["f.pt"]
     assert (out / "tokenizer" / "f.pt").read_text() == "tokenizer"
     (root / "step-00000004" / "f.pt").write_text("trained on")
     restore_checkpoint(Checkpoint.from_directory(str(source)), str(out))  # same checkpoint: nothing copied

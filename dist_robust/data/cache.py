@@ -22,6 +22,8 @@ from dist_robust import distributed as D
 from dist_robust.data.examples import PairExample
 from dist_robust.data.pipeline import Encoded
 
+_FORMAT = "v2"  # columns of a cache file (v2: token_type_ids where the tokenizer makes them)
+
 
 def encode_cached(examples: list[PairExample], tokenizer: Any, max_length: int,
                   cache_dir: str | None = None) -> Encoded:
@@ -46,13 +48,14 @@ def encode_cached(examples: list[PairExample], tokenizer: Any, max_length: int,
             with D.main_first(local=True):
                 out = ds.map(cache_file_name=os.path.join(cache_dir, f"tokenized-{key}.arrow"),
                              load_from_cache_file=True, **kwargs)
-    return Encoded(out.data.column("input_ids").to_pylist(), out.data.column("label").to_pylist())
+    types = out.data.column("token_type_ids").to_pylist() if "token_type_ids" in out.column_names else None
+    return Encoded(out.data.column("input_ids").to_pylist(), out.data.column("label").to_pylist(), types)
 
 
 def cache_key(data_fingerprint: str, tokenizer: Any, max_length: int) -> str:
     """A short hex key naming one (data, tokenizer, max_length) combination."""
     h = hashlib.sha256()
-    for part in (data_fingerprint, tokenizer_fingerprint(tokenizer), str(max_length)):
+    for part in (_FORMAT, data_fingerprint, tokenizer_fingerprint(tokenizer), str(max_length)):
         h.update(part.encode())
         h.update(b"\x1f")
     return h.hexdigest()[:32]
@@ -85,7 +88,10 @@ def _as_dataset(examples: list[PairExample]) -> Any:
 
 def _tokenize(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
     enc = tokenizer(batch["sentence1"], batch["sentence2"], truncation=True, max_length=max_length)
-    return {"input_ids": enc["input_ids"]}
+    out = {"input_ids": enc["input_ids"]}
+    if enc.get("token_type_ids") is not None:
+        out["token_type_ids"] = enc["token_type_ids"]
+    return out
 
 
 @contextmanager

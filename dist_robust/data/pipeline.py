@@ -18,10 +18,15 @@ from dist_robust.data.examples import PairExample
 
 @dataclass
 class Encoded:
-    """Token ids of a list of examples, ready to be batched."""
+    """Token ids of a list of examples, ready to be batched.
+
+    ``token_type_ids`` is kept only for tokenizers that produce it (BERT-family pairs mark
+    sentence B with type 1); XLM-R-family tokenizers do not.
+    """
 
     input_ids: list[list[int]]
     labels: list[int]
+    token_type_ids: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -31,7 +36,8 @@ def encode(examples: list[PairExample], tokenizer, max_length: int) -> Encoded:
     """Tokenize pairs as the model family expects (``<s> A </s></s> B </s>`` for XLM-R)."""
     enc = tokenizer([e.sentence1 for e in examples], [e.sentence2 for e in examples],
                     truncation=True, max_length=max_length)
-    return Encoded(list(enc["input_ids"]), [e.label for e in examples])
+    types = enc.get("token_type_ids")
+    return Encoded(list(enc["input_ids"]), [e.label for e in examples], list(types) if types is not None else None)
 
 
 class Collator:
@@ -50,13 +56,29 @@ class Collator:
         attention = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
         # Real tokens only: never padding, never <s>/</s>/... (B, T)
         perturb = attention.bool() & ~torch.isin(ids, self.special_ids)
-        return {
+        batch = {
             "input_ids": ids,
             "attention_mask": attention,
             "labels": torch.tensor([data.labels[i] for i in indices], dtype=torch.long),
             "perturb_mask": perturb,
             "weight": torch.tensor(weights if weights is not None else [1.0] * len(rows)),
         }
+        if data.token_type_ids is not None:
+            types = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, k in enumerate(indices):
+                types[i, : len(rows[i])] = torch.tensor(data.token_type_ids[k])
+            batch["token_type_ids"] = types
+        return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of a collated batch on ``device`` (the engine's), copied once.
+
+    CPU batches are pinned first on CUDA so the copy does not block the host.
+    """
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def batches_per_epoch(n: int, micro_batch_size: int, world_size: int) -> int:

@@ -2,12 +2,16 @@
 
 Shapes: ``delta`` and ``grad`` are (B, T, H); ``mask`` is (B, T) and is true only on real
 tokens (never padding or special tokens). The L2 ball is per example, over all of its real
-tokens; the L-inf ball is per coordinate.
+tokens; the L-inf ball is per coordinate. Norms and steps are computed in fp32 whatever the
+dtype of the gradient (an fp16 gradient squared overflows long before its norm does), and
+everything is made on ``mask``'s device.
 """
 
 from __future__ import annotations
 
 import torch
+
+from dist_robust.objectives.base import draw
 
 _TINY = 1e-12
 
@@ -16,27 +20,40 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x * mask.unsqueeze(-1).to(x.dtype)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (fp16/bf16 are upcast; fp64 stays fp64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def l2_norms(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-example L2 norm over real tokens. (B,)"""
-    return _masked(x, mask).flatten(1).norm(dim=1)
+    """Per-example L2 norm over real tokens, in at least fp32. (B,)"""
+    return _masked(_wide(x), mask).flatten(1).norm(dim=1)
 
 
 def random_start(shape: torch.Size, mask: torch.Tensor, epsilon: float, norm: str,
                  generator: torch.Generator) -> torch.Tensor:
     """A random point inside the ball: uniform radius along a uniform direction (L2) or
-    uniform per coordinate (L-inf)."""
+    uniform per coordinate (L-inf). Drawn from the CPU ``generator``, returned in fp32 on
+    ``mask``'s device."""
     if norm == "linf":
-        delta = (torch.rand(shape, generator=generator) * 2 - 1) * epsilon
+        delta = (draw("uniform", shape, generator, mask.device) * 2 - 1) * epsilon
         return _masked(delta, mask)
-    direction = _masked(torch.randn(shape, generator=generator), mask)
-    radius = torch.rand(shape[0], generator=generator) * epsilon  # (B,)
+    direction = _masked(draw("normal", shape, generator, mask.device), mask)
+    radius = draw("uniform", shape[:1], generator, mask.device) * epsilon  # (B,)
     scale = radius / l2_norms(direction, mask).clamp_min(_TINY)
     return direction * scale.view(-1, 1, 1)
 
 
 def ascent_step(delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, alpha: float,
                 norm: str) -> torch.Tensor:
-    """One step of size alpha along the normalized gradient (L2) or its sign (L-inf)."""
+    """One step of size alpha along the normalized gradient (L2) or its sign (L-inf).
+
+    The step is scale-free, so a loss-scaled (fp16) gradient gives the same step. An example
+    whose gradient is not finite (an fp16 overflow) takes no step instead of poisoning delta.
+    """
+    grad = _masked(_wide(grad), mask)
+    finite = torch.isfinite(grad).flatten(1).all(dim=1).view(-1, 1, 1)  # (B, 1, 1)
+    grad = torch.where(finite, grad, torch.zeros_like(grad))
     if norm == "linf":
         step = grad.sign()
     else:
@@ -54,7 +71,7 @@ def project(delta: torch.Tensor, mask: torch.Tensor, epsilon: float, norm: str) 
 
 
 def ball_norms(delta: torch.Tensor, mask: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example size of delta in the ball's own norm. (B,)"""
+    """Per-example size of delta in the ball's own norm, in at least fp32. (B,)"""
     if norm == "linf":
-        return _masked(delta, mask).abs().flatten(1).amax(dim=1)
+        return _masked(_wide(delta), mask).abs().flatten(1).amax(dim=1)
     return l2_norms(delta, mask)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from dist_robust.objectives.base import StepContext, cross_entropy, logits_of
 
 
@@ -14,8 +16,8 @@ class ERM:
     name: str = "erm"
     micro_steps: int = 1
 
-    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         loss = cross_entropy(logits_of(engine, batch), batch["labels"])
         engine.backward(loss)
         engine.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}

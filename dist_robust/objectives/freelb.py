@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from dist_robust.objectives import ball
 from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of
 
@@ -19,7 +21,8 @@ class FreeLB:
 
     Every pass is a real ``engine`` forward/backward/step: the run's
     ``gradient_accumulation_steps`` is multiplied by K, so DeepSpeed scales each backward
-    by 1/(K * accumulation) and steps the optimizer on its own boundary.
+    by 1/(K * accumulation) and steps the optimizer on its own boundary. ``delta.grad`` then
+    carries the engine's fp16 loss scale, which the normalized ascent step ignores.
     """
 
     epsilon: float
@@ -32,7 +35,7 @@ class FreeLB:
     def micro_steps(self) -> int:
         return self.steps
 
-    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         mask = batch["perturb_mask"]
         delta = ball.random_start(delta_shape(batch, ctx), mask, self.epsilon, self.norm, ctx.generator)
         losses = []
@@ -43,10 +46,10 @@ class FreeLB:
             engine.backward(loss)
             grad = delta.grad
             engine.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if k + 1 < self.steps:
                 delta = ball.project(ball.ascent_step(delta.detach(), grad, mask, self.alpha, self.norm),
                                      mask, self.epsilon, self.norm)
         norms = ball.ball_norms(delta.detach(), mask, self.norm)
-        return {"loss": sum(losses) / len(losses), "loss_clean": losses[0], "loss_adv": losses[-1],
-                "delta_norm": norms.max().item()}
+        return {"loss": torch.stack(losses).mean(), "loss_clean": losses[0], "loss_adv": losses[-1],
+                "delta_norm": norms.max()}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of
+from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, draw, logits_of
 
 
 @dataclass
@@ -23,13 +23,14 @@ class Gaussian:
     name: str = "gaussian"
     micro_steps: int = 1
 
-    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         b, t, h = delta_shape(batch, ctx)
-        noise = torch.randn((self.samples * b, t, h), generator=ctx.generator) * self.sigma
-        noise = noise * batch["perturb_mask"].repeat(self.samples, 1).unsqueeze(-1)  # (nB, T, H)
+        mask = batch["perturb_mask"]
+        noise = draw("normal", (self.samples * b, t, h), ctx, mask.device) * self.sigma
+        noise = noise * mask.repeat(self.samples, 1).unsqueeze(-1)  # (nB, T, H)
         with ctx.perturbation.apply(noise):
             logits = logits_of(engine, batch, repeat=self.samples)
         loss = cross_entropy(logits, batch["labels"].repeat(self.samples))
         engine.backward(loss)
         engine.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}

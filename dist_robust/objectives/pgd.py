@@ -25,6 +25,10 @@ class PGD:
     engine's backward hooks would reduce gradients that do not exist yet: ZeRO-0/2 raise,
     ZeRO-3 silently corrupts training). The final clean+adversarial pass is one
     ``engine(...)`` call on the batch stacked twice, then ``engine.backward``/``engine.step``.
+
+    Under fp16 the attack loss is multiplied by the engine's loss scale before
+    ``autograd.grad`` (otherwise the input gradient underflows in the fp16 backward and the
+    attack never leaves its random start); the normalized step does not depend on the scale.
     """
 
     epsilon: float
@@ -43,12 +47,12 @@ class PGD:
             delta.requires_grad_(True)
             with ctx.perturbation.apply(delta):
                 loss = cross_entropy(logits_of(module, batch), batch["labels"])
-            (grad,) = torch.autograd.grad(loss, delta)
+            (grad,) = torch.autograd.grad(loss * ctx.loss_scale, delta)
             delta = ball.ascent_step(delta.detach(), grad, mask, self.alpha, self.norm)
             delta = ball.project(delta, mask, self.epsilon, self.norm)
         return delta.detach()
 
-    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         delta = self.attack(engine.module, batch, ctx)
         b = delta.shape[0]
         with ctx.perturbation.apply(torch.cat([torch.zeros_like(delta), delta])):
@@ -59,5 +63,5 @@ class PGD:
         engine.backward(loss)
         engine.step()
         norms = ball.ball_norms(delta, batch["perturb_mask"], self.norm)
-        return {"loss": loss.item(), "loss_clean": clean.item(), "loss_adv": adv.item(),
-                "delta_norm": norms.max().item()}
+        return {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach(),
+                "delta_norm": norms.max()}

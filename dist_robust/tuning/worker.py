@@ -8,7 +8,8 @@ directory, so a checkpoint holds every shard and any later attempt, node or PBT 
 Layout of a reported checkpoint::
 
     step-00000004/   the DeepSpeed tag just saved (every rank's files)
-    best/            the best-so-far tag, when the run keeps one (its final evaluation loads it)
+    best-00000002/   the best-so-far tag, when the run keeps one (its final evaluation loads it)
+    best             the pointer file naming it
     tokenizer/       a tokenizer trained by the run (built-in model configs)
 """
 
@@ -23,7 +24,7 @@ import tempfile
 from typing import Any
 
 from dist_robust import distributed as D
-from dist_robust.checkpointing import BEST, LATEST
+from dist_robust.checkpointing import BEST, BEST_PREFIX, LATEST
 from dist_robust.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,17 @@ def stage_rank_files(tag_dir: str, output_dir: str, rank: int) -> str | None:
     """
     staging = os.path.join(output_dir, ".ray-upload", f"rank-{rank}")
     shutil.rmtree(staging, ignore_errors=True)
-    sources = {os.path.basename(tag_dir.rstrip("/")): tag_dir,
-               BEST: os.path.join(os.path.dirname(tag_dir.rstrip("/")), BEST)}
+    root = os.path.dirname(tag_dir.rstrip("/"))
+    sources = {os.path.basename(tag_dir.rstrip("/")): tag_dir}
+    best = _read(os.path.join(root, BEST))
+    if best:
+        sources[best] = os.path.join(root, best)
+    staged = 0
     if rank == 0:
         sources["tokenizer"] = os.path.join(output_dir, "tokenizer")
-    staged = 0
+        if best:
+            _link_or_copy(os.path.join(root, BEST), os.path.join(staging, BEST))
+            staged += 1
     for name, src in sources.items():
         if not os.path.isdir(src):
             continue
@@ -179,8 +186,8 @@ def _materialize(checkpoint, output_dir: str, root: str) -> None:
             raise RuntimeError(f"checkpoint {checkpoint.path} holds tags {tags}: expected one step-* directory")
         shutil.rmtree(root, ignore_errors=True)
         os.makedirs(root)
-        for name in (tags[0], BEST):
-            if os.path.isdir(os.path.join(tmp, name)):
+        for name in (tags[0], *(n for n in os.listdir(tmp) if n.startswith(BEST_PREFIX)), BEST):
+            if os.path.exists(os.path.join(tmp, name)):
                 shutil.move(os.path.join(tmp, name), os.path.join(root, name))
         if os.path.isdir(os.path.join(tmp, "tokenizer")):
             shutil.rmtree(os.path.join(output_dir, "tokenizer"), ignore_errors=True)
