@@ -17,6 +17,8 @@ import time
 
 import torch
 
+LABELS = ("a", "b", "c")  # the synthetic task's three classes
+
 
 def _engines(model_name: str, tokenizer, objectives: dict):
     import deepspeed
@@ -32,7 +34,7 @@ def _engines(model_name: str, tokenizer, objectives: dict):
         cfg.objective = obj_cfg
         cfg.ds_config = default_ds_config()
         ds = resolve_ds_config(cfg, 1)
-        model = build_model(model_name, 3, tokenizer, seed=0)
+        model = build_model(model_name, LABELS, tokenizer, seed=0)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
         out[name] = (engine, build_objective(obj_cfg), EmbeddingPerturbation(word_embeddings(engine.module)))
     return out
@@ -51,7 +53,7 @@ def main() -> None:
     import deepspeed
 
     from dist_robust.config import DataConfig, ObjectiveConfig
-    from dist_robust.data.pipeline import Collator, encode, train_batch_indices
+    from dist_robust.data.pipeline import Collator, encode, to_device, train_batch_indices
     from dist_robust.data.tasks import get_task
     from dist_robust import distributed as D
     from dist_robust.models import train_tokenizer
@@ -80,7 +82,8 @@ def main() -> None:
             hidden = engine.module.config.hidden_size
             start = time.perf_counter()
             for i in range(args.steps):
-                batch = collate(train, train_batch_indices(len(train), args.batch, 1, 0, 0, batch_no + i))
+                batch = to_device(collate(train, train_batch_indices(len(train), args.batch, 1, 0, 0, batch_no + i)),
+                                  engine.device)
                 ctx = StepContext(perturbation, hidden, torch.Generator().manual_seed(i))
                 objective.train_step(engine, batch, ctx)
             times[name].append((time.perf_counter() - start) / args.steps)

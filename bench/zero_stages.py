@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+LABELS = ("a", "b", "c")  # the synthetic task's three classes
+
 REPO = Path(__file__).resolve().parent.parent
 STAGES = [str(REPO / "ds_configs" / f"zero{stage}.json") for stage in range(4)]
 
@@ -64,7 +66,7 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
     cfg.train.micro_batch_size, cfg.model.name = args.batch, args.model
     ds = resolve_ds_config(cfg, world)
     handle = zero3_context(ds)
-    model = build_model(args.model, 3, tokenizer, seed=0)
+    model = build_model(args.model, LABELS, tokenizer, seed=0)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     return engine, handle
 
@@ -88,7 +90,7 @@ def main(argv: list[str]) -> None:
 
     from dist_robust import distributed as D
     from dist_robust.config import DataConfig, ObjectiveConfig
-    from dist_robust.data.pipeline import Collator, encode, train_batch_indices
+    from dist_robust.data.pipeline import Collator, encode, to_device, train_batch_indices
     from dist_robust.data.tasks import get_task
     from dist_robust.models import word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, StepContext, build_objective
@@ -113,7 +115,8 @@ def main(argv: list[str]) -> None:
             dist.barrier()
             start = time.perf_counter()
             for i in range(args.steps):
-                batch = collate(train, train_batch_indices(len(train), args.batch, world, rank, 0, batch_no + i))
+                batch = to_device(collate(train, train_batch_indices(len(train), args.batch, world, rank, 0, batch_no + i)),
+                                  engine.device)
                 objective.train_step(engine, batch, StepContext(perturbation, hidden,
                                                                 torch.Generator().manual_seed(i)))
             times[name].append((time.perf_counter() - start) / args.steps)

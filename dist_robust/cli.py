@@ -110,12 +110,17 @@ def train_main(argv: list[str] | None = None) -> int:
     from dist_robust.data.leakage import LeakageError
     from dist_robust.data.readers import DataFileError
     from dist_robust.evaluate import ParallelIdError
+    from dist_robust.stability import TrainingDivergedError
     from dist_robust.trainer import run
 
     try:
         run(cfg)
-    except (DataFileError, LeakageError, HubUnavailableError, ParallelIdError) as err:
+    except (ConfigError, DataFileError, LeakageError, HubUnavailableError, ParallelIdError) as err:
         return _fail(err)
+    except TrainingDivergedError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

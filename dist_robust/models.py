@@ -151,6 +151,14 @@ class zero3_context:
 
             self.handle = HfDeepSpeedConfig(ds_config)
 
+    def close(self) -> None:
+        """Forget the ZeRO-3 config, so a later run in this process builds its model whole."""
+        if self.handle is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self.handle = None
+
 
 def word_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     """The token-embedding module whose *output* the objectives perturb."""

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,8 @@ class State:
     best_score: float = -1.0
     best_step: int = -1
     skipped_steps: int = 0
+    max_delta_norm: float = 0.0  # largest perturbation norm an objective reported (rank mean of batch maxima)
+    seconds_per_step: float = float("nan")  # median over this session's steps after the first
     mlflow_run_id: str | None = None
 
 
@@ -94,6 +97,8 @@ def run(cfg: RunConfig, report=None) -> dict | None:
     except BaseException:
         setup.tracker.finish("FAILED")
         raise
+    finally:
+        setup.zero3.close()
     setup.tracker.finish()
     return results if D.is_main() else None
 
@@ -259,6 +264,7 @@ def _fit(setup: Setup, state: State, report) -> None:
     crash_at = int(os.environ.get(CRASH_ENV, "0"))
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _progress(cfg, state)
+    times: list[float] = []
     while state.step < cfg.max_steps:
         if crash_at and state.step + 1 == crash_at:
             raise RuntimeError(f"injected crash before step {crash_at} ({CRASH_ENV})")
@@ -266,7 +272,9 @@ def _fit(setup: Setup, state: State, report) -> None:
         with _injected_nan(setup, state.step + 1):
             stats = _train_step(setup, state)
         elapsed = time.perf_counter() - t0
+        times.append(elapsed)
         state.train_losses.append(stats["loss"])
+        state.max_delta_norm = max(state.max_delta_norm, stats.get("delta_norm", 0.0))
         if monitor.check(state.step, stats["loss"]):
             state.skipped_steps += 1
             stats["skipped_steps"] = float(state.skipped_steps)
@@ -284,6 +292,8 @@ def _fit(setup: Setup, state: State, report) -> None:
             report({**metrics, "step": state.step, "train/loss": stats["loss"]}, checkpoint)
     if bar is not None:
         bar.close()
+    if times:
+        state.seconds_per_step = statistics.median(times[1:] or times)
 
 
 @contextlib.contextmanager
@@ -376,6 +386,8 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         "best_step": state.best_step,
         "best_dev_source_acc": state.best_score,
         "skipped_steps": state.skipped_steps,
+        "max_delta_norm": state.max_delta_norm,
+        "seconds_per_step": state.seconds_per_step,
         "per_language": per_language,
         "generalized": matrix,
         **E.summarize(per_language, matrix, cfg.data.source_language),

@@ -77,8 +77,15 @@ def test_results_are_complete(stage_runs):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_bf16_follows_fp32(stage_runs, objective):
     """Mixed precision from the ds_config: the perturbation is cast to the embedding dtype and
-    the loss computed in fp32, so bf16 tracks fp32 closely (but not bit for bit)."""
+    the loss computed in fp32, so bf16 tracks fp32 closely (but not bit for bit): within 1e-3,
+    while each objective moves the loss 2.6e-3 to 6e-3 away from ERM's here. A bf16 path that
+    dropped the perturbation would sit on ERM's trajectory and fail both checks."""
     bf16 = stage_runs["bf16"][objective]["train_losses"]
-    assert bf16 == pytest.approx(stage_runs[2][objective]["train_losses"], abs=5e-2)
-    assert bf16 != stage_runs[2][objective]["train_losses"]
+    fp32 = stage_runs[2][objective]["train_losses"]
+    assert bf16 == pytest.approx(fp32, abs=1e-3)
+    assert bf16 != fp32
     assert stage_runs["bf16"][objective]["config"]["ds_config"]["bf16"]["enabled"] is True
+    if objective != "erm":
+        gap = max(abs(a - b) for a, b in zip(bf16, fp32))
+        effect = max(abs(a - b) for a, b in zip(bf16, stage_runs["bf16"]["erm"]["train_losses"]))
+        assert effect > 2 * gap, f"bf16 {objective} is no further from bf16 ERM ({effect:.1e}) than from fp32"

@@ -39,7 +39,8 @@ def _space(tmp: Path) -> Path:
         "base": {"flags": flags},
         "params": {"objective.epsilon": {"type": "loguniform", "low": 0.05, "high": 0.5},
                    "train.seed": {"type": "grid", "values": [1, 2, 3, 4]}},
-        "metric": "dev_standard_avg",
+        "metric": "dev_standard_avg",  # target-language dev: separates the seeds' trials where English ties
+        "zero_shot": False,
         "workers_per_trial": 2,
         "max_concurrent_trials": 1,
         "max_failures": 1,
@@ -163,6 +164,8 @@ def test_parent_run_summarises_the_best_trial(sweep):
     assert m["best.dev_standard_avg"] == pytest.approx(max(r.data.metrics["dev_standard_avg"] for r in children))
     assert m["best.dev_standard_avg"] == pytest.approx(best.data.metrics["dev_standard_avg"])
     assert parent.data.params["space.train.seed"] == 'grid({"values": [1, 2, 3, 4]})'
+    assert parent.data.tags["dist_robust.zero_shot"] == "false"  # it selected on target-language labels
+    assert all(r.data.tags["dist_robust.zero_shot"] == "false" for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_trial.json", "trials.json", "sweep.json"} <= artifacts
 

@@ -33,7 +33,7 @@ def test_good_space_loads_with_defaults(tmp_path):
     assert spec.name == "space"  # the file's stem
     assert spec.base.objective.name == "pgd" and spec.base.train.max_steps == 6
     assert spec.scheduler == {"type": "asha", "grace_period": 2, "reduction_factor": 2}
-    assert spec.metric == "dev_standard_avg" and spec.mode == "max"
+    assert spec.metric == "dev_source_acc" and spec.mode == "max" and spec.zero_shot is True
 
 
 def test_every_problem_is_named_with_key_value_and_accepted_values(tmp_path):
@@ -97,7 +97,7 @@ def test_bad_space_fails_before_ray_starts(tmp_path, capsys):
 
     code = tune_main(["--space", _space(tmp_path, GOOD + "metric: loss\n"), "--storage", str(tmp_path / "r")])
     assert code == 2
-    assert "metric = 'loss': accepted: dev_standard_avg" in capsys.readouterr().err
+    assert "metric = 'loss': accepted: dev_source_acc, dev_standard_avg" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not (tmp_path / "r").exists()
 
@@ -232,7 +232,47 @@ def test_child_runs_are_nested_and_found_again(tmp_path):
         assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == tracking.parent_run_id
     parent = client.get_run(tracking.parent_run_id)
     assert parent.data.params["space.objective.epsilon"] == 'loguniform({"low": 0.01, "high": 1.0})'
-    assert parent.data.params["sweep.metric"] == "dev_standard_avg"
+    assert parent.data.params["sweep.metric"] == "dev_source_acc"
+    assert parent.data.tags["dist_robust.zero_shot"] == "true"
+
+
+@pytest.mark.parametrize("metric", ["dev_standard_avg", "dev_all_avg", "standard_avg", "generalized_avg"])
+def test_target_language_selection_is_refused_unless_asked_for(tmp_path, metric):
+    fifo = "scheduler: {type: fifo}\n"
+    with pytest.raises(SpaceError) as err:
+        load_space(_space(tmp_path, GOOD + f"metric: {metric}\n" + fifo))
+    message = str(err.value)
+    assert f"metric = '{metric}': selects trials with" in message and "zero_shot: false" in message
+    assert "dev_source_acc" in message
+    spec = load_space(_space(tmp_path, GOOD + f"metric: {metric}\nzero_shot: false\n" + fifo))
+    assert spec.metric == metric and spec.zero_shot is False
+
+
+def test_not_zero_shot_selection_is_labelled_in_summary_and_mlflow(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from dist_robust.tuning.cli import _print_summary
+    from dist_robust.tuning.sweep_runs import start_parent
+
+    spec = load_space(_space(tmp_path, GOOD + "metric: dev_standard_avg\nzero_shot: false\n"))
+    row = {"trial_id": "t1", "status": "finished", "step": 6, "config": {"objective.epsilon": 0.1},
+           "metrics": {"dev_standard_avg": 0.5}, "mlflow_run_id": None, "error": None}
+    _print_summary([row], row, spec)
+    assert "selection: NOT zero-shot (dev_standard_avg: target-language dev labels)" in capsys.readouterr().out
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tags = MlflowClient(uri).get_run(start_parent(uri, "sweeps", spec).parent_run_id).data.tags
+    assert tags["dist_robust.zero_shot"] == "false"
+    assert tags["dist_robust.selection"].startswith("selection: NOT zero-shot")
+
+
+def test_reports_without_the_metric_carry_the_last_value_instead_of_aborting_the_sweep():
+    from dist_robust.tuning.trial import with_selection_metric
+
+    last: dict = {}
+    first = with_selection_metric({"step": 2, "train/loss": 0.7}, "generalized_avg", last)  # before any value
+    assert first["step"] == 2 and first["generalized_avg"] != first["generalized_avg"]  # NaN
+    assert with_selection_metric({"step": 4, "dev_source_acc": 0.6}, "dev_source_acc", last)["dev_source_acc"] == 0.6
+    assert with_selection_metric({"step": 5}, "dev_source_acc", last) == {"step": 5, "dev_source_acc": 0.6}
 
 
 def test_concurrency_defaults_to_what_the_cluster_holds(tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 from dist_robust import storage
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.space import SpaceError, SweepSpec, load_space
+from dist_robust.tuning.space_checks import selection_note
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,9 @@ def _print_summary(rows: list[dict[str, Any]], best: dict | None, spec: SweepSpe
     print()
     for line in [header, *table]:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+    print(f"\n{selection_note(spec.metric)}")
     if best is not None:
-        print(f"\nbest trial {best['trial_id']}: {spec.metric} = {_fmt(best['metrics'][spec.metric])}, "
+        print(f"best trial {best['trial_id']}: {spec.metric} = {_fmt(best['metrics'][spec.metric])}, "
               f"config {json.dumps(best['config'])}" +
               (f", MLflow run {best['mlflow_run_id']}" if best["mlflow_run_id"] else ""))
     for r in rows:

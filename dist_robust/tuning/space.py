@@ -9,7 +9,7 @@ A sweep file is YAML::
     params:                           # dotted config keys -> distributions
       objective.epsilon: {type: loguniform, low: 0.01, high: 1.0}
       train.seed: {type: grid, values: [1, 2, 3]}
-    metric: dev_standard_avg          # maximized
+    metric: dev_source_acc            # maximized; source-language dev keeps the sweep zero-shot
     scheduler: {type: asha, grace_period: 200}
     search: {type: random}
     num_samples: 8
@@ -82,8 +82,9 @@ class SweepSpec:
     name: str
     base: RunConfig
     params: dict[str, ParamSpec]
-    metric: str = "dev_standard_avg"
+    metric: str = "dev_source_acc"
     mode: str = "max"
+    zero_shot: bool = True  # refuse selection metrics that use target-language (or reported-split) labels
     num_samples: int = 1
     workers_per_trial: int = 2
     cpus_per_worker: float = 1.0

@@ -14,8 +14,10 @@ SCHEDULERS = {"asha": ("grace_period", "reduction_factor"),
               "fifo": ()}
 SEARCHERS = {"random": ("seed",), "grid": (), "optuna": ("seed",)}
 # Reported at every evaluation (usable by ASHA and PBT) / only once, at the end of a trial.
-INTERMEDIATE_METRICS = ("dev_standard_avg", "dev_all_avg", "dev_source_acc")
+INTERMEDIATE_METRICS = ("dev_source_acc", "dev_standard_avg", "dev_all_avg")
 FINAL_METRICS = ("standard_avg", "generalized_avg", "all_avg", "source_acc")
+# Selecting on anything else uses target-language labels (or the split the results are reported on).
+ZERO_SHOT_METRICS = ("dev_source_acc",)
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -28,6 +30,12 @@ def check_options(spec: SweepSpec) -> list[str]:
 
     if spec.metric not in INTERMEDIATE_METRICS + FINAL_METRICS:
         bad("metric", spec.metric, f"accepted: {', '.join(INTERMEDIATE_METRICS + FINAL_METRICS)}")
+    elif spec.zero_shot is True and spec.metric not in ZERO_SHOT_METRICS:
+        bad("metric", spec.metric, f"selects trials with {selection_source(spec.metric)}, which zero-shot transfer "
+            f"does not have: use {', '.join(ZERO_SHOT_METRICS)} (source-language dev, the default), or set "
+            "zero_shot: false to select on it anyway (the summary and MLflow then mark the sweep as not zero-shot)")
+    if not isinstance(spec.zero_shot, bool):
+        bad("zero_shot", spec.zero_shot, "true (select on source-language dev only) or false")
     if spec.mode not in ("max", "min"):
         bad("mode", spec.mode, "accepted: max, min")
     for key in ("num_samples", "workers_per_trial"):
@@ -114,3 +122,19 @@ def _check_search(spec: SweepSpec) -> list[str]:
         if spec.scheduler.get("type") == "pbt":
             p.append("search.type = 'optuna' with scheduler pbt: PBT mutates configs itself; use random or grid")
     return p
+
+
+def selection_source(metric: str) -> str:
+    """What a selection metric is computed from, in words."""
+    if metric in ZERO_SHOT_METRICS:
+        return "source-language dev labels only"
+    if metric in INTERMEDIATE_METRICS:
+        return "target-language dev labels"
+    return "the labels of the split the final results are reported on"
+
+
+def selection_note(metric: str) -> str:
+    """One line for summaries: is trial selection zero-shot?"""
+    if metric in ZERO_SHOT_METRICS:
+        return f"selection: zero-shot ({metric}: {selection_source(metric)})"
+    return f"selection: NOT zero-shot ({metric}: {selection_source(metric)})"

@@ -21,6 +21,8 @@ from dist_robust.tuning.space import SweepSpec
 log = logging.getLogger(__name__)
 
 SWEEP_TAG = "dist_robust.sweep"
+ZERO_SHOT_TAG = "dist_robust.zero_shot"  # "false" when trials are selected with target-language labels
+SELECTION_TAG = "dist_robust.selection"
 SEGMENT_TAG = "dist_robust.segment"
 SUMMARY_KEYS = ("standard_avg", "generalized_avg", "all_avg", "source_acc", "dev_standard_avg", "dev_source_acc")
 
@@ -53,7 +55,8 @@ def absolute_uri(uri: str | None) -> str | None:
 
 def start_parent(uri: str, experiment: str, spec: SweepSpec, run_id: str | None = None) -> SweepTracking:
     """Create (or, on ``--resume``, continue) the sweep's parent run and log the sweep's settings."""
-    tags = {SWEEP_TAG: spec.name, "task": spec.base.data.task, "objective": spec.base.objective.name}
+    tags = {SWEEP_TAG: spec.name, "task": spec.base.data.task, "objective": spec.base.objective.name,
+            **selection_tags(spec.metric)}
     parent = MLflowTracker(uri, experiment, spec.name, run_id=run_id, tags=tags)
     parent.log_params(sweep_params(spec))
     if run_id is None:
@@ -64,11 +67,18 @@ def start_parent(uri: str, experiment: str, spec: SweepSpec, run_id: str | None 
     return SweepTracking(uri, experiment, exp_id, parent.run_id)
 
 
+def selection_tags(metric: str) -> dict[str, str]:
+    """Whether trials are selected zero-shot, as MLflow tags (on the parent and every child run)."""
+    from dist_robust.tuning.space_checks import ZERO_SHOT_METRICS, selection_note
+
+    return {ZERO_SHOT_TAG: str(metric in ZERO_SHOT_METRICS).lower(), SELECTION_TAG: selection_note(metric)}
+
+
 def sweep_params(spec: SweepSpec) -> dict[str, Any]:
     """The parent's params: the search (space, scheduler, metric) and the base run config."""
     params: dict[str, Any] = {f"space.{k}": f"{p.type}({json.dumps(p.args)})" for k, p in spec.params.items()}
     params.update({f"sweep.{k}": getattr(spec, k) for k in
-                   ("metric", "mode", "num_samples", "workers_per_trial", "max_failures")})
+                   ("metric", "mode", "zero_shot", "num_samples", "workers_per_trial", "max_failures")})
     params["sweep.scheduler"] = json.dumps(spec.scheduler)
     params["sweep.search"] = json.dumps(spec.search)
     base = {k: v for k, v in spec.base.to_dict().items() if k not in ("ds_config", "tracking")}

@@ -123,7 +123,7 @@ def _child_tags(plan: TrialPlan, trial_id: str, segment: Segment) -> dict[str, s
     base = plan.spec.base
     tags = {sweep_runs.SWEEP_TAG: plan.spec.name, "ray.trial_id": trial_id,
             "dist_robust.generation": str(segment.generation),
-            "task": base.data.task, "objective": base.objective.name}
+            "task": base.data.task, "objective": base.objective.name, **sweep_runs.selection_tags(plan.spec.metric)}
     if segment.cloned_from_run:
         tags["dist_robust.cloned_from_run"] = segment.cloned_from_run
     return tags
@@ -173,8 +173,10 @@ class _Pointer:
     def __init__(self, plan: TrialPlan, trial_id: str, segment: Segment, config: dict, run_id: str | None):
         self.plan, self.trial_id, self.segment, self.config, self.run_id = plan, trial_id, segment, config, run_id
         self._tagged_nodes = False
+        self._last: dict[str, float] = {}
 
     def report(self, metrics: dict, checkpoint_name: str | None) -> None:
+        metrics = with_selection_metric(metrics, self.plan.spec.metric, self._last)
         metrics = {**metrics, RUN_KEY: self.run_id or "", "generation": self.segment.generation}
         if self.run_id is not None and not self._tagged_nodes and "num_nodes" in metrics:
             sweep_runs.set_tag(self.plan.tracking, self.run_id, "ray.num_nodes", str(metrics["num_nodes"]))
@@ -189,6 +191,19 @@ class _Pointer:
             with open(os.path.join(d, POINTER), "w", encoding="utf-8") as f:
                 json.dump(pointer, f)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def with_selection_metric(metrics: dict, metric: str, last: dict[str, float]) -> dict:
+    """``metrics`` carrying the sweep's metric, which Tune requires in every report.
+
+    Checkpoint-only reports (a save between evaluations) and a final-only metric's earlier reports
+    lack it: they carry the trial's last value, or NaN before there is one, instead of making Tune
+    abort the sweep. ``last`` is the trial's memory of it, updated here.
+    """
+    if metric in metrics:
+        last[metric] = metrics[metric]
+        return metrics
+    return {**metrics, metric: last.get(metric, float("nan"))}
 
 
 def _forward(trainer: TorchTrainer, queue: Queue, pointer: _Pointer) -> None:

@@ -1,0 +1,181 @@
+"""The GPU check: every objective x ZeRO-2/ZeRO-3 x fp32/bf16/fp16 on one GPU, held against the CPU.
+
+    python bench/gpu_check.py                      # on a machine with one CUDA GPU (under 8 minutes on one H200)
+    python bench/gpu_check.py --make-reference     # on a CPU machine: rewrites bench/gpu_reference.json
+    python bench/gpu_check.py --models tiny        # a quicker subset
+
+For the ``tiny`` and ``xlmr-base-random`` built-in configs, each run is an ordinary training run
+(``dist_robust.cli.train_main``, one process, no launcher needed) of 20 steps on the synthetic
+task with dropout 0: dropout masks come from the device's own generator and differ between CPU
+and GPU, while data order, initialization and perturbations are functions of the seed alone
+(perturbations are drawn on the CPU and moved), so without dropout a GPU run repeats the CPU one.
+
+Checks, per run:
+* fp32 (ZeRO-2 and ZeRO-3): every step's loss within 1e-3 of the CPU reference
+  (``bench/gpu_reference.json``, made on a CPU by ``--make-reference``);
+* bf16 and fp16: every loss finite and within 0.1 of the fp32 GPU run (the first step within 0.02);
+  fp16 skips at most its loss-scale calibration steps;
+* the largest perturbation norm any step reported stays within epsilon;
+* it prints seconds per step and the peak GPU memory.
+Exit status 1 when any check fails; the table is printed either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+REFERENCE = HERE / "gpu_reference.json"
+OBJECTIVES = ("erm", "pgd", "freelb", "gaussian")
+PRECISIONS = ("fp32", "bf16", "fp16")
+STAGES = (2, 3)
+EPSILON = 0.5
+STEPS = 20
+FLAGS = ["--synthetic-train-size", "512", "--synthetic-eval-size", "16", "--micro-batch-size", "8",
+         "--eval-batch-size", "64", "--max-length", "64", "--max-steps", str(STEPS), "--eval-steps", "0",
+         "--save-steps", "0", "--no-generalized", "--no-export-model", "--no-progress", "--mlflow-uri", "none",
+         "--dropout", "0", "--lr", "1e-3", "--seed", "7", "--epsilon", str(EPSILON), "--alpha", "0.2",
+         "--adv-steps", "2", "--sigma", "0.05", "--noise-samples", "2"]
+
+
+def ds_config(stage: int, precision: str, root: Path) -> str:
+    """ds_configs/zero{stage}.json with the precision switched; written under ``root``."""
+    ds = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": precision == "fp16", "initial_scale_power": 16} if precision == "fp16" else {"enabled": False}
+    path = root / f"zero{stage}_{precision}.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def train(model: str, tokenizer: str, config: str, objective: str, out: Path) -> dict:
+    import torch
+
+    from dist_robust.cli import train_main
+
+    code = train_main(["--model", model, "--tokenizer", tokenizer, "--deepspeed", config, "--objective", objective,
+                       "--output-dir", str(out), *FLAGS])
+    if code:
+        raise RuntimeError(f"training {model}/{objective} with {config} exited {code}")
+    res = json.loads((out / "results.json").read_text())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # xlmr-base checkpoints are GBs each
+    gc.collect()  # the finished engine's memory, before the next run measures its peak
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def make_tokenizer(root: Path) -> str:
+    from dist_robust.config import DataConfig
+    from dist_robust.data.tasks import get_task
+    from dist_robust.models import train_tokenizer
+
+    data = get_task(DataConfig(synthetic_train_size=512, synthetic_eval_size=16))
+    path = root / "tokenizer"
+    train_tokenizer(data.tokenizer_corpus(), 4000, str(path))
+    return str(path)
+
+
+def make_reference(models: list[str]) -> int:
+    """fp32 ZeRO-2 losses on this (CPU) machine, the reference the GPU runs are held against."""
+    import torch
+
+    if torch.cuda.is_available():
+        print("--make-reference records CPU losses: run it on a machine without a GPU", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="gpu-ref-"))
+    tokenizer = make_tokenizer(root)
+    reference = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+    config = ds_config(2, "fp32", root)
+    for model in models:
+        for objective in OBJECTIVES:
+            res = train(model, tokenizer, config, objective, root / model / objective)
+            reference[f"{model}/{objective}"] = res["train_losses"]
+            print(f"{model}/{objective}: {res['seconds_per_step']:.2f} s/step on CPU", flush=True)
+    REFERENCE.write_text(json.dumps(reference, indent=1) + "\n")
+    print(f"wrote {REFERENCE}")
+    return 0
+
+
+def check(models: list[str]) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: this check needs one GPU (see docs/benchmarks.md)", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 to compare with the CPU
+    torch.backends.cudnn.allow_tf32 = False
+    reference = json.loads(REFERENCE.read_text())
+    root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    tokenizer = make_tokenizer(root)
+    failures, rows, start = [], [], time.time()
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    for model in models:
+        for stage in STAGES:
+            fp32 = {}
+            for precision in PRECISIONS:
+                config = ds_config(stage, precision, root)
+                for objective in OBJECTIVES:
+                    torch.cuda.reset_peak_memory_stats()
+                    res = train(model, tokenizer, config, objective, root / "runs" / f"{model}-{stage}-{precision}-{objective}")
+                    name = f"{model} zero{stage} {precision} {objective}"
+                    losses = res["train_losses"]
+                    problems = []
+                    if precision == "fp32":
+                        fp32[objective] = losses
+                        ref = reference[f"{model}/{objective}"]
+                        worst = max(abs(a - b) for a, b in zip(losses, ref))
+                        if len(losses) != len(ref) or worst > 1e-3:
+                            problems.append(f"fp32 losses differ from the CPU by up to {worst:.2e} (> 1e-3)")
+                        detail = f"max |GPU - CPU| {worst:.1e}"
+                    else:
+                        base = fp32[objective]
+                        finite = [(a, b) for a, b in zip(losses, base) if math.isfinite(a)]
+                        worst = max((abs(a - b) for a, b in finite), default=float("inf"))
+                        skipped = res["skipped_steps"]
+                        if precision == "bf16" and skipped:
+                            problems.append(f"{skipped} skipped step(s)")
+                        if precision == "fp16" and skipped > 6:
+                            problems.append(f"{skipped} skipped steps (more than loss-scale calibration)")
+                        if worst > 0.1 or abs(losses[0] - base[0]) > 0.02:
+                            problems.append(f"losses differ from fp32 by up to {worst:.3f}")
+                        detail = f"max |{precision} - fp32| {worst:.3f}, {skipped} skipped"
+                    if res["max_delta_norm"] > EPSILON * (1 + 1e-5):
+                        problems.append(f"||delta|| reached {res['max_delta_norm']:.4f} > epsilon {EPSILON}")
+                    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+                    rows.append((name, res["seconds_per_step"], peak, res["max_delta_norm"], detail,
+                                 "FAIL: " + "; ".join(problems) if problems else "ok"))
+                    print("  ".join(str(c) if not isinstance(c, float) else f"{c:.4f}" for c in rows[-1]), flush=True)
+                    failures += [f"{name}: {p}" for p in problems]
+    print(f"\n| run | s/step | peak GPU GiB | max ||delta|| | agreement | result |\n|---|---:|---:|---:|---|---|")
+    for name, sps, peak, delta, detail, result in rows:
+        print(f"| {name} | {sps:.4f} | {peak:.2f} | {delta:.4f} | {detail} | {result} |")
+    print(f"\n{len(rows)} runs in {time.time() - start:.0f} s; {len(failures)} failure(s)")
+    for f in failures:
+        print("  -", f)
+    return 1 if failures else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "xlmr-base-random"])
+    parser.add_argument("--make-reference", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "none")
+    return make_reference(args.models) if args.make_reference else check(args.models)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
