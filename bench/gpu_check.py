@@ -107,6 +107,30 @@ def make_reference(models: list[str]) -> int:
     return 0
 
 
+def judge(precision: str, res: dict, reference: list[float], fp32: list[float] | None) -> tuple[str, list[str]]:
+    """(agreement summary, problems) of one run: fp32 against the CPU reference, bf16/fp16 against fp32."""
+    losses, problems = res["train_losses"], []
+    if precision == "fp32":
+        worst = max(abs(a - b) for a, b in zip(losses, reference))
+        if len(losses) != len(reference) or worst > 1e-3:
+            problems.append(f"fp32 losses differ from the CPU by up to {worst:.2e} (> 1e-3)")
+        detail = f"max abs(GPU - CPU) {worst:.1e}"
+    else:
+        finite = [(a, b) for a, b in zip(losses, fp32) if math.isfinite(a)]
+        worst = max((abs(a - b) for a, b in finite), default=float("inf"))
+        skipped = res["skipped_steps"]
+        if precision == "bf16" and skipped:
+            problems.append(f"{skipped} skipped step(s)")
+        if precision == "fp16" and skipped > 6:
+            problems.append(f"{skipped} skipped steps (more than loss-scale calibration)")
+        if worst > 0.1 or abs(losses[0] - fp32[0]) > 0.02:
+            problems.append(f"losses differ from fp32 by up to {worst:.3f}")
+        detail = f"max abs({precision} - fp32) {worst:.3f}, {skipped} skipped"
+    if res["max_delta_norm"] > EPSILON * (1 + 1e-5):
+        problems.append(f"perturbation norm reached {res['max_delta_norm']:.4f} > epsilon {EPSILON}")
+    return detail, problems
+
+
 def check(models: list[str]) -> int:
     import torch
 
@@ -122,42 +146,22 @@ def check(models: list[str]) -> int:
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     for model in models:
         for stage in STAGES:
-            fp32 = {}
+            fp32: dict[str, list[float]] = {}
             for precision in PRECISIONS:
                 config = ds_config(stage, precision, root)
                 for objective in OBJECTIVES:
                     torch.cuda.reset_peak_memory_stats()
-                    res = train(model, tokenizer, config, objective, root / "runs" / f"{model}-{stage}-{precision}-{objective}")
                     name = f"{model} zero{stage} {precision} {objective}"
-                    losses = res["train_losses"]
-                    problems = []
+                    res = train(model, tokenizer, config, objective, root / "runs" / name.replace(" ", "-"))
                     if precision == "fp32":
-                        fp32[objective] = losses
-                        ref = reference[f"{model}/{objective}"]
-                        worst = max(abs(a - b) for a, b in zip(losses, ref))
-                        if len(losses) != len(ref) or worst > 1e-3:
-                            problems.append(f"fp32 losses differ from the CPU by up to {worst:.2e} (> 1e-3)")
-                        detail = f"max |GPU - CPU| {worst:.1e}"
-                    else:
-                        base = fp32[objective]
-                        finite = [(a, b) for a, b in zip(losses, base) if math.isfinite(a)]
-                        worst = max((abs(a - b) for a, b in finite), default=float("inf"))
-                        skipped = res["skipped_steps"]
-                        if precision == "bf16" and skipped:
-                            problems.append(f"{skipped} skipped step(s)")
-                        if precision == "fp16" and skipped > 6:
-                            problems.append(f"{skipped} skipped steps (more than loss-scale calibration)")
-                        if worst > 0.1 or abs(losses[0] - base[0]) > 0.02:
-                            problems.append(f"losses differ from fp32 by up to {worst:.3f}")
-                        detail = f"max |{precision} - fp32| {worst:.3f}, {skipped} skipped"
-                    if res["max_delta_norm"] > EPSILON * (1 + 1e-5):
-                        problems.append(f"||delta|| reached {res['max_delta_norm']:.4f} > epsilon {EPSILON}")
+                        fp32[objective] = res["train_losses"]
+                    detail, problems = judge(precision, res, reference[f"{model}/{objective}"], fp32.get(objective))
                     peak = torch.cuda.max_memory_allocated() / 2 ** 30
                     rows.append((name, res["seconds_per_step"], peak, res["max_delta_norm"], detail,
                                  "FAIL: " + "; ".join(problems) if problems else "ok"))
-                    print("  ".join(str(c) if not isinstance(c, float) else f"{c:.4f}" for c in rows[-1]), flush=True)
+                    print(" | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in rows[-1]), flush=True)
                     failures += [f"{name}: {p}" for p in problems]
-    print(f"\n| run | s/step | peak GPU GiB | max ||delta|| | agreement | result |\n|---|---:|---:|---:|---|---|")
+    print("\n| run | s/step | peak GPU GiB | max perturbation norm | agreement | result |\n|---|---:|---:|---:|---|---|")
     for name, sps, peak, delta, detail, result in rows:
         print(f"| {name} | {sps:.4f} | {peak:.2f} | {delta:.4f} | {detail} | {result} |")
     print(f"\n{len(rows)} runs in {time.time() - start:.0f} s; {len(failures)} failure(s)")

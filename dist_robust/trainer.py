@@ -6,7 +6,6 @@ Every entry point (``train.py``, ``dist-robust train``, Ray Tune trials) calls :
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import statistics
@@ -29,7 +28,7 @@ from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
                                 word_embeddings, zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
-from dist_robust.plots import log_run_plots
+from dist_robust.outputs import final_metrics, write_outputs
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
 from dist_robust.tracking import MLflowTracker, NullTracker, Tracker, flatten, resolve_uri
 
@@ -93,7 +92,7 @@ def run(cfg: RunConfig, report=None) -> dict | None:
         results = _final_evaluation(setup, state)
         _save_outputs(setup, state, results)
         if report is not None:
-            report(_final_metrics(results, state), None)
+            report(final_metrics(results, state.step), None)
     except BaseException:
         setup.tracker.finish("FAILED")
         raise
@@ -418,49 +417,9 @@ def _load_best(setup: Setup, state: State) -> None:
 
 
 def _save_outputs(setup: Setup, state: State, results: dict) -> None:
-    cfg = setup.cfg
-    if cfg.train.export_model:
-        results["model_uri"] = export_model(setup.engine, setup.tokenizer, cfg.train.output_dir,
-                                            cfg.train.staging_dir)
-    if not D.is_main():
-        return
-    out = cfg.train.output_dir
-    storage.write_text(storage.join(out, "results.json"), json.dumps(results, indent=2))
-    if results["generalized"]:
-        storage.write_text(storage.join(out, "generalized.csv"), E.matrix_csv(results["generalized"]))
-    _print_report(results)
-    tracker = setup.tracker
-    tracker.log_metrics(_final_metrics(results, state), step=state.step)
-    tracker.log_dict(results["config"], "run_config.json")
-    tracker.log_dict(results, "results.json")
-    try:
-        log_run_plots(tracker, results)
-    except Exception as err:  # a plot must never fail a finished training run
-        log.warning("could not log the run's plots: %s", err)
-    if results["generalized"] and hasattr(tracker, "log_text"):
-        tracker.log_text(E.matrix_csv(results["generalized"]), "generalized.csv")
-
-
-def _final_metrics(results: dict, state: State) -> dict[str, float]:
-    """Final accuracies under their MLflow names, plus the last dev evaluation's."""
-    final = {f"acc.{lang}": a for lang, a in results["per_language"].items()}
-    final.update({f"gen.{a}.{b}": v for a, row in results["generalized"].items() for b, v in row.items()})
-    final.update({k: results[k] for k in ("source_acc", "standard_avg", "all_avg", "generalized_avg")
-                  if k in results})
-    if state.dev_history:
-        last = state.dev_history[-1]
-        final.update({f"dev_acc.{lang}": a for lang, a in last["per_language"].items()})
-        final.update({f"dev_{k}": v for k, v in last.items() if k not in ("step", "per_language")})
-    final["step"] = state.step
-    return final
-
-
-def _print_report(results: dict) -> None:
-    print(f"\n{results['task']} / {results['objective']}: {results['eval_split']} accuracy of the model "
-          f"selected at step {results['best_step']}")
-    summary = {k: results[k] for k in ("standard_avg", "all_avg", "generalized_avg") if k in results}
-    print(E.format_table(results["per_language"], summary))
-    if results["generalized"]:
-        print("\ngeneralized (sentence1 language x sentence2 language):")
-        print(E.format_matrix(results["generalized"]))
-    print(flush=True)
+    """Export the model (every rank: ZeRO-3 gathers it), then write results and logs on rank 0."""
+    t = setup.cfg.train
+    if t.export_model:
+        results["model_uri"] = export_model(setup.engine, setup.tokenizer, t.output_dir, t.staging_dir)
+    if D.is_main():
+        write_outputs(t.output_dir, setup.tracker, results, state.step)

@@ -1,0 +1,60 @@
+"""What a finished run leaves behind: results.json, generalized.csv, the printed report, MLflow's final records.
+
+Called on rank 0 only, with the results the trainer assembled; nothing here touches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from dist_robust import evaluate as E
+from dist_robust import storage
+from dist_robust.plots import log_run_plots
+from dist_robust.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def write_outputs(output_dir: str, tracker: Tracker, results: dict, step: int) -> None:
+    """Write results.json (and generalized.csv), print the report, log the final metrics and artifacts."""
+    storage.write_text(storage.join(output_dir, "results.json"), json.dumps(results, indent=2))
+    if results["generalized"]:
+        storage.write_text(storage.join(output_dir, "generalized.csv"), E.matrix_csv(results["generalized"]))
+    print_report(results)
+    tracker.log_metrics(final_metrics(results, step), step=step)
+    tracker.log_dict(results["config"], "run_config.json")
+    tracker.log_dict(results, "results.json")
+    try:
+        log_run_plots(tracker, results)
+    except Exception as err:  # a plot must never fail a finished training run
+        log.warning("could not log the run's plots: %s", err)
+    if results["generalized"] and hasattr(tracker, "log_text"):
+        tracker.log_text(E.matrix_csv(results["generalized"]), "generalized.csv")
+
+
+def final_metrics(results: dict, step: int) -> dict[str, float]:
+    """Final accuracies under their MLflow names, plus the last dev evaluation's."""
+    final = {f"acc.{lang}": a for lang, a in results["per_language"].items()}
+    final.update({f"gen.{a}.{b}": v for a, row in results["generalized"].items() for b, v in row.items()})
+    final.update({k: results[k] for k in ("source_acc", "standard_avg", "all_avg", "generalized_avg")
+                  if k in results})
+    if results["dev_history"]:
+        last = results["dev_history"][-1]
+        final.update({f"dev_acc.{lang}": a for lang, a in last["per_language"].items()})
+        final.update({f"dev_{k}": v for k, v in last.items() if k not in ("step", "per_language")})
+    final["skipped_steps"] = results["skipped_steps"]
+    final["step"] = step
+    return final
+
+
+def print_report(results: dict) -> None:
+    """The per-language table and the generalized matrix, on stdout."""
+    print(f"\n{results['task']} / {results['objective']}: {results['eval_split']} accuracy of the model "
+          f"selected at step {results['best_step']}")
+    summary = {k: results[k] for k in ("standard_avg", "all_avg", "generalized_avg") if k in results}
+    print(E.format_table(results["per_language"], summary))
+    if results["generalized"]:
+        print("\ngeneralized (sentence1 language x sentence2 language):")
+        print(E.format_matrix(results["generalized"]))
+    print(flush=True)
