@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+from dist_robust.argparsing import Parser
 from dist_robust.config import (ConfigError, RunConfig, apply_mapping, apply_overrides, iter_fields, load_run_file,
                                 validate, world_size_from_env)
 from dist_robust.ds_config import load_ds_config, resolve_ds_config
@@ -34,16 +35,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         group = groups.setdefault(section, parser.add_argument_group(section))
         kwargs: dict = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                        "help": f"{f.metadata['help']} (default: {_default_of(f)})"}
+                        "help": _help_of(f), "metavar": f.name.upper()}
         t = str(f.type)
         if t.startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
+            del kwargs["metavar"]
         elif t.startswith("list"):
             kwargs["nargs"] = f.metadata.get("nargs", "+")
         else:
             kwargs["type"] = _parse_type(t)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
+                kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
         group.add_argument(flag, **kwargs)
 
 
@@ -51,6 +54,16 @@ def _default_of(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()
+
+
+def _help_of(f: dataclasses.Field) -> str:
+    """The field's help, with its default appended unless the help already says what happens by default."""
+    text, default = f.metadata["help"], _default_of(f)
+    if "Default" in text or default is None or default == []:
+        return text
+    if isinstance(default, bool):
+        return f"{text} (default: {'on' if default else 'off'})"
+    return f"{text} (default: {default})"
 
 
 def _parse_type(t: str):
@@ -85,17 +98,24 @@ def _fail(err: Exception) -> int:
     return 2
 
 
+RUN_USAGE = "%(prog)s [options] [section.key=value ...]"
+TRAIN_DESCRIPTION = """Fine-tune a multilingual encoder with a robust objective on DeepSpeed.
+
+Configuration, lowest to highest precedence: the defaults shown below, a run file (--config),
+section.key=value overrides, then these flags. Without a launcher the run is one process;
+under deepspeed, torchrun, Ray or MPI it joins the launcher's world."""
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``train.py`` / ``dist-robust train``: validate, then train in this process.
 
     With ``--nproc-per-node N`` (and not already under a launcher) the validated command is
     re-launched with N ranks through the ``deepspeed`` launcher.
     """
-    parser = argparse.ArgumentParser(prog="dist-robust train", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(prog="dist-robust train", description=TRAIN_DESCRIPTION, usage=RUN_USAGE)
     add_run_arguments(parser)
-    parser.add_argument("--nproc-per-node", type=int, default=None,
-                        help="Start this many ranks with the deepspeed launcher (CPU: processes over gloo).")
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                        help="Start N ranks with the deepspeed launcher on a free port (CPU: processes over gloo).")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -110,6 +130,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from dist_robust.data.leakage import LeakageError
     from dist_robust.data.readers import DataFileError
     from dist_robust.evaluate import ParallelIdError
+    from torch.distributed import DistNetworkError
+
     from dist_robust.stability import TrainingDivergedError
     from dist_robust.trainer import run
 
@@ -117,6 +139,14 @@ def train_main(argv: list[str] | None = None) -> int:
         run(cfg)
     except (ConfigError, DataFileError, LeakageError, HubUnavailableError, ParallelIdError) as err:
         return _fail(err)
+    except DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        port = os.environ.get("MASTER_PORT", "29500")
+        return _fail(RuntimeError(
+            f"port {port} on this host is already in use (another training job?). Give this job another one: "
+            f"deepspeed --master_port PORT ..., torchrun --master_port PORT ..., MASTER_PORT=PORT python train.py ..., "
+            f"or let dist-robust train --nproc-per-node N pick a free port"))
     except TrainingDivergedError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
@@ -136,14 +166,22 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc-per-node="):
             continue
         rest.append(a)
+    from dist_robust.distributed import free_port
+
+    return subprocess.call(relaunch_command(nproc, rest, free_port()))
+
+
+def relaunch_command(nproc: int, args: list[str], port: int) -> list[str]:
+    """The deepspeed launcher command for N local ranks on ``port`` (so two jobs on a host never collide)."""
     launcher = shutil.which("deepspeed") or "deepspeed"
-    cmd = [launcher, "--num_gpus", str(nproc), "--module", "dist_robust.cli", "train", *rest]
-    return subprocess.call(cmd)
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "dist_robust.cli", "train",
+            *args]
 
 
 def config_main(argv: list[str] | None = None) -> int:
     """``dist-robust config``: print the resolved run config and ds_config as JSON."""
-    parser = argparse.ArgumentParser(prog="dist-robust config")
+    parser = Parser(prog="dist-robust config", description="Print the resolved run config and ds_config as JSON.",
+                    usage=RUN_USAGE)
     add_run_arguments(parser)
     parser.add_argument("--world-size", type=int, default=world_size_from_env())
     args = parser.parse_args(argv)

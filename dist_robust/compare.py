@@ -281,9 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     """``dist-robust compare`` options."""
     from dist_robust.compare_format import FORMATS
 
-    parser = argparse.ArgumentParser(prog="dist-robust compare", description=__doc__.split("\n")[0],
-                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name (or id).")
+    from dist_robust.argparsing import Parser
+    from dist_robust.tracking import resolve_experiment
+
+    parser = Parser(prog="dist-robust compare", description=__doc__.split("\n")[0], epilog=_EPILOG)
+    parser.add_argument("--experiment", default=resolve_experiment(None),
+                        help="MLflow experiment name (or id). Default: $MLFLOW_EXPERIMENT_NAME, else dist-robust "
+                             "(where training runs go by default).")
     parser.add_argument("--mlflow-uri", help="Tracking URI (http://host:5000, sqlite:///mlflow.db, ...). "
                                              "Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
     parser.add_argument("--runs", nargs="+", metavar="RUN_ID", help="Only these runs (full run ids).")

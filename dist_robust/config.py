@@ -148,9 +148,10 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     mlflow_uri: str | None = _f(None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, ...). "
-                                "Default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; 'none' disables.",
-                                "--mlflow-uri")
-    experiment: str = _f("dist-robust", "MLflow experiment name.", "--experiment")
+                                "Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; 'none' turns tracking off.",
+                                "--mlflow-uri", keep=("none", "off"))
+    experiment: str | None = _f(None, "MLflow experiment name. Default: $MLFLOW_EXPERIMENT_NAME, else dist-robust.",
+                                "--experiment")
     run_name: str | None = _f(None, "MLflow run name (default: objective and output dir).", "--run-name")
     run_id: str | None = _f(None, "Log into this existing MLflow run (a sweep creates one per trial) instead of a "
                             "new one or the one a resumed checkpoint names.")
@@ -196,9 +197,13 @@ def _key_desc(key: str) -> str:
 
 def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
     """Convert a string from a key=value override to the field's type."""
+    if value is False and "off" in f.metadata.get("keep", ()):
+        return "off"  # YAML reads a bare `off` (and `no`, `false`) as a boolean
     if not isinstance(value, str):
         return value
     t = str(f.type)
+    if value.lower() in f.metadata.get("keep", ()):
+        return value  # a special value the field gives a meaning of its own (mlflow_uri: none = off)
     if value.lower() in ("none", "null") and "None" in t:
         return None
     try:

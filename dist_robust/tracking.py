@@ -44,10 +44,31 @@ class NullTracker:
         pass
 
 
+DEFAULT_EXPERIMENT = "dist-robust"
+# Experiments made here open on MLflow's model-training view (MLflow 3 otherwise opens a new one on GenAI traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def resolve_uri(uri: str | None) -> str | None:
-    """The tracking URI to use, or None when tracking is off."""
+    """The tracking URI to use, or None when tracking is off (MLflow's own $MLFLOW_TRACKING_URI is honoured)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     return None if uri.lower() in ("none", "off", "") else uri
+
+
+def resolve_experiment(name: str | None) -> str:
+    """The experiment to log into: as given, else MLflow's own $MLFLOW_EXPERIMENT_NAME, else dist-robust."""
+    return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment ``name``, created (on the model-training view) when it does not exist yet."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+    if not exp.tags.get("mlflow.experimentKind"):
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 class MLflowTracker:
@@ -60,8 +81,7 @@ class MLflowTracker:
         self._mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         self._client = mlflow.MlflowClient(uri)
-        exp = self._client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
+        exp_id = experiment_id(self._client, experiment)
         if run_id is not None:
             self.run_id = run_id
             self._client.update_run(run_id, status="RUNNING")

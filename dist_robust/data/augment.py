@@ -119,8 +119,10 @@ def augment_copies(examples: Sequence[PairExample], augmenter: SynonymAugmenter,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dist-robust augment",
-                                description="Write an RS-DA synonym-augmented copy of an English training set.")
+    from dist_robust.argparsing import Parser
+
+    p = Parser(prog="dist-robust augment", description="Write an RS-DA synonym-augmented copy of an English "
+                                                       "training set.")
     p.add_argument("--task", choices=("pawsx", "xnli"), required=True, help="Task (labels, default --copies).")
     p.add_argument("--input", help="Training file (path or URL; tsv, XTREME tsv, jsonl, parquet). "
                                    "Default: the task's English train split from the hub.")

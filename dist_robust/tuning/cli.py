@@ -20,6 +20,8 @@ import tempfile
 from typing import Any
 
 from dist_robust import storage
+from dist_robust.argparsing import Parser
+from dist_robust.tracking import resolve_experiment
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.space import SpaceError, SweepSpec, load_space
 from dist_robust.tuning.space_checks import selection_note
@@ -32,8 +34,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dist-robust tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="dist-robust tune", description=__doc__)
     p.add_argument("--space", help="Sweep file (YAML), e.g. tuning/smoke.yaml. Not needed with --resume --name.")
     p.add_argument("--name", help="Sweep name: the Tune experiment and the MLflow parent run (default: the "
                                   "file's 'name', else its stem).")
@@ -117,7 +118,7 @@ def _start_tracking(args: argparse.Namespace, spec: SweepSpec,
     uri = sweep_runs.absolute_uri(args.mlflow_uri or spec.base.tracking.mlflow_uri)
     if uri is None:
         return None
-    experiment = args.experiment or spec.experiment or spec.base.tracking.experiment
+    experiment = resolve_experiment(args.experiment or spec.experiment or spec.base.tracking.experiment)
     return sweep_runs.start_parent(uri, experiment, spec)
 
 

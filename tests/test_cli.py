@@ -1,0 +1,119 @@
+"""The command line as a newcomer meets it: every way of setting a key means the same, errors are short."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from dist_robust.cli import relaunch_command, train_main
+from dist_robust.config import RunConfig, apply_mapping, apply_overrides
+from dist_robust.tracking import resolve_experiment, resolve_uri
+from tests.launch import REPO, TINY, launcher_env
+
+
+def _parse(argv: list[str]) -> RunConfig:
+    from dist_robust.argparsing import Parser
+    from dist_robust.cli import add_run_arguments, config_from_args
+
+    parser = Parser(prog="t")
+    add_run_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def _four_ways(tmp_path, key: str, value: str) -> list[RunConfig]:
+    """The same setting as a flag, an override, a YAML run file and a JSON run file."""
+    section, name = key.split(".")
+    flag = {"tracking.mlflow_uri": "--mlflow-uri", "train.resume": "--resume", "train.eval_split": "--eval-split",
+            "train.lr": "--lr"}[key]
+    (tmp_path / "run.yaml").write_text(f"{section}:\n  {name}: {value}\n")
+    (tmp_path / "run.json").write_text(json.dumps({section: {name: value}}))
+    out = [_parse([flag, value]), _parse([f"{key}={value}"]), _parse(["--config", str(tmp_path / "run.yaml")]),
+           _parse(["--config", str(tmp_path / "run.json")])]
+    return out
+
+
+@pytest.mark.parametrize("value", ["none", "off", "NONE"])
+def test_tracking_off_means_off_however_it_is_set(tmp_path, value):
+    for cfg in _four_ways(tmp_path, "tracking.mlflow_uri", value):
+        assert resolve_uri(cfg.tracking.mlflow_uri) is None, cfg.tracking.mlflow_uri
+
+
+@pytest.mark.parametrize("key,value,expected", [("train.resume", "auto", "auto"), ("train.eval_split", "dev", "dev")])
+def test_special_string_values_survive_every_source(tmp_path, key, value, expected):
+    section, name = key.split(".")
+    for cfg in _four_ways(tmp_path, key, value):
+        assert getattr(getattr(cfg, section), name) == expected
+
+
+def test_null_means_the_default_in_files_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = RunConfig()
+    apply_mapping(cfg, {"tracking": {"mlflow_uri": None}, "train": {"lr": None}}, "run file")
+    apply_overrides(cfg, ["tracking.mlflow_uri=null", "train.lr=none"])
+    assert cfg.tracking.mlflow_uri is None and cfg.train.lr is None
+    assert resolve_uri(cfg.tracking.mlflow_uri) == "sqlite:///mlflow.db"
+
+
+def test_mlflow_environment_conventions(monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert resolve_experiment(None) == "from-env" and resolve_experiment("given") == "given"
+    from dist_robust.compare import build_parser
+
+    assert build_parser().parse_args([]).experiment == "from-env"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    assert resolve_experiment(None) == "dist-robust"
+
+
+def test_experiments_open_on_mlflows_training_view(tmp_path):
+    from mlflow import MlflowClient
+
+    from dist_robust.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MLflowTracker(uri, "fresh", "run").finish()
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("fresh").tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("made-elsewhere")  # an experiment without the tag gets it
+    MLflowTracker(uri, "made-elsewhere", "run").finish()
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_misspelled_flag_gets_a_suggestion_and_a_short_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--epsilonn", "0.1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 4
+    assert err[-1].strip() == "--epsilonn: did you mean --epsilon?"
+
+
+def test_help_is_plain_text_without_contradicting_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "(default: None)" not in text
+    assert text.splitlines()[0] == "usage: dist-robust train [options] [section.key=value ...]"
+    assert "(default: 300)" in " ".join(text.split())  # --max-steps still says its default
+
+
+def test_nproc_per_node_relaunches_on_a_free_port():
+    cmd = relaunch_command(2, ["--objective", "pgd"], 41234)
+    assert cmd[1:] == ["--num_gpus", "2", "--master_port", "41234", "--module", "dist_robust.cli", "train",
+                       "--objective", "pgd"]
+
+
+def test_a_port_in_use_is_an_error_that_says_what_to_do(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        env = launcher_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        proc = subprocess.run([sys.executable, "train.py", *TINY, "--max-steps", "1", "--output-dir",
+                               str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"port {port} on this host is already in use" in proc.stderr
+    assert "--master_port" in proc.stderr and "Traceback" not in proc.stderr
