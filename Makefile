@@ -1,16 +1,20 @@
-# Set-up, the embedded default run, and the tests. `make train` / `make test` set up first.
+# Set-up, the embedded default run, the tests, and the next steps after a run.
+# `make train` / `make test` set up first. TORCH_ARGS picks the torch build, e.g.
+#   make train TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"   (CPU-only machine)
 VENV ?= .venv
 BIN := $(VENV)/bin
+TORCH_ARGS ?=
+UI_PORT ?= 5000
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench compare ui
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
-	# Pinned CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# torch first and pinned: it decides CPU or CUDA (see the README), and nothing later replaces it.
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_ARGS)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e ".[tune,plot,dev]"
 	touch $@
 
@@ -23,3 +27,9 @@ test: setup
 bench: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" python bench/objective_cost.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" deepspeed --num_gpus 2 bench/zero_stages.py
+
+compare: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" dist-robust compare
+
+ui: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)

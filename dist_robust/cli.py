@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,12 +75,15 @@ def _parse_type(t: str):
     return str
 
 
+OVERRIDES_ENV = "DIST_ROBUST_OVERRIDES"  # extra section.key=value overrides, e.g. for scripted smoke runs
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults < run file < key=value overrides < explicit flags."""
+    """Defaults < run file < $DIST_ROBUST_OVERRIDES < key=value overrides < explicit flags."""
     cfg = RunConfig()
     if args.config:
         apply_mapping(cfg, load_run_file(args.config), f"--config {args.config}")
-    apply_overrides(cfg, args.overrides)
+    apply_overrides(cfg, shlex.split(os.environ.get(OVERRIDES_ENV, "")) + list(args.overrides))
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)

@@ -129,11 +129,16 @@ def check_group_keys(keys: list[str], records: list[RunRecord]) -> None:
 
 
 def columns_for(records: list[RunRecord]) -> list[str]:
-    """``acc.<source>`` first, the other languages alphabetically, then the averages."""
+    """``acc.<source>`` first, the others in their task's order (as training prints them), then the averages."""
+    from dist_robust.data.tasks import task_languages
+
     langs = {k[4:] for r in records for k in r.metrics if k.startswith("acc.")}
     sources = Counter(r.params.get("data.source_language", "en") for r in records)
     source = sources.most_common(1)[0][0] if sources else "en"
-    ordered = sorted(langs, key=lambda lang: (lang != source, lang))
+    tasks = Counter(r.params.get("data.task", "") for r in records)
+    known = task_languages(tasks.most_common(1)[0][0] if tasks else "")
+    rank = {lang: i for i, lang in enumerate(known)}
+    ordered = sorted(langs, key=lambda lang: (lang != source, rank.get(lang, len(rank)), lang))
     return [f"acc.{lang}" for lang in ordered] + list(AVERAGES)
 
 

@@ -68,15 +68,6 @@ def _one_process(args: list[str], tmp_path: Path, env_extra: dict | None = None,
                           capture_output=True, text=True, timeout=600)
 
 
-def test_python_train_py_runs_one_process_without_a_launcher(tmp_path):
-    proc = _one_process(["--max-steps", "2", "--eval-steps", "0", "--output-dir", str(tmp_path / "run"),
-                         "--no-export-model"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = results(tmp_path / "run")
-    assert res["config"]["world_size"] == 1 and len(res["train_losses"]) == 2
-    assert "mpi4py" not in proc.stderr
-
-
 def test_consecutive_bad_steps_stop_the_run_with_a_clear_message(tmp_path):
     exe = shutil.which("dist-robust", path=os.path.dirname(sys.executable))
     proc = _one_process(["--max-steps", "8", "--eval-steps", "0", "--save-steps", "2", "--max-bad-steps", "3",

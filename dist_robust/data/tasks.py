@@ -30,6 +30,13 @@ TASK_BUILDERS: dict[str, Callable[[DataConfig], TaskData]] = {
 }
 
 
+def task_languages(task: str) -> tuple[str, ...]:
+    """The languages of a task in the order it reports them (empty for an unknown task)."""
+    from dist_robust.data.real_tasks import PAWSX, XNLI
+
+    return {"synthetic": synthetic.LANGUAGES, "pawsx": PAWSX.languages, "xnli": XNLI.languages}.get(task, ())
+
+
 def get_task(cfg: DataConfig) -> TaskData:
     """Build the configured task, trimmed to the configured sizes."""
     if cfg.task not in TASK_BUILDERS:
