@@ -10,6 +10,7 @@ is shown as ``n/a`` rather than failing. Rendering is in :mod:`dist_robust.compa
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import statistics
 import sys
@@ -21,11 +22,16 @@ from typing import TYPE_CHECKING
 from dist_robust.mlflow_runs import (CompareError, RunRecord, fetch_runs, open_client, quote, resolve_experiment,
                                      search_all)
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Experiment
 
 AVERAGES = ("standard_avg", "generalized_avg")
+# Params that differ between two runs of the same experiment setting (where it ran, what it was called).
+RUN_LOCAL_PARAMS = {"train.output_dir", "train.staging_dir", "train.resume", "train.progress", "data.cache_dir",
+                    "tracking.run_name", "tracking.run_id", "tracking.mlflow_uri", "tracking.experiment"}
 GROUP_ALIASES = {
     "objective": "params.objective.name",
     "task": "params.data.task",
@@ -143,10 +149,26 @@ def columns_for(records: list[RunRecord]) -> list[str]:
 
 
 def make_row(label: str, records: list[RunRecord], columns: list[str]) -> Row:
-    """Mean and sample std (n - 1) of every column over the runs that logged it."""
+    """Mean and sample std (n - 1) of every column over the row's distinct runs.
+
+    Runs with the same configuration and seed are reruns, not independent samples: they are
+    averaged into one value (with a warning), so two identical reruns never pass for two seeds.
+    """
     row = Row(label, records)
+    distinct: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        # Without a logged seed two runs cannot be told to be reruns: each counts.
+        key = tuple(sorted((k, v) for k, v in r.params.items() if k not in RUN_LOCAL_PARAMS)) \
+            if "train.seed" in r.params else (r.run_id,)
+        distinct.setdefault(key, []).append(r)
+    reruns = [runs for runs in distinct.values() if len(runs) > 1]
+    if reruns:
+        log.warning("%s: %s", label, "; ".join(
+            f"{len(runs)} runs with the same config and seed {runs[0].params.get('train.seed', '?')} "
+            f"({', '.join(r.name for r in runs)}) are reruns: counted once" for runs in reruns))
     for column in columns:
-        values = [r.metrics[column] for r in records if column in r.metrics]
+        values = [statistics.fmean(vs) for vs in
+                  ([r.metrics[column] for r in runs if column in r.metrics] for runs in distinct.values()) if vs]
         mean = statistics.fmean(values) if values else None
         std = statistics.stdev(values) if len(values) > 1 else None
         row.cells[column] = Cell(mean, std, len(values))
@@ -167,9 +189,19 @@ def group_rows(records: list[RunRecord], keys: list[str], columns: list[str]) ->
         groups.setdefault(tuple(value_of(r, k) or "(none)" for k in keys), []).append(r)
     rows = []
     for values in sorted(groups, key=lambda vs: [_natural(v) for v in vs]):
-        label = values[0] if len(keys) == 1 else " ".join(f"{short_key(k)}={v}" for k, v in zip(keys, values))
+        shown = [display_value(v) for v in values]
+        label = shown[0] if len(keys) == 1 else " ".join(f"{short_key(k)}={v}" for k, v in zip(keys, shown))
         rows.append(make_row(label, groups[values], columns))
     return rows
+
+
+def display_value(value: str) -> str:
+    """A param value for a label: floats to 4 significant digits (0.012076665792328151 -> 0.01208)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "." not in value else f"{number:.4g}"
 
 
 def _natural(value: str) -> tuple:
@@ -287,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dist_robust.compare_format import FORMATS
 
     from dist_robust.argparsing import Parser
-    from dist_robust.tracking import resolve_experiment
+    from dist_robust.tracking import resolve_experiment as default_experiment
 
     parser = Parser(prog="dist-robust compare", description=__doc__.split("\n")[0], epilog=_EPILOG)
-    parser.add_argument("--experiment", default=resolve_experiment(None),
+    parser.add_argument("--experiment", default=default_experiment(None),
                         help="MLflow experiment name (or id). Default: $MLFLOW_EXPERIMENT_NAME, else dist-robust "
                              "(where training runs go by default).")
     parser.add_argument("--mlflow-uri", help="Tracking URI (http://host:5000, sqlite:///mlflow.db, ...). "

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from dist_robust import plots
 from dist_robust.compare import AVERAGES, Row, Table, columns_for
+from dist_robust.data.tasks import task_num_labels
 from dist_robust.mlflow_runs import RunRecord, fetch_children, metric_histories, open_client
 
 if TYPE_CHECKING:
@@ -88,7 +89,10 @@ def bars(table: Table) -> Figure:
               for row in rows}
     errors = {_series_label(row): {table.headers[k]: row.cells[c].std for k, c in enumerate(table.columns)}
               for row in rows}
-    return plots.bar_figure(values, errors, f"{table.experiment}: accuracy per language")
+    tasks = {r.params.get("data.task") for row in rows for r in row.records}
+    classes = task_num_labels(tasks.pop()) if len(tasks) == 1 else None
+    return plots.bar_figure(values, errors, f"{table.experiment}: accuracy per language",
+                            chance=1 / classes if classes else None)
 
 
 def _series_label(row: Row) -> str:

@@ -29,8 +29,22 @@ def write_outputs(output_dir: str, tracker: Tracker, results: dict, step: int) -
         log_run_plots(tracker, results)
     except Exception as err:  # a plot must never fail a finished training run
         log.warning("could not log the run's plots: %s", err)
-    if results["generalized"] and hasattr(tracker, "log_text"):
+    if results["generalized"]:
         tracker.log_text(E.matrix_csv(results["generalized"]), "generalized.csv")
+    for name, columns in tables(results).items():
+        tracker.log_table(columns, name)
+
+
+def tables(results: dict) -> dict[str, dict[str, list]]:
+    """The per-language accuracies and the generalized matrix as column -> values tables, in percent."""
+    langs = list(results["per_language"])
+    out = {"per_language.json": {"language": langs,
+                                 "accuracy (%)": [round(100 * results["per_language"][lang], 2) for lang in langs]}}
+    matrix = results["generalized"]
+    if matrix:
+        out["generalized_matrix.json"] = {"sentence1 language": langs,
+                                          **{b: [round(100 * matrix[a][b], 2) for a in langs] for b in langs}}
+    return out
 
 
 def final_metrics(results: dict, step: int) -> dict[str, float]:

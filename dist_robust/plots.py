@@ -18,6 +18,8 @@ from matplotlib.figure import Figure
 from dist_robust.tracking import Tracker
 
 FORMATS = ("png", "svg")
+SMOOTH_ABOVE = 50  # curves with more points than this are drawn smoothed
+TILT_ABOVE = 12  # bar charts with more columns than this slant their labels
 DPI = 110
 OBJECTIVE_COLORS = {"erm": "#555555", "pgd": "#1f77b4", "freelb": "#ff7f0e", "gaussian": "#2ca02c"}
 _CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -47,39 +49,40 @@ def color_for(label: str, index: int) -> str:
 
 
 def bar_figure(values: dict[str, dict[str, float | None]], errors: dict[str, dict[str, float | None]] | None = None,
-               title: str = "") -> Figure:
+               title: str = "", chance: float | None = None) -> Figure:
     """Grouped bars: one group per column (languages, averages), one bar per series (run or group).
 
     ``values[series][column]`` is an accuracy or None (drawn as an "n/a" mark); ``errors`` the
-    matching standard deviations for error bars.
+    matching standard deviations for error bars. Bars start at 0 (a 52% bar must not look
+    empty); ``chance`` (a fraction, e.g. 1/3 for three balanced classes) is drawn as a dashed line.
     """
     columns = list(dict.fromkeys(c for row in values.values() for c in row))
     x = np.arange(len(columns))
     width = 0.8 / max(1, len(values))
-    fig = Figure(figsize=(min(16.0, max(6.0, 0.3 * len(columns) * len(values) + 2.5)), 4.2))
+    inches = max(1.0, 0.3 * len(values)) * len(columns) + 2.5  # at least an inch per column: labels fit
+    fig = Figure(figsize=(min(16.0, max(6.0, inches)), 4.2))
     ax = fig.add_subplot()
-    floor = _bar_floor(values)
+    floor = 0.0
     for k, (label, row) in enumerate(values.items()):
         ys = np.array([_pct(row.get(c)) for c in columns])
         errs = np.array([_pct((errors or {}).get(label, {}).get(c)) for c in columns])
         offset = x - 0.4 + width * (k + 0.5)
         ax.bar(offset, np.nan_to_num(ys - floor, nan=0.0), width, bottom=floor, label=label,
-               color=color_for(label, k), yerr=np.nan_to_num(errs), capsize=2, ecolor="#333333")
+               color=color_for(label, k), yerr=np.nan_to_num(errs) if np.nansum(errs) > 0 else None, capsize=2,
+               ecolor="#333333")
         for pos in offset[np.isnan(ys)]:
             ax.text(pos, floor + 0.5, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="#b00020")
-    ax.set_xticks(x, [c.replace("_", "\n") for c in columns], rotation=30 if len(columns) > 16 else 0)
-    ax.set_ylim(bottom=floor)
+    tilt = len(columns) > TILT_ABOVE  # XNLI's 15 languages: slanted labels, else two-line ones side by side
+    labels = [c.replace("_", " " if tilt else "\n") for c in columns]
+    ax.set_xticks(x, labels, rotation=40 if tilt else 0, ha="right" if tilt else "center", fontsize=9)
+    ax.set_ylim(0, 100)
+    if chance is not None:
+        ax.axhline(100 * chance, linestyle="--", color="#b00020", linewidth=1, label=f"chance ({100 * chance:.0f}%)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return fig
-
-
-def _bar_floor(values: dict[str, dict[str, float | None]]) -> float:
-    """Bars start a little below the lowest accuracy so differences of a point stay visible."""
-    present = [_pct(v) for row in values.values() for v in row.values() if v is not None]
-    return max(0.0, 5 * math.floor((min(present) - 5) / 5)) if present else 0.0
 
 
 def heatmap_figure(matrix: dict[str, dict[str, float | None]], title: str = "", diff: bool = False) -> Figure:
@@ -157,6 +160,8 @@ def sweep_figure(points: list[dict], metric: str, title: str = "") -> Figure | N
     objective has a size parameter.
     """
     params = list(dict.fromkeys(p["param"] for p in points if p["param"] and p["x"] is not None))
+    # A size that never varies makes no axis: one value is a dot, not a curve.
+    params = [q for q in params if len({p["x"] for p in points if p["param"] == q and p["x"] is not None}) > 1]
     if not params:
         return None
     fig = Figure(figsize=(5.2 * len(params), 4.0))
@@ -257,11 +262,23 @@ def _curve(ax, label: str, runs: list[Series], color: str) -> None:
             by_step[step].append(value)
     steps = sorted(by_step)
     means = np.array([np.mean(by_step[s]) for s in steps])
-    ax.plot(steps, means, color=color, label=label if len(runs) == 1 else f"{label} (mean of {len(runs)})",
-            marker="o" if len(steps) < 15 else None, markersize=3)
+    name = label if len(runs) == 1 else f"{label} (mean of {len(runs)})"
+    if len(steps) > SMOOTH_ABOVE:  # per-step values are noisy: the raw line faint, a moving average on top
+        ax.plot(steps, means, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, moving_average(means, max(5, len(steps) // 30)), color=color, label=f"{name}, smoothed")
+    else:
+        ax.plot(steps, means, color=color, label=name, marker="o" if len(steps) < 15 else None, markersize=3)
     if len(runs) > 1:
         stds = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
         ax.fill_between(steps, means - stds, means + stds, color=color, alpha=0.18, linewidth=0)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` values (shorter at the start), same length as ``values``."""
+    sums = np.cumsum(np.insert(values.astype(float), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    start = np.maximum(idx - window, 0)
+    return (sums[idx] - sums[start]) / (idx - start)
 
 
 def run_figures(results: dict) -> dict[str, Figure]:

@@ -20,6 +20,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_dict(self, data: dict, name: str) -> None: ...
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def log_table(self, columns: dict[str, list], name: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -38,6 +40,12 @@ class NullTracker:
         pass
 
     def log_artifact(self, local_path, artifact_path=None):
+        pass
+
+    def log_text(self, text, name):
+        pass
+
+    def log_table(self, columns, name):
         pass
 
     def finish(self, status="FINISHED"):
@@ -114,6 +122,10 @@ class MLflowTracker:
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, local_path, artifact_path)
 
+    def log_table(self, columns: dict[str, list], name: str) -> None:
+        """A table MLflow's UI shows as a table (artifact ``name``, a .json file)."""
+        self._client.log_table(self.run_id, data=columns, artifact_file=name)
+
     def log_text(self, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, name)
@@ -123,6 +135,31 @@ class MLflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
+
+
+OBJECTIVE_KNOBS = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": ("epsilon", "alpha", "adv_steps", "norm"),
+                   "gaussian": ("sigma", "noise_samples"), "erm": ()}
+
+
+def describe_run(cfg, ds_config: dict, world_size: int) -> tuple[str, str]:
+    """A run name a person can scan in a list, and a one-paragraph description (MLflow's run note).
+
+    Name: ``<objective>[ <knobs>] <task> <model> s<seed>``, e.g. ``pgd eps=0.1 synthetic tiny s42``.
+    """
+    o = cfg.objective
+    knobs = [f"{k}={getattr(o, k)}" for k in OBJECTIVE_KNOBS.get(o.name, ()) if k in ("epsilon", "sigma")]
+    model = os.path.basename(cfg.model.name.rstrip("/")) or cfg.model.name
+    name = " ".join([o.name, *knobs, cfg.data.task, model, f"s{cfg.train.seed}"])
+    settings = ", ".join(f"{k} {getattr(o, k)}" for k in OBJECTIVE_KNOBS.get(o.name, ()))
+    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else \
+        "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32"
+    augment = f" with {cfg.data.augment} augmentation" if cfg.data.augment != "none" else ""
+    description = (f"{o.name}{f' ({settings})' if settings else ''}{augment} on {cfg.data.task}, model {cfg.model.name}, "
+                   f"seed {cfg.train.seed}: {cfg.train.max_steps} steps on {world_size} rank(s), ZeRO stage "
+                   f"{ds_config.get('zero_optimization', {}).get('stage', 0)}, {precision}; outputs in "
+                   f"{cfg.train.output_dir}. Accuracies are logged as fractions (0.855 = 85.5%): acc.<lang> per "
+                   "language, gen.<l1>.<l2> per cell of the generalized matrix, dev_* at each evaluation.")
+    return name, description
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

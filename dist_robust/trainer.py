@@ -30,7 +30,8 @@ from dist_robust.models import (build_model, count_parameters, is_builtin, load_
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.outputs import final_metrics, write_outputs
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
-from dist_robust.tracking import MLflowTracker, NullTracker, Tracker, flatten, resolve_experiment, resolve_uri
+from dist_robust.tracking import (MLflowTracker, NullTracker, Tracker, describe_run, flatten, resolve_experiment,
+                                  resolve_uri)
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,11 @@ def _start_tracking(setup: Setup, state: State) -> None:
     uri = resolve_uri(cfg.tracking.mlflow_uri)
     if not D.is_main() or uri is None:
         return
-    name = cfg.tracking.run_name or f"{cfg.objective.name}-{os.path.basename(cfg.train.output_dir.rstrip('/'))}"
-    setup.tracker = MLflowTracker(uri, resolve_experiment(cfg.tracking.experiment), name, run_id=cfg.tracking.run_id or state.mlflow_run_id,
-                                  tags={"task": cfg.data.task, "objective": cfg.objective.name})
+    name, description = describe_run(cfg, setup.ds_config, D.world_size())
+    setup.tracker = MLflowTracker(uri, resolve_experiment(cfg.tracking.experiment), cfg.tracking.run_name or name,
+                                  run_id=cfg.tracking.run_id or state.mlflow_run_id,
+                                  tags={"task": cfg.data.task, "objective": cfg.objective.name,
+                                        "mlflow.note.content": description})
     state.mlflow_run_id = setup.tracker.run_id
     params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})
     params.update(flatten(setup.ds_config, "ds."))

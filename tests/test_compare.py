@@ -330,3 +330,22 @@ def test_520_runs_in_a_local_store_come_back_page_by_page(tmp_path, capsys):
     assert compare_main(["--experiment", "many", "--mlflow-uri", uri, "--format", "csv"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 521 and out[-1].startswith("run-519,1,")
+
+
+def test_reruns_count_once_and_float_groups_are_rounded(caplog):
+    from dist_robust.mlflow_runs import RunRecord
+
+    def record(run_id, seed, eps, en, out):
+        params = {"objective.name": "pgd", "objective.epsilon": eps, "train.seed": seed, "train.output_dir": out}
+        return RunRecord(run_id * 32, f"r{run_id}", "FINISHED", 0, params, {}, {"acc.en": en})
+
+    eps = "0.012076665792328151"
+    reruns = [record("a", "1", eps, 0.80, "runs/a"), record("b", "1", eps, 0.80, "runs/b")]
+    table = build_table("e", reruns, ["params.objective.epsilon"])
+    row = table.rows[0]
+    assert row.label == "0.01208"
+    assert row.cells["acc.en"].n == 1 and row.cells["acc.en"].std is None  # not "n=2, +- 0.00"
+    assert "are reruns: counted once" in caplog.text
+    seeds = [record("a", "1", eps, 0.80, "runs/a"), record("c", "2", eps, 0.84, "runs/c")]
+    cell = build_table("e", seeds, ["params.objective.epsilon"]).rows[0].cells["acc.en"]
+    assert cell.n == 2 and cell.mean == pytest.approx(0.82) and cell.std == pytest.approx(0.0282842712)

@@ -123,3 +123,47 @@ def test_run_plots_are_artifacts_of_a_real_mlflow_run(mlflow_server, tmp_path):
     assert stored == {"plots/generalized.png", "plots/generalized.svg", "plots/curves.png", "plots/curves.svg"}
     local = client.download_artifacts(tracker.run_id, "plots/generalized.png", str(tmp_path))
     check_image(Path(local))
+
+
+def _tick_boxes(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # lay the figure out as saving it would
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()]
+
+
+def test_bars_start_at_zero_mark_chance_and_labels_do_not_overlap():
+    values = {"erm": {"en": 0.52, "de": 0.52, "fr": 0.52, "es": 0.52, "zh": 0.52, "standard_avg": 0.52,
+                      "generalized_avg": 0.52},
+              "pgd": {"en": 0.55, "de": 0.53, "fr": 0.5, "es": 0.51, "zh": 0.49, "standard_avg": 0.51,
+                      "generalized_avg": 0.5}}
+    fig = plots.bar_figure(values, title="t", chance=1 / 3)
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0  # a 52% bar is half the height, not nothing
+    chance = [line for line in ax.lines if line.get_label().startswith("chance")]
+    assert [round(line.get_ydata()[0], 3) for line in chance] == [33.333]
+    boxes = _tick_boxes(fig)
+    assert len(boxes) == 7
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_sweep_with_a_single_value_draws_nothing():
+    points = [{"objective": "pgd", "param": "objective.epsilon", "x": 0.1, "y": 0.8},
+              {"objective": "pgd", "param": "objective.epsilon", "x": 0.1, "y": 0.82},
+              {"objective": "erm", "param": None, "x": None, "y": 0.79}]
+    assert plots.sweep_figure(points, "standard_avg") is None
+    points.append({"objective": "pgd", "param": "objective.epsilon", "x": 0.2, "y": 0.81})
+    assert plots.sweep_figure(points, "standard_avg") is not None
+
+
+def test_long_curves_are_smoothed_over_a_faint_raw_line():
+    assert plots.moving_average(np.array([1.0, 2.0, 3.0, 4.0]), 3).tolist() == [1.0, 1.5, 2.0, 3.0]
+    steps = [(i + 1, 1.0 + (i % 2)) for i in range(200)]  # alternating 1, 2: the smoothed line sits near 1.5
+    fig = plots.curves_figure({"train loss": {"erm": [steps]}})
+    raw, smooth = fig.axes[0].lines
+    assert raw.get_alpha() == pytest.approx(0.25) and smooth.get_label() == "erm, smoothed"
+    assert np.abs(smooth.get_ydata()[20:] - 1.5).max() < 0.1
+    short = plots.curves_figure({"dev": {"erm": [[(10, 80.0), (20, 85.0)]]}})
+    assert len(short.axes[0].lines) == 1  # a handful of evaluations is drawn as is

@@ -37,6 +37,14 @@ def task_languages(task: str) -> tuple[str, ...]:
     return {"synthetic": synthetic.LANGUAGES, "pawsx": PAWSX.languages, "xnli": XNLI.languages}.get(task, ())
 
 
+def task_num_labels(task: str) -> int | None:
+    """How many classes a task has (None for an unknown task)."""
+    from dist_robust.data.readers import PAWSX_LABELS, XNLI_LABELS
+
+    return {"synthetic": len(synthetic.LABELS), "pawsx": len(PAWSX_LABELS.names),
+            "xnli": len(XNLI_LABELS.names)}.get(task)
+
+
 def get_task(cfg: DataConfig) -> TaskData:
     """Build the configured task, trimmed to the configured sizes."""
     if cfg.task not in TASK_BUILDERS:
