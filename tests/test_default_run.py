@@ -47,6 +47,17 @@ def test_default_run_learns_and_reports(default_run):
     assert (cwd / "runs" / "default" / "generalized.csv").read_text().startswith("s1_lang,en,de,fr,es,zh")
 
 
+def test_readme_shows_exactly_what_the_default_run_prints(default_run):
+    """The quick start's table and matrix are this run's output, character for character."""
+    _, proc = default_run
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("synthetic / erm: test accuracy of the model selected at step 300")
+    shown = readme[start:readme.index("```", start)].strip()
+    lines = shown.splitlines()
+    printed = proc.stdout[proc.stdout.index("synthetic / erm: test accuracy"):].splitlines()[:len(lines)]
+    assert printed == lines
+
+
 def test_default_run_is_tracked_in_local_mlflow(default_run):
     import mlflow
 

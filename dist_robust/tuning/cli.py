@@ -23,6 +23,7 @@ from dist_robust import storage
 from dist_robust.argparsing import Parser
 from dist_robust.tracking import resolve_experiment
 from dist_robust.tuning import sweep_runs
+from dist_robust.tuning.console import ray_session_logs, send_ray_logs_to
 from dist_robust.tuning.space import SpaceError, SweepSpec, load_space
 from dist_robust.tuning.space_checks import selection_note
 
@@ -64,14 +65,23 @@ def tune_main(argv: list[str] | None = None) -> int:
     except (SpaceError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _init_ray(args)
+    driver_log = os.path.join(_scratch(spec), "ray-driver.log")
+    send_ray_logs_to(driver_log)
+    print(f"sweep {spec.name}: Ray's messages go to {driver_log}, the trials' own output to "
+          f"{ray_session_logs()} (on each node)", flush=True)
     experiment_path = storage.join(_storage_root(args.storage), spec.name)
     tracking = _start_tracking(args, spec, saved)
     _save_sweep(experiment_path, spec, tracking, args)
     with GracefulStop() as stop:
         grid = _run(args, spec, tracking, experiment_path)
     return _finish(grid, spec, tracking, experiment_path, stop.received)
+
+
+def _scratch(spec: SweepSpec) -> str:
+    """This machine's working directory of the sweep (trials' local files, the driver's log)."""
+    return os.path.join(spec.scratch_dir or os.path.join(tempfile.gettempdir(), "dist-robust-tune"), spec.name)
 
 
 def _storage_root(path: str) -> str:
@@ -106,7 +116,9 @@ def _init_ray(args: argparse.Namespace) -> None:
 
     if not ray.is_initialized():
         local = args.address is None and not os.environ.get("RAY_ADDRESS")
-        ray.init(address=args.address, num_cpus=args.num_cpus if local else None, include_dashboard=False)
+        # Trial processes' output (every rank's log, Ray Train's own warnings) stays in Ray's session logs.
+        ray.init(address=args.address, num_cpus=args.num_cpus if local else None, include_dashboard=False,
+                 log_to_driver=False)
 
 
 def _start_tracking(args: argparse.Namespace, spec: SweepSpec,
@@ -136,15 +148,15 @@ def _run(args: argparse.Namespace, spec: SweepSpec, tracking: sweep_runs.SweepTr
     from ray import tune
 
     from dist_robust.tuning.cleanup import TrialCleanup
+    from dist_robust.tuning.console import TrialEvents
     from dist_robust.tuning.search import max_concurrent_trials, param_space, scheduler, search_alg, use_gpu
     from dist_robust.tuning.trial import TrialPlan, run_trial
 
-    scratch = spec.scratch_dir or os.path.join(tempfile.gettempdir(), "dist-robust-tune")
     cluster = ray.cluster_resources()
-    plan = TrialPlan(spec, storage.join(experiment_path, "train-runs"), os.path.join(scratch, spec.name), tracking,
+    plan = TrialPlan(spec, storage.join(experiment_path, "train-runs"), _scratch(spec), tracking,
                      use_gpu(spec, cluster))
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_RESOURCES)
-    callbacks = [TrialCleanup(tracking)]  # a restored Tuner brings its own (pickled with its state)
+    callbacks = [TrialCleanup(tracking), TrialEvents(spec.metric)]  # a restored Tuner brings its own
     if args.resume and tune.Tuner.can_restore(experiment_path):
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -157,7 +169,7 @@ def _run(args: argparse.Namespace, spec: SweepSpec, tracking: sweep_runs.SweepTr
                                     scheduler=scheduler(spec), search_alg=search_alg(spec, concurrent),
                                     reuse_actors=False,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=spec.name, storage_path=_storage_root(args.storage), verbose=1,
+        run_config=tune.RunConfig(name=spec.name, storage_path=_storage_root(args.storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks),
     )
     return tuner.fit()
