@@ -69,7 +69,8 @@ def sweep(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("sweep")
     storage = root / "results"
     killed = root / "killed"
-    env = launcher_env(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(tmp_path_factory.mktemp("ray")),
+    ray_tmp = tmp_path_factory.mktemp("ray")
+    env = launcher_env(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp),
                        DIST_ROBUST_KILL_WORKER_AT_STEP=f"4:{killed}")
     cmd = [sys.executable, "-m", "dist_robust.tuning", "--space", str(_space(root)), "--storage", str(storage),
            "--mlflow-uri", mlflow_server, "--experiment", EXPERIMENT, "--num-cpus", "2"]
@@ -82,7 +83,7 @@ def sweep(tmp_path_factory, mlflow_server):
     resumed = subprocess.run([*cmd, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     out = {"root": root, "storage": storage, "first_code": first.returncode,
            "first_log": (root / "first.log").read_text(), "code": resumed.returncode,
-           "log": resumed.stdout + resumed.stderr, "uri": mlflow_server}
+           "log": resumed.stdout + resumed.stderr, "uri": mlflow_server, "ray_tmp": ray_tmp}
     assert resumed.returncode == 0, out["log"][-6000:]
     return out
 
@@ -128,7 +129,9 @@ def test_asha_stops_at_least_one_trial_early(sweep):
 
 
 def test_killed_worker_is_retried_from_its_checkpoint(sweep):
-    log = sweep["first_log"]
+    # The workers' own output is in Ray's session logs, not on the sweep's terminal.
+    log = "".join(p.read_text(errors="replace") for p in sweep["ray_tmp"].glob("ray/session_*/logs/**/*")
+                  if p.is_file() and p.suffix in (".out", ".err", ".log"))
     assert "killing this worker (rank 1) after step 4" in log
     # The retry starts from the checkpoint Ray Train committed before the worker died, not from scratch.
     assert re.search(r"resumed from \S+/step-00000004 at step 4", log), log[-4000:]
@@ -182,3 +185,14 @@ def test_reported_checkpoints_hold_every_ranks_shards(sweep):
             assert f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in files, (ckpt, files)
             assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files, (ckpt, files)
         assert os.path.exists(os.path.join(ckpt, "tokenizer", "tokenizer.json"))
+
+
+def test_the_terminal_shows_trial_events_not_ray_noise(sweep):
+    """One line per trial event and the table; Ray's messages and the workers' output go to files."""
+    for log in (sweep["first_log"], sweep["log"]):
+        assert "Ray's messages go to" in log and "ray-driver.log" in log
+        assert "Failed to query Ray Train Controller" not in log
+        assert "[rank0]" not in log  # the trials' own training logs stay in Ray's session logs
+    assert re.search(r"^trial \S+ started: objective\.epsilon=", sweep["first_log"], re.M)
+    assert re.search(r"^trial \S+ (finished: dev_standard_avg|stopped early by the scheduler)", sweep["log"], re.M)
+    assert len(sweep["log"].splitlines()) < 80

@@ -45,13 +45,18 @@ class TrialEvents(tune.Callback):
         _say(f"trial {trial.trial_id} started: {config}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not any(k.startswith("dev_acc.") or k == "standard_avg" for k in result):
-            return  # a checkpoint-only report: nothing new to say
+        if "standard_avg" in result or not any(k.startswith("dev_acc.") for k in result):
+            return  # the final report (said on completion) or a checkpoint-only one: nothing new to say
         _say(f"trial {trial.trial_id} step {result.get('step')}: {self.metric} {_fmt(result.get(self.metric))}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        finished = "standard_avg" in (trial.last_result or {})
-        _say(f"trial {trial.trial_id} {'finished' if finished else 'stopped early by the scheduler'}")
+        last = trial.last_result or {}
+        if "standard_avg" not in last:
+            _say(f"trial {trial.trial_id} stopped early by the scheduler at step {last.get('step')}")
+            return
+        final = ", ".join(f"{k} {_fmt(last[k])}" for k in dict.fromkeys((self.metric, "standard_avg", "generalized_avg"))
+                          if k in last)
+        _say(f"trial {trial.trial_id} finished: {final}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = str(getattr(trial, "error_file", "") or "")
