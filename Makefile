@@ -32,4 +32,5 @@ compare: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" dist-robust compare
 
 ui: setup
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning (Ctrl+C stops it)"
 	PATH="$(CURDIR)/$(BIN):$$PATH" mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)

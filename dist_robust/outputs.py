@@ -33,6 +33,8 @@ def write_outputs(output_dir: str, tracker: Tracker, results: dict, step: int) -
         tracker.log_text(E.matrix_csv(results["generalized"]), "generalized.csv")
     for name, columns in tables(results).items():
         tracker.log_table(columns, name)
+    if hasattr(tracker, "ui_link"):
+        print(f"MLflow: {tracker.ui_link()}", flush=True)
 
 
 def tables(results: dict) -> dict[str, dict[str, list]]:

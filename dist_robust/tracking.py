@@ -87,6 +87,7 @@ class MLflowTracker:
         import mlflow
 
         self._mlflow = mlflow
+        self._uri = uri
         mlflow.set_tracking_uri(uri)
         self._client = mlflow.MlflowClient(uri)
         exp_id = experiment_id(self._client, experiment)
@@ -136,6 +137,14 @@ class MLflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
 
+    def ui_link(self) -> str:
+        """Where MLflow's UI shows this run, on its model-training view (a local store: once `mlflow ui` runs)."""
+        run = self._client.get_run(self.run_id)
+        server = self._uri.startswith(("http://", "https://"))
+        base = self._uri.rstrip("/") if server else "http://127.0.0.1:5000"
+        link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
+        return link if server else f"{link} (start the UI first: mlflow ui --backend-store-uri {self._uri})"
+
 
 OBJECTIVE_KNOBS = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": ("epsilon", "alpha", "adv_steps", "norm"),
                    "gaussian": ("sigma", "noise_samples"), "erm": ()}
@@ -144,7 +153,7 @@ OBJECTIVE_KNOBS = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": (
 def describe_run(cfg, ds_config: dict, world_size: int) -> tuple[str, str]:
     """A run name a person can scan in a list, and a one-paragraph description (MLflow's run note).
 
-    Name: ``<objective>[ <knobs>] <task> <model> s<seed>``, e.g. ``pgd eps=0.1 synthetic tiny s42``.
+    Name: ``<objective>[ <size>] <task> <model> s<seed>``, e.g. ``pgd epsilon=0.1 synthetic tiny s42``.
     """
     o = cfg.objective
     knobs = [f"{k}={getattr(o, k)}" for k in OBJECTIVE_KNOBS.get(o.name, ()) if k in ("epsilon", "sigma")]
