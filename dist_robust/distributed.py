@@ -47,6 +47,11 @@ def default_single_process_env() -> bool:
     """
     if any(k in os.environ for k in LAUNCHER_ENV + MPI_ENV):
         return False
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # srun started several copies of the script itself: each would train alone as "rank 0 of 1".
+        raise RuntimeError(f"SLURM started {os.environ['SLURM_NTASKS']} tasks but no launcher announced a rank "
+                           "(RANK/WORLD_SIZE): run one task per node that starts the ranks with the deepspeed "
+                           "launcher or torchrun (see cluster/deepspeed-multinode.sh)")
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
     os.environ.setdefault("MASTER_PORT", str(free_port()))
