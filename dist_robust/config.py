@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -292,10 +293,18 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     """Check every field; raise one ConfigError listing all problems."""
     p: list[str] = []
 
+    reported: set[str] = set()
+
     def bad(key: str, value: Any, accepted: str) -> None:
-        p.append(f"{_key_desc(key)} = {value!r}: {accepted}")
+        if key not in reported:  # one problem per key: the first found
+            reported.add(key)
+            p.append(f"{_key_desc(key)} = {value!r}: {accepted}")
 
     o, t, d, m = cfg.objective, cfg.train, cfg.data, cfg.model
+    for section, f in iter_fields():
+        value = getattr(getattr(cfg, section), f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f"{section}.{f.name}", value, "must be a finite number")
     if o.name not in OBJECTIVES:
         bad("objective.name", o.name, f"accepted objectives: {', '.join(OBJECTIVES)}")
     if o.norm not in NORMS:

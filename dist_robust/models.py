@@ -35,8 +35,12 @@ def is_builtin(name: str) -> bool:
 def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str) -> PreTrainedTokenizerFast:
     """Train a Unigram tokenizer (the model family XLM-R's SentencePiece uses) and save it.
 
-    Pairs are encoded as XLM-R does: ``<s> A </s></s> B </s>``.
+    Pairs are encoded as XLM-R does: ``<s> A </s></s> B </s>``. A Unigram vocabulary must hold
+    every character of the text (CJK text brings thousands), so ``vocab_size`` is raised, with a
+    log line, when the text needs more.
     """
+    import unicodedata
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.Unigram())
@@ -44,6 +48,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str) -> Pre
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    texts = list(texts)
+    alphabet = {c for text in texts for c in unicodedata.normalize("NFKC", text)} | {"\u2581"}  # + Metaspace's mark
+    needed = len(alphabet) + len(specials)
+    if vocab_size < needed + 1:
+        raised = needed + max(100, vocab_size // 4)  # every character, and room for some longer pieces
+        log.info("tokenizer vocabulary raised from %d to %d: the text has %d distinct characters",
+                 vocab_size, raised, len(alphabet))
+        vocab_size = raised
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
                                       show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)

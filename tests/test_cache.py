@@ -63,3 +63,15 @@ def test_tokenizer_fingerprint_ignores_truncation_state(tokenizer):
     tokenizer("a b c", "d e", truncation=True, max_length=9)
     tokenizer("a b c", padding="max_length", max_length=12)
     assert tokenizer_fingerprint(tokenizer) == before
+
+
+def test_locally_trained_tokenizer_fits_any_alphabet(tmp_path):
+    """CJK text has more distinct characters than a small vocabulary: the size grows to hold them all."""
+    from dist_robust.models import train_tokenizer
+
+    chars = [chr(0x4E00 + i) for i in range(900)]  # 900 distinct CJK ideographs
+    texts = ["".join(chars[i:i + 12]) + " and some english words" for i in range(0, 900, 3)]
+    tok = train_tokenizer(texts, 600, str(tmp_path / "tok"))
+    assert len(tok) >= 900
+    ids = tok(texts[0])["input_ids"]
+    assert tok.unk_token_id not in ids  # every character is in the vocabulary

@@ -135,3 +135,26 @@ def test_unknown_objective_flag_lists_choices():
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "invalid choice: 'fgsm'" in proc.stderr and "'pgd'" in proc.stderr and "'gaussian'" in proc.stderr
+
+
+def test_non_finite_numbers_are_refused_by_name():
+    from dist_robust.config import ConfigError, RunConfig, validate
+
+    cfg = RunConfig()
+    cfg.objective.epsilon, cfg.train.lr, cfg.objective.sigma = float("nan"), float("inf"), float("-inf")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1)
+    assert err.value.problems == ["objective.epsilon (--epsilon) = nan: must be a finite number",
+                                  "objective.sigma (--sigma) = -inf: must be a finite number",
+                                  "train.lr (--lr) = inf: must be a finite number"]
+
+
+def test_unknown_language_is_a_config_error_before_anything_starts():
+    from dist_robust.config import ConfigError, DataConfig
+    from dist_robust.data.tasks import get_task
+
+    with pytest.raises(ConfigError, match=r"data.languages \(--languages\) = xx: synthetic has no such language; "
+                                          r"accepted: en de fr es zh"):
+        get_task(DataConfig(languages=["en", "xx"]))
+    with pytest.raises(ConfigError, match=r"pawsx has no such language; accepted: en de es fr ja ko zh"):
+        get_task(DataConfig(task="pawsx", languages=["en", "xx"]))  # the hub has only these

@@ -154,6 +154,22 @@ def test_xtreme_wrong_column_count_names_line(tmp_path: Path):
         read_pairs(str(f), PAWSX_LABELS)
 
 
+@pytest.mark.parametrize("bad_row", [2, 3])
+def test_skipping_an_xtreme_row_changes_no_other_rows_id(tmp_path: Path, bad_row: int):
+    """XTREME ids are row positions: the rows of a language with a malformed row keep their numbers,
+    so they still pair with the same rows of the other languages."""
+    rows = [f"s1-{i} .\ts2-{i} .\t{i % 2}" for i in range(1, 6)]
+    clean = tmp_path / "clean.tsv"
+    clean.write_text("\r\n".join(rows) + "\r\n")
+    rows[bad_row - 1] += "\textra"  # one too many columns
+    broken = tmp_path / "broken.tsv"
+    broken.write_text("\r\n".join(rows) + "\r\n")
+    want = {e.id: e.sentence1 for e in read_pairs(str(clean), PAWSX_LABELS, fmt="xtreme").examples}
+    got = read_pairs(str(broken), PAWSX_LABELS, fmt="xtreme", skip_bad_rows=True)
+    assert len(got.skipped) == 1 and len(got.examples) == 4
+    assert all(want[e.id] == e.sentence1 for e in got.examples)  # every surviving row kept its id
+
+
 def test_jsonl_bad_line_named(tmp_path: Path):
     f = _write(tmp_path / "bad.jsonl", '{"sentence1": "a", "sentence2": "b", "label": 1}\n{"sentence1": "a"\n')
     with pytest.raises(DataFileError, match=rf"{f}:2: not valid JSON"):

@@ -204,11 +204,13 @@ def _parse_xtreme(text: str, rows: _Rows) -> None:
             if width == 2:
                 raise MissingLabelsError(f"{rows.uri}: XTREME file without a label column (2 columns: "
                                          "sentence1, sentence2); XTREME strips test labels")
+        # The id is the row's position (XTREME keeps no ids; translations align by position), so a
+        # skipped row still takes its number: otherwise every later id shifts and mixed-language pairs mispair.
+        index += 1
         if len(fields) != 3:
             rows.bad(line_no, f"{len(fields)} column(s); XTREME pair files have 3: sentence1, sentence2, label")
             continue
-        rows.add(line_no, index, fields[0], fields[1], fields[2])
-        index += 1
+        rows.add(line_no, index - 1, fields[0], fields[1], fields[2])
 
 
 def _parse_jsonl(text: str, rows: _Rows) -> None:

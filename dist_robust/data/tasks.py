@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dist_robust.config import DataConfig
+from dist_robust.config import ConfigError, DataConfig
 from dist_robust.data import synthetic
 from dist_robust.data.real_tasks import pawsx, xnli
 from dist_robust.data.taskdata import TaskData
@@ -49,6 +49,13 @@ def get_task(cfg: DataConfig) -> TaskData:
     """Build the configured task, trimmed to the configured sizes."""
     if cfg.task not in TASK_BUILDERS:
         raise ValueError(f"unknown task {cfg.task!r}; available: {', '.join(sorted(TASK_BUILDERS))}")
+    known = task_languages(cfg.task)
+    unknown = [lang for lang in [*cfg.languages, cfg.source_language] if lang not in known]
+    if unknown and (cfg.task == "synthetic" or cfg.data_dir is None):  # a data directory may hold more languages
+        key = "data.languages (--languages)" if set(unknown) - {cfg.source_language} else \
+            "data.source_language (--source-language)"
+        raise ConfigError([f"{key} = {' '.join(unknown)}: {cfg.task} has no such language; accepted: "
+                           f"{' '.join(known)}"])
     data = TASK_BUILDERS[cfg.task](cfg)
     if cfg.max_train_examples is not None:
         data.train = data.train[: cfg.max_train_examples]
