@@ -67,7 +67,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _init_ray(args)
-    driver_log = os.path.join(_scratch(spec), "ray-driver.log")
+    driver_log = _scratch(spec) + "-ray-driver.log"  # beside the sweep's working directory, not in it
     send_ray_logs_to(driver_log)
     print(f"sweep {spec.name}: Ray's messages go to {driver_log}, the trials' own output to "
           f"{ray_session_logs()} (on each node)", flush=True)

@@ -2,7 +2,7 @@
 
 Ray's own messages (its driver-side loggers, Tune's status tables) and the trial processes'
 output (every rank's training log, Ray Train's internal warnings) go to files instead:
-``<scratch>/<sweep>/ray-driver.log`` and Ray's session log directory on each node. Tune offers
+``<scratch>/<sweep>-ray-driver.log`` and Ray's session log directory on each node. Tune offers
 no setting for "events only", hence the callback here.
 """
 
