@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dist_robust.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,7 @@ def deepspeed(script_args: list[str], nproc: int = 2, env: dict | None = None, t
     """
     exe = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     ranks = ["--num_gpus", str(nproc)] if nproc else []
-    port = _free_port()
+    port = free_port()
     cmd = [exe, *ranks, "--master_port", str(port), script, *script_args]
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
@@ -45,7 +47,7 @@ def torchrun(script_args: list[str], nproc: int = 2, env: dict | None = None,
              timeout: int = 900) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N train.py ...`` from the repository root."""
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    cmd = [exe, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "train.py", *script_args]
+    cmd = [exe, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "train.py", *script_args]
     proc = subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
@@ -57,12 +59,6 @@ def results(output_dir: str | Path) -> dict:
     return json.loads((Path(output_dir) / "results.json").read_text())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Flags that make a launch small and quiet: tiny model, small synthetic task, no tracking.

@@ -98,7 +98,7 @@ def test_eval_of_exported_model_reproduces_final_accuracies(default_run, tmp_pat
     import subprocess
     import sys
 
-    from tests.conftest import free_port
+    from dist_robust.distributed import free_port
 
     cwd, _ = default_run
     trained = json.loads((cwd / "runs" / "default" / "results.json").read_text())

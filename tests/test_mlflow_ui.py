@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_robust.distributed import free_port
 from tests.launch import REPO, TINY, launcher_env
 
 pytestmark = pytest.mark.launcher
@@ -28,24 +29,18 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
 
-def _free_port() -> int:
-    from dist_robust.distributed import free_port
-
-    return free_port()
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     if CHROMIUM is None:
         pytest.skip("needs Chromium (apt-get install chromium) to look at the UI")
     cwd = tmp_path_factory.mktemp("ui")
     env = {k: v for k, v in launcher_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                         MASTER_PORT=str(_free_port())).items() if k != "MLFLOW_TRACKING_URI"}
+                                         MASTER_PORT=str(free_port())).items() if k != "MLFLOW_TRACKING_URI"}
     flags = [f for f in TINY if f not in ("--mlflow-uri", "none")]
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *flags, "--max-steps", "4", "--eval-steps", "2",
                            "--objective", "pgd"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "ui", "--backend-store-uri",
                                "sqlite:///mlflow.db", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

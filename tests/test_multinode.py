@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, TINY, _free_port, launcher_env
+from dist_robust.distributed import free_port
+from tests.launch import REPO, TINY, launcher_env
 
 pytestmark = pytest.mark.launcher
 
@@ -126,7 +127,7 @@ def test_pbt_sweep_on_two_ray_nodes(two_node_cluster, tmp_path):
 def test_deepspeed_launch_script_on_two_loopback_nodes(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two loopback nodes\nnode0 slots=1\nnode1 slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank, addr in enumerate(NODES):
         env = launcher_env(HOSTFILE=str(hostfile), NODE_RANK=str(rank), MASTER_ADDR=NODES[0], MASTER_PORT=port,
