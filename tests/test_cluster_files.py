@@ -130,3 +130,22 @@ def test_shipped_sweep_files_are_valid(path):
                                   "or use random or grid"], e
             continue
         assert spec.params and spec.metric
+
+
+@pytest.mark.parametrize("name", ["ray-aws-gpu.yaml", "ray-gcp-gpu.yaml"])
+def test_ray_dashboard_listens_on_loopback_only(name):
+    """The dashboard's job-submission API runs arbitrary code: never on the head's public address."""
+    spec = yaml.safe_load((CLUSTER / name).read_text())
+    heads = [c for c in spec["head_start_ray_commands"] if "ray start --head" in c]
+    assert heads and all("--dashboard-host=127.0.0.1" in c for c in heads)
+    assert "0.0.0.0" not in (CLUSTER / name).read_text().split("head_start_ray_commands")[1]
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def test_kuberay_head_service_stays_inside_the_cluster(name):
+    spec = yaml.safe_load((CLUSTER / name).read_text())["spec"]
+    head = (spec.get("rayClusterSpec") or spec)["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"
+    text = (CLUSTER / name).read_text()
+    assert "LoadBalancer" not in text and "NodePort" not in text
+    assert "port-forward" in text  # and says how to reach it
