@@ -194,9 +194,11 @@ def config_main(argv: list[str] | None = None) -> int:
         validate(cfg, args.world_size)
     except (ConfigError, FileNotFoundError) as err:
         return _fail(err)
+    from dist_robust.redaction import redact_tree
+
     out = cfg.to_dict()
     out["ds_config"] = resolve_ds_config(cfg, args.world_size)
-    print(json.dumps(out, indent=2))
+    print(json.dumps(redact_tree(out), indent=2))
     return 0
 
 

@@ -8,6 +8,8 @@ import os
 import tempfile
 from typing import Any, Protocol
 
+from dist_robust.redaction import redact
+
 log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000
@@ -86,6 +88,8 @@ class MLflowTracker:
                  tags: dict[str, str] | None = None):
         import mlflow
 
+        # MLflow prints its own run link for servers, with the URI's password in it; ui_link() is ours, redacted.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._mlflow = mlflow
         self._uri = uri
         mlflow.set_tracking_uri(uri)
@@ -96,7 +100,7 @@ class MLflowTracker:
             self._client.update_run(run_id, status="RUNNING")
         else:
             self.run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
-        log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, uri)
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, redact(uri))
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -141,9 +145,9 @@ class MLflowTracker:
         """Where MLflow's UI shows this run, on its model-training view (a local store: once `mlflow ui` runs)."""
         run = self._client.get_run(self.run_id)
         server = self._uri.startswith(("http://", "https://"))
-        base = self._uri.rstrip("/") if server else "http://127.0.0.1:5000"
+        base = redact(self._uri).rstrip("/") if server else "http://127.0.0.1:5000"
         link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
-        return link if server else f"{link} (start the UI first: mlflow ui --backend-store-uri {self._uri})"
+        return link if server else f"{link} (start the UI first: mlflow ui --backend-store-uri {redact(self._uri)})"
 
 
 OBJECTIVE_KNOBS = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": ("epsilon", "alpha", "adv_steps", "norm"),

@@ -29,6 +29,7 @@ from dist_robust.models import (build_model, count_parameters, is_builtin, load_
                                 word_embeddings, zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.outputs import final_metrics, write_outputs
+from dist_robust.redaction import redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
 from dist_robust.tracking import (MLflowTracker, NullTracker, Tracker, describe_run, flatten, resolve_experiment,
                                   resolve_uri)
@@ -220,7 +221,7 @@ def _start_tracking(setup: Setup, state: State) -> None:
     params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})
     params.update(flatten(setup.ds_config, "ds."))
     params["world_size"] = D.world_size()
-    setup.tracker.log_params(params)
+    setup.tracker.log_params(redact_tree(params))
 
 
 def _seed_for(seed: int, stream: int, batch_index: int) -> int:
@@ -395,7 +396,7 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         **E.summarize(per_language, matrix, cfg.data.source_language),
         "train_losses": state.train_losses,
         "dev_history": state.dev_history,
-        "config": {**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size()},
+        "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size()}),
     }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from dist_robust import storage
 from dist_robust.argparsing import Parser
+from dist_robust.redaction import MASK, redact_tree
 from dist_robust.tracking import resolve_experiment
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.console import ray_session_logs, send_ray_logs_to
@@ -98,7 +99,13 @@ def _sweep(args: argparse.Namespace) -> tuple[SweepSpec, dict | None]:
         if not storage.exists(path):
             raise FileNotFoundError(f"--resume: no sweep {name!r} under --storage {args.storage} (no {path})")
         saved = json.loads(storage.read_text(path))
-        return SweepSpec.from_dict(saved["spec"]), saved
+        spec = SweepSpec.from_dict(saved["spec"])
+        spec.worker_env = _worker_env_again(spec.worker_env, args)
+        tracking = saved.get("tracking")
+        if tracking and MASK in tracking["uri"] and not args.mlflow_uri:
+            raise SpaceError("(saved sweep)", [f"the sweep's MLflow URI {tracking['uri']} carries a password, which "
+                                               "is never saved: pass --mlflow-uri again to resume"])
+        return spec, saved
     if not args.space:
         raise SpaceError("(none)", ["--space FILE is required (e.g. tuning/smoke.yaml)"])
     spec = load_space(args.space, args.smoke)
@@ -109,6 +116,17 @@ def _sweep(args: argparse.Namespace) -> tuple[SweepSpec, dict | None]:
         raise FileNotFoundError(f"sweep {spec.name!r} already exists at {path}: pass --resume to continue it, "
                                 "or --name to start another")
     return spec, None
+
+
+def _worker_env_again(saved: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    """The workers' environment of a resumed sweep: values from the --space file, else this shell's."""
+    given = load_space(args.space, args.smoke).worker_env if args.space else {}
+    env = {k: given.get(k, os.environ.get(k, v)) for k, v in saved.items()}
+    missing = [k for k, v in env.items() if v == MASK]
+    if missing:
+        raise SpaceError("(saved sweep)", [f"worker_env {', '.join(missing)}: values are never saved; resume with "
+                                           "--space FILE, or with them set in this shell"])
+    return env
 
 
 def _init_ray(args: argparse.Namespace) -> None:
@@ -126,7 +144,9 @@ def _start_tracking(args: argparse.Namespace, spec: SweepSpec,
     """The MLflow parent run: continued on --resume, else created (None with tracking off)."""
     if saved is not None:
         t = saved.get("tracking")
-        return sweep_runs.start_parent(t["uri"], t["experiment"], spec, t["parent_run_id"]) if t else None
+        if not t:
+            return None
+        return sweep_runs.start_parent(args.mlflow_uri or t["uri"], t["experiment"], spec, t["parent_run_id"])
     uri = sweep_runs.absolute_uri(args.mlflow_uri or spec.base.tracking.mlflow_uri)
     if uri is None:
         return None
@@ -136,8 +156,9 @@ def _start_tracking(args: argparse.Namespace, spec: SweepSpec,
 
 def _save_sweep(experiment_path: str, spec: SweepSpec, tracking: sweep_runs.SweepTracking | None,
                 args: argparse.Namespace) -> None:
-    saved = {"spec": spec.to_dict(), "tracking": tracking.__dict__ if tracking else None,
-             "storage": _storage_root(args.storage)}
+    # No credentials in the saved sweep: --resume takes them again from the command line or environment.
+    saved = redact_tree({"spec": spec.to_dict(), "tracking": tracking.__dict__ if tracking else None,
+                         "storage": _storage_root(args.storage)})
     storage.write_text(storage.join(experiment_path, SWEEP_FILE), json.dumps(saved, indent=2))
 
 

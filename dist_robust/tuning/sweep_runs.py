@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dist_robust.mlflow_runs import PARENT_TAG, quote
+from dist_robust.redaction import redact_tree
 from dist_robust.tracking import MLflowTracker, flatten, resolve_uri
 from dist_robust.tuning.space import SweepSpec
 
@@ -58,9 +59,9 @@ def start_parent(uri: str, experiment: str, spec: SweepSpec, run_id: str | None 
     tags = {SWEEP_TAG: spec.name, "task": spec.base.data.task, "objective": spec.base.objective.name,
             **selection_tags(spec.metric)}
     parent = MLflowTracker(uri, experiment, spec.name, run_id=run_id, tags=tags)
-    parent.log_params(sweep_params(spec))
+    parent.log_params(redact_tree(sweep_params(spec)))
     if run_id is None:
-        parent.log_dict(spec.to_dict(), "sweep.json")
+        parent.log_dict(redact_tree(spec.to_dict()), "sweep.json")
     from mlflow import MlflowClient
 
     exp_id = MlflowClient(uri).get_run(parent.run_id).info.experiment_id
