@@ -1,4 +1,4 @@
-"""The model reported and exported at the end is the best checkpoint, at every ZeRO stage.
+"""The model reported and exported at the end is the best checkpoint, at ZeRO-0, 2 and 3.
 
 A keyword task that the tiny model learns within a dozen steps (English dev accuracy 100%).
 The run stops at step 16 and is resumed with the labels of the training file flipped, which
@@ -24,7 +24,7 @@ from tests.launch import REPO, deepspeed, results
 
 pytestmark = pytest.mark.launcher
 
-STAGES = (0, 1, 2, 3)
+STAGES = (0, 2, 3)  # ZeRO-1 loads through ZeRO-2's optimizer code; ZeRO-3 was the broken one
 FIRST, STEPS = 16, 32
 WORDS = [f"w{i:02d}" for i in range(40)]
 
