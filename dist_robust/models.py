@@ -59,6 +59,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str) -> Pre
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
                                       show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    tok = _canonical_unigram(tok, len(specials))
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
@@ -68,6 +69,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str) -> Pre
     os.makedirs(save_dir, exist_ok=True)
     fast.save_pretrained(save_dir)
     return fast
+
+
+def _canonical_unigram(tok, n_specials: int):
+    """The same vocabulary, in an order that does not depend on the trainer's hash maps.
+
+    The Unigram trainer sums piece scores in hash-map order, so two trainings on the same text
+    differ in the last bits of the scores and order tied pieces differently: token ids, and with
+    them every run's trajectory, would change from one process to the next. Scores rounded well
+    above that noise, and ties broken by the piece itself, give the same ids every time.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    state = json.loads(tok.to_str())
+    vocab = state["model"]["vocab"]
+    unk = vocab[state["model"]["unk_id"]][0]
+    pieces = sorted(([p, round(s, 9)] for p, s in vocab[n_specials:]), key=lambda ps: (-ps[1], ps[0]))
+    state["model"]["vocab"] = vocab[:n_specials] + pieces
+    state["model"]["unk_id"] = [p for p, _ in state["model"]["vocab"]].index(unk)
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def load_tokenizer(name_or_path: str):

@@ -75,3 +75,27 @@ def test_locally_trained_tokenizer_fits_any_alphabet(tmp_path):
     assert len(tok) >= 900
     ids = tok(texts[0])["input_ids"]
     assert tok.unk_token_id not in ids  # every character is in the vocabulary
+
+
+def test_locally_trained_tokenizer_is_the_same_in_every_process(tmp_path):
+    """Token ids must not depend on the process: the Unigram trainer's hash-map order moves its scores.
+
+    Two fresh interpreters train on the same small text, full of equally frequent pieces (the
+    case where ties decided the order); the saved tokenizers must be byte for byte the same.
+    """
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = [f"w{i:02d}" for i in range(40)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(500)))
+    code = ("import sys; from dist_robust.models import train_tokenizer; "
+            "train_tokenizer(open(sys.argv[1]).read().splitlines(), 200, sys.argv[2])")
+    saved = []
+    for i in range(2):
+        subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / f"tok{i}")], check=True,
+                       capture_output=True)
+        saved.append((tmp_path / f"tok{i}" / "tokenizer.json").read_bytes())
+    assert saved[0] == saved[1]

@@ -39,9 +39,9 @@ def skipped_runs(tmp_path_factory):
         paths.append(str(out / f"{name}.json"))
     flags = [*TINY, "--eval-steps", "0", "--save-steps", "0", "--objective", "pgd", "--lr", "0.01"]
     env = launcher_env(DIST_ROBUST_NAN_AT_STEPS="3")
-    for steps in (2, 3):
-        deepspeed([str(out / f"steps{steps}"), "--ds-configs", *paths, "--objectives", "erm", "--", *flags,
-                   "--max-steps", str(steps)], script="tests/engine_runs.py", env=env)
+    phases = [f for steps in (2, 3) for f in ("--then", "--subdir", f"steps{steps}", "--max-steps", str(steps))]
+    deepspeed([str(out), "--ds-configs", *paths, "--objectives", "erm", "--", *flags, *phases],
+              script="tests/engine_runs.py", env=env)
     return out
 
 
