@@ -136,6 +136,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from dist_robust.evaluate import ParallelIdError
     from torch.distributed import DistNetworkError
 
+    from dist_robust.checkpointing import CheckpointError
     from dist_robust.stability import TrainingDivergedError
     from dist_robust.trainer import run
 
@@ -151,9 +152,17 @@ def train_main(argv: list[str] | None = None) -> int:
             f"port {port} on this host is already in use (another training job?). Give this job another one: "
             f"deepspeed --master_port PORT ..., torchrun --master_port PORT ..., MASTER_PORT=PORT python train.py ..., "
             f"or let dist-robust train --nproc-per-node N pick a free port"))
-    except TrainingDivergedError as err:
+    except (TrainingDivergedError, CheckpointError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if "Timed out" not in str(err) and "timed out" not in str(err):
+            raise
+        print(f"error: rank {os.environ.get('RANK', '0')}: a collective waited longer than --dist-timeout "
+              f"({cfg.train.dist_timeout} s): another rank stopped answering (killed, hung, out of memory; its own "
+              f"log says why). Rerun the same command with --resume auto to continue from the last checkpoint. "
+              f"({str(err).strip().splitlines()[-1][:200]})", file=sys.stderr)
         return 1
     return 0
 
@@ -227,6 +236,28 @@ def tune_main(argv: list[str] | None = None) -> int:
     return run_tune(argv)
 
 
+def replay_tracking_main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="dist-robust replay-tracking",
+                    description="Send the MLflow calls a run kept while its tracking server was unreachable "
+                                "(OUTPUT_DIR/mlflow-journal.jsonl) to MLflow, in their original order.")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output (or staging) directory")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="tracking URI (default: the run's, as the journal stores it, without credentials)")
+    args = parser.parse_args(argv)
+    from dist_robust.tracking import replay_journal
+
+    try:
+        run_id, sent = replay_journal(args.output_dir, args.mlflow_uri)
+    except FileNotFoundError as err:
+        return _fail(err)
+    except Exception as err:  # noqa: BLE001 - the server is still away, credentials, ...
+        print(f"error: MLflow did not take the journal ({str(err).strip().splitlines()[0][:300]}); it is kept, "
+              f"try again later", file=sys.stderr)
+        return 1
+    print(f"sent {sent} tracking call(s) to MLflow run {run_id}")
+    return 0
+
+
 COMMANDS = {
     "train": train_main,
     "config": config_main,
@@ -234,6 +265,7 @@ COMMANDS = {
     "augment": augment_main,
     "compare": compare_main,
     "tune": tune_main,
+    "replay-tracking": replay_tracking_main,
 }
 
 
@@ -250,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
               "  config   print the resolved configuration without training\n"
               "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)\n"
               "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment\n"
-              "  tune     Ray Tune sweep over perturbation radius, noise scale, ... (see tuning/*.yaml)")
+              "  tune     Ray Tune sweep over perturbation radius, noise scale, ... (see tuning/*.yaml)\n"
+              "  replay-tracking  send MLflow calls kept while the tracking server was unreachable")
         return 0
     return COMMANDS[argv[0]](argv[1:])
 

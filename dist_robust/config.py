@@ -139,6 +139,11 @@ class TrainConfig:
                                  "remote --output-dir (default: a temporary directory).", "--staging-dir")
     resume: str | None = _f(None, "auto (latest checkpoint in --output-dir, if any) or a checkpoint path/URL.",
                             "--resume")
+    trust_checkpoint: bool = _f(False, "Load a checkpoint that has no manifest.json (not written by dist-robust, "
+                                "or torn). DeepSpeed unpickles checkpoints: only for sources you trust.",
+                                "--trust-checkpoint")
+    dist_timeout: int = _f(1800, "Seconds a collective waits for a rank that stopped answering (killed, hung) "
+                           "before the job fails.", "--dist-timeout")
     export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors.",
                             "--export-model")
     progress: bool = _f(True, "Show a progress bar on rank 0.", "--progress")
@@ -200,9 +205,9 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
     """Convert a string from a key=value override to the field's type."""
     if value is False and "off" in f.metadata.get("keep", ()):
         return "off"  # YAML reads a bare `off` (and `no`, `false`) as a boolean
-    if not isinstance(value, str):
-        return value
     t = str(f.type)
+    if not isinstance(value, str):
+        return _check_typed(value, t, key)
     if value.lower() in f.metadata.get("keep", ()):
         return value  # a special value the field gives a meaning of its own (mlflow_uri: none = off)
     if value.lower() in ("none", "null") and "None" in t:
@@ -223,6 +228,38 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
     except ValueError:
         raise ConfigError([f"{_key_desc(key)} = {value!r}: expected {t}"]) from None
     return value
+
+
+def _check_typed(value: Any, t: str, key: str) -> Any:
+    """A value a run file already typed (YAML/JSON): accept it only when it fits the field."""
+    def wrong() -> ConfigError:
+        return ConfigError([f"{_key_desc(key)} = {value!r}: expected {t}"])
+
+    if value is None:
+        if "None" in t:
+            return None
+        raise wrong()
+    if t.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if isinstance(value, bool):  # YAML's yes/no/true/false are no numbers or names
+        raise wrong()
+    if t.startswith("int"):
+        if isinstance(value, int):
+            return value
+        raise wrong()
+    if t.startswith("float"):
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise wrong()
+    if t.startswith("list"):
+        if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            return [str(v) for v in value]
+        raise wrong()
+    if isinstance(value, (int, float)):  # a name or path that YAML read as a number (run_name: 2024)
+        return str(value)
+    raise wrong()
 
 
 def apply_mapping(cfg: RunConfig, mapping: dict, origin: str) -> None:
@@ -278,7 +315,12 @@ def load_run_file(path: str) -> dict:
         text = read_text(path)
     except FileNotFoundError:
         raise ConfigError([f"--config {path}: file not found"]) from None
-    data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+    try:
+        data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"--config {path}: not valid JSON ({e})"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--config {path}: not valid YAML ({' '.join(str(e).split())})"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"--config {path}: expected a mapping of sections, got {type(data).__name__}"])
     return data
@@ -341,7 +383,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if t.eval_split not in EVAL_SPLITS:
         bad("train.eval_split", t.eval_split, f"accepted: {', '.join(EVAL_SPLITS)}")
     for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit",
-                "max_bad_steps"):
+                "max_bad_steps", "dist_timeout"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", getattr(t, key), "must be >= 1")
     for key in ("eval_steps", "save_steps"):

@@ -112,6 +112,15 @@ def mean_over_ranks(values: torch.Tensor) -> list[float]:
     return (all_reduce_sum(values) / world_size()).tolist()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), on every rank, in rank order."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)  # NCCL: goes through the current CUDA device, set at start-up
+    return out
+
+
 @contextmanager
 def main_first(local: bool = False):
     """Run the body on rank 0 (or each node's local rank 0) first, then on the others.

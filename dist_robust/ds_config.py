@@ -90,11 +90,21 @@ def user_grad_accum(ds: dict, obj: ObjectiveConfig) -> int:
     return ds["gradient_accumulation_steps"] // micro_steps_per_batch(obj)
 
 
+_SECTIONS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler")
+
+
 def ds_config_problems(cfg: RunConfig, world_size: int) -> list[str]:
     """What is wrong with the run's DeepSpeed config, one message per problem (config.validate reports them)."""
     ds = cfg.ds_config
     src = cfg.ds_config_path or "built-in ds_config"
-    p = []
+    if not isinstance(ds, dict):
+        return [f"{src}: expected a JSON object of DeepSpeed settings, got {type(ds).__name__}"]
+    p = [f"{src}: {key} = {ds[key]!r}: must be an object ({{...}})" for key in _SECTIONS
+         if key in ds and not isinstance(ds[key], dict)]
+    p += [f"{src}: {key}.params = {ds[key]['params']!r}: must be an object ({{...}})" for key in ("optimizer", "scheduler")
+          if isinstance(ds.get(key), dict) and "params" in ds[key] and not isinstance(ds[key]["params"], dict)]
+    if p:
+        return p
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         p.append(f"{src}: zero_optimization.stage = {stage!r}: accepted stages: 0, 1, 2, 3")

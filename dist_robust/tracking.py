@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -111,12 +112,12 @@ class MLflowTracker:
         for i in range(0, len(batch), 100):
             self._client.log_batch(self.run_id, params=batch[i:i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(batch), 500):
             self._client.log_batch(self.run_id, metrics=batch[i:i + 500])
@@ -148,6 +149,192 @@ class MLflowTracker:
         base = redact(self._uri).rstrip("/") if server else "http://127.0.0.1:5000"
         link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
         return link if server else f"{link} (start the UI first: mlflow ui --backend-store-uri {redact(self._uri)})"
+
+
+JOURNAL = "mlflow-journal.jsonl"
+
+
+class ResilientTracker:
+    """An :class:`MLflowTracker` that outlives its server: training never waits for, or dies of, tracking.
+
+    When a call fails (server down at start or gone mid-run, a locked sqlite file), one warning
+    is logged and that call and every later one are kept, in order, in memory and in
+    ``<journal_dir>/mlflow-journal.jsonl`` (artifacts copied beside it, metrics with their
+    original timestamps). Every ``retry_s`` seconds the next call tries to reconnect and send
+    what is kept; ``finish`` tries once more. What could not be sent stays in the journal, and
+    ``dist-robust replay-tracking <journal_dir>`` sends it later. ``finish`` never raises, so
+    a failing run's own error is the one the user sees.
+    """
+
+    def __init__(self, journal_dir: str, uri: str, experiment: str, run_name: str | None,
+                 run_id: str | None = None, tags: dict[str, str] | None = None, retry_s: float = 30.0):
+        # MLflow's own HTTP retries last minutes by default; this class does the waiting instead.
+        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+            os.environ.setdefault(key, value)
+        self._spec = {"uri": uri, "experiment": experiment, "run_name": run_name, "run_id": run_id,
+                      "tags": tags or {}}
+        self._dir, self._retry_s = journal_dir, retry_s
+        self._journal = os.path.join(journal_dir, JOURNAL)
+        self._pending: list[tuple[str, list]] = []
+        self._inner: MLflowTracker | None = None
+        self._warned, self._next_try = False, 0.0
+        if os.path.exists(self._journal):  # an earlier attempt of this run (resumed) left calls behind
+            header, self._pending = _read_journal(self._journal)
+            self._spec["run_id"] = self._spec["run_id"] or header.get("run_id")
+            log.info("%d tracking call(s) kept by an earlier attempt of this run will be sent first",
+                     len(self._pending))
+        if self._connect() and self._pending:
+            self._write_journal()
+            self._flush(force=True)
+
+    @property
+    def run_id(self) -> str | None:
+        return self._inner.run_id if self._inner else self._spec["run_id"]
+
+    def log_params(self, params):
+        self._call("log_params", params)
+
+    def log_metrics(self, metrics, step):
+        import time
+
+        self._call("log_metrics", metrics, step, int(time.time() * 1000))
+
+    def log_dict(self, data, name):
+        self._call("log_dict", data, name)
+
+    def log_artifact(self, local_path, artifact_path=None):
+        self._call("log_artifact", local_path, artifact_path)
+
+    def log_text(self, text, name):
+        self._call("log_text", text, name)
+
+    def log_table(self, columns, name):
+        self._call("log_table", columns, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("finish", status)
+        if self._pending and not self._flush(force=True):
+            log.warning("MLflow at %s is still unreachable: %d tracking call(s) are kept in %s; send them with: "
+                        "dist-robust replay-tracking %s", redact(self._spec["uri"]), len(self._pending),
+                        self._journal, self._dir)
+
+    def ui_link(self) -> str:
+        if self._inner is None or self._pending:
+            return f"not sent yet (MLflow unreachable; kept in {self._journal})"
+        return self._inner.ui_link()
+
+    def _connect(self) -> bool:
+        try:
+            self._inner = MLflowTracker(**self._spec)
+            return True
+        except Exception as err:  # noqa: BLE001 - any failure of the tracking store
+            self._outage(err)
+            return False
+
+    def _call(self, method: str, *args) -> None:
+        if self._inner is not None and not self._pending:
+            try:
+                getattr(self._inner, method)(*args)
+                return
+            except Exception as err:  # noqa: BLE001
+                self._outage(err)
+        self._keep(method, list(args))
+        self._flush()
+
+    def _keep(self, method: str, args: list) -> None:
+        import shutil
+
+        if method == "log_artifact":  # the file may be temporary: keep a copy
+            files = os.path.join(self._dir, "mlflow-journal-files", str(len(self._pending)))
+            os.makedirs(files, exist_ok=True)
+            args[0] = shutil.copy(args[0], files)
+        self._pending.append((method, args))
+        if os.path.exists(self._journal):
+            with open(self._journal, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"call": method, "args": args}, default=str) + "\n")
+        else:
+            self._write_journal()
+
+    def _write_journal(self) -> None:
+        """The run to log into (its id once it exists) and every call not sent yet, in order."""
+        os.makedirs(self._dir, exist_ok=True)
+        spec = {**self._spec, "uri": redact(self._spec["uri"]), "run_id": self.run_id}
+        tmp = f"{self._journal}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"run": spec}) + "\n")
+            for method, args in self._pending:
+                f.write(json.dumps({"call": method, "args": args}, default=str) + "\n")
+        os.replace(tmp, self._journal)
+
+    def _flush(self, force: bool = False) -> bool:
+        import time
+
+        if not force and time.monotonic() < self._next_try:
+            return False
+        if self._inner is None:
+            if not self._connect():
+                return False
+            self._write_journal()  # the run exists now: a replay must log into it
+        sent = 0
+        while self._pending:
+            method, args = self._pending[0]
+            try:
+                getattr(self._inner, method)(*args)
+            except Exception as err:  # noqa: BLE001
+                self._outage(err)
+                if sent:
+                    self._write_journal()  # what was sent must not be sent twice by a replay
+                return False
+            self._pending.pop(0)
+            sent += 1
+        _remove_journal(self._dir)
+        if sent:
+            log.warning("MLflow at %s is reachable again: %d kept tracking call(s) sent", redact(self._spec["uri"]),
+                        sent)
+        return True
+
+    def _outage(self, err: Exception) -> None:
+        import time
+
+        self._next_try = time.monotonic() + self._retry_s
+        if not self._warned:
+            self._warned = True
+            reason = redact(str(err).strip().splitlines()[0][:300]) if str(err).strip() else type(err).__name__
+            log.warning("MLflow at %s is unreachable (%s): training goes on; tracking calls are kept in %s and "
+                        "sent when it is back (retried every %.0f s)", redact(self._spec["uri"]), reason,
+                        self._journal, self._retry_s)
+
+
+def _remove_journal(journal_dir: str) -> None:
+    import shutil
+
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(journal_dir, JOURNAL))
+    shutil.rmtree(os.path.join(journal_dir, "mlflow-journal-files"), ignore_errors=True)
+
+
+def _read_journal(path: str) -> tuple[dict, list[tuple[str, list]]]:
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return lines[0]["run"], [(e["call"], e["args"]) for e in lines[1:]]
+
+
+def replay_journal(journal_dir: str, uri: str | None = None) -> tuple[str, int]:
+    """Send the calls kept in ``journal_dir``'s journal to MLflow; returns (run id, calls sent).
+
+    ``uri`` overrides the journal's (which is stored without credentials). Raises on failure
+    and leaves the journal in place, so it can be replayed again.
+    """
+    path = os.path.join(journal_dir, JOURNAL)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no tracking journal (nothing was left to send)")
+    header, calls = _read_journal(path)
+    tracker = MLflowTracker(**{**header, **({"uri": uri} if uri else {})})
+    for method, args in calls:
+        getattr(tracker, method)(*args)
+    _remove_journal(journal_dir)
+    return tracker.run_id, len(calls)
 
 
 OBJECTIVE_KNOBS = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": ("epsilon", "alpha", "adv_steps", "norm"),

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dist_robust import distributed as D
+from dist_robust import faults
 from dist_robust import evaluate as E
 from dist_robust import storage
 from dist_robust.checkpointing import BEST, CheckpointStore, best_tag, export_model, resolve_resume, step_tag
@@ -31,12 +32,11 @@ from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext
 from dist_robust.outputs import final_metrics, write_outputs
 from dist_robust.redaction import redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
-from dist_robust.tracking import (MLflowTracker, NullTracker, Tracker, describe_run, flatten, resolve_experiment,
+from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
                                   resolve_uri)
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "DIST_ROBUST_CRASH_AT_STEP"  # fault injection for resume tests: raise before this step
 NAN_ENV = "DIST_ROBUST_NAN_AT_STEPS"  # fault injection for the non-finite-step tests
 
 
@@ -104,8 +104,10 @@ def run(cfg: RunConfig, report=None) -> dict | None:
     return results if D.is_main() else None
 
 
-def _init_distributed() -> None:
+def _init_distributed(timeout_s: int) -> None:
     """Join (or, with no launcher, create) the process group on this host's accelerator."""
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -114,7 +116,7 @@ def _init_distributed() -> None:
     if not on_cpu:
         # Before any collective: an NCCL barrier with no current device guesses one from the rank.
         get_accelerator().set_device(D.local_rank())
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     if on_cpu:
         D.release_shm_buffer()  # DeepSpeed's CPU all-reduce buffers exist only on CPU hosts
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", D.world_size())))
@@ -129,7 +131,7 @@ def _setup(cfg: RunConfig) -> Setup:
     data = get_task(cfg.data)  # data errors (bad rows, leakage) surface before any process group
     _check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed)
-    _init_distributed()
+    _init_distributed(cfg.train.dist_timeout)
     D.setup_logging()
     ds = resolve_ds_config(cfg, D.world_size())
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit)
@@ -195,7 +197,7 @@ def _resume(setup: Setup) -> State:
             log.info("--resume %s: no checkpoint yet, starting from step 0", setup.cfg.train.resume)
         return State()
     root, tag = found
-    local_root = setup.store.fetch(root, tag)
+    local_root = setup.store.fetch(root, tag, trust=setup.cfg.train.trust_checkpoint)
     _, client_state = setup.engine.load_checkpoint(local_root, tag=tag)
     state = State(**client_state["dist_robust"])
     log.info("resumed from %s/%s at step %d", root, tag, state.step)
@@ -213,10 +215,11 @@ def _start_tracking(setup: Setup, state: State) -> None:
     if not D.is_main() or uri is None:
         return
     name, description = describe_run(cfg, setup.ds_config, D.world_size())
-    setup.tracker = MLflowTracker(uri, resolve_experiment(cfg.tracking.experiment), cfg.tracking.run_name or name,
-                                  run_id=cfg.tracking.run_id or state.mlflow_run_id,
-                                  tags={"task": cfg.data.task, "objective": cfg.objective.name,
-                                        "mlflow.note.content": description})
+    journal_dir = os.path.dirname(setup.store.local_root)  # the output directory, or its local staging
+    setup.tracker = ResilientTracker(journal_dir, uri, resolve_experiment(cfg.tracking.experiment),
+                                     cfg.tracking.run_name or name, run_id=cfg.tracking.run_id or state.mlflow_run_id,
+                                     tags={"task": cfg.data.task, "objective": cfg.objective.name,
+                                           "mlflow.note.content": description})
     state.mlflow_run_id = setup.tracker.run_id
     params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})
     params.update(flatten(setup.ds_config, "ds."))
@@ -264,13 +267,11 @@ def _train_batch(setup: Setup, batch_index: int) -> dict:
 
 def _fit(setup: Setup, state: State, report) -> None:
     cfg = setup.cfg.train
-    crash_at = int(os.environ.get(CRASH_ENV, "0"))
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _progress(cfg, state)
     times: list[float] = []
     while state.step < cfg.max_steps:
-        if crash_at and state.step + 1 == crash_at:
-            raise RuntimeError(f"injected crash before step {crash_at} ({CRASH_ENV})")
+        faults.before_step(state.step + 1)
         t0 = time.perf_counter()
         with _injected_nan(setup, state.step + 1):
             stats = _train_step(setup, state)

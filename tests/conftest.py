@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,19 +29,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` process on 127.0.0.1 (one worker) with a sqlite store.
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` process on 127.0.0.1:port (one worker, sqlite store under ``root``), once healthy.
 
-    Yields its http:// URI; the process is stopped at the end of the session.
+    Started in its own session: ``os.killpg(proc.pid, ...)`` stops it with its workers. The
+    same root and port start it again with the same runs (an outage, then recovery).
     """
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
            "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -49,16 +49,27 @@ def mlflow_server(tmp_path_factory):
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc
         except OSError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy within 120 s")
-    yield uri
-    os.killpg(proc.pid, 15)
+    stop_mlflow_server(proc)
+    raise RuntimeError("mlflow server did not become healthy within 120 s")
+
+
+def stop_mlflow_server(proc: subprocess.Popen, sig: int = 15) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
-    log.close()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` process on 127.0.0.1; yields its http:// URI, stopped at the end of the session."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_mlflow_server(proc)

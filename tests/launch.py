@@ -22,16 +22,21 @@ def launcher_env(**extra: str) -> dict:
     return env
 
 
+def deepspeed_command(script_args: list[str], nproc: int = 2, script: str = "train.py") -> tuple[list[str], int]:
+    """The ``deepspeed`` launcher command line on a free port, and the port."""
+    exe = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    ranks = ["--num_gpus", str(nproc)] if nproc else []
+    port = free_port()
+    return [exe, *ranks, "--master_port", str(port), script, *script_args], port
+
+
 def deepspeed(script_args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 900,
               script: str = "train.py", check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N <script> ...`` (plain ``deepspeed <script>`` for nproc=0).
 
     Runs from the repository root unless ``cwd`` is given; output is captured.
     """
-    exe = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    ranks = ["--num_gpus", str(nproc)] if nproc else []
-    port = free_port()
-    cmd = [exe, *ranks, "--master_port", str(port), script, *script_args]
+    cmd, port = deepspeed_command(script_args, nproc, script)
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

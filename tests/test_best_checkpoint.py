@@ -138,7 +138,7 @@ def test_best_pointer_moves_only_after_a_complete_save(tmp_path, where):
     with pytest.raises(KeyboardInterrupt):
         store.save(_FakeEngine(fail_after=1), best_tag(8), {"step": 8}, pointer=BEST)
     assert store.pointed(BEST) == best_tag(4)  # the torn save is never named
-    assert len(storage.listdir(storage.join(store.root, best_tag(4)))) == 2
+    assert len(storage.listdir(storage.join(store.root, best_tag(4)))) == 3  # two files and the manifest
     store.save(_FakeEngine(), best_tag(12), {"step": 12}, pointer=BEST)
     assert store.pointed(BEST) == best_tag(12)
     names = storage.listdir(store.root)

@@ -209,7 +209,7 @@ def _param(key: str, dist: Any, problems: list[str]) -> ParamSpec | None:
     if key in SWEEP_OWNED:
         problems.append(f"params.{key}: set by the sweep for every trial; it cannot be searched")
         return None
-    if not isinstance(dist, dict) or dist.get("type") not in PARAM_TYPES:
+    if not isinstance(dist, dict) or not isinstance(dist.get("type"), str) or dist["type"] not in PARAM_TYPES:
         kind = dist.get("type") if isinstance(dist, dict) else dist
         problems.append(f"params.{key}.type = {kind!r}: accepted types: {', '.join(PARAM_TYPES)}")
         return None
@@ -218,7 +218,10 @@ def _param(key: str, dist: Any, problems: list[str]) -> ParamSpec | None:
     if set(args) != set(wanted):
         problems.append(f"params.{key} ({kind}) has arguments {sorted(args)}: it takes exactly {list(wanted)}")
         return None
-    problems.extend(_check_distribution(key, kind, args))
+    shape = _check_distribution(key, kind, args)
+    problems.extend(shape)
+    if shape:  # the type check reads the values: only when they have the right shape
+        return None
     field_type = str(fields[key].type) if key in fields else "int"
     problems.extend(_check_type(key, kind, args, field_type))
     return ParamSpec(key, kind, args)

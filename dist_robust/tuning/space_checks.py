@@ -62,9 +62,11 @@ def check_options(spec: SweepSpec) -> list[str]:
 
 
 def _check_scheduler(spec: SweepSpec) -> list[str]:
+    if isinstance(spec.scheduler, str):  # `scheduler: asha` is short for `scheduler: {type: asha}`
+        spec.scheduler = {"type": spec.scheduler}
     s, t = spec.scheduler, spec.base.train
     kind = s.get("type") if isinstance(s, dict) else s
-    if kind not in SCHEDULERS:
+    if not isinstance(s, dict) or not isinstance(kind, str) or kind not in SCHEDULERS:
         return [f"scheduler.type = {kind!r}: accepted: {', '.join(SCHEDULERS)}"]
     p = [f"scheduler.{k}: unknown option for {kind}; accepted: {', '.join(SCHEDULERS[kind]) or 'none'}"
          for k in s if k != "type" and k not in SCHEDULERS[kind]]
@@ -105,9 +107,11 @@ def _check_pbt(spec: SweepSpec, s: dict) -> list[str]:
 
 
 def _check_search(spec: SweepSpec) -> list[str]:
+    if isinstance(spec.search, str):  # `search: grid` is short for `search: {type: grid}`
+        spec.search = {"type": spec.search}
     s = spec.search
     kind = s.get("type") if isinstance(s, dict) else s
-    if kind not in SEARCHERS:
+    if not isinstance(s, dict) or not isinstance(kind, str) or kind not in SEARCHERS:
         return [f"search.type = {kind!r}: accepted: {', '.join(SEARCHERS)}"]
     p = [f"search.{k}: unknown option for {kind}; accepted: {', '.join(SEARCHERS[kind]) or 'none'}"
          for k in s if k != "type" and k not in SEARCHERS[kind]]
@@ -119,7 +123,7 @@ def _check_search(spec: SweepSpec) -> list[str]:
               if v.type == "grid"]
         if importlib.util.find_spec("optuna") is None:
             p.append("search.type = 'optuna': needs the optuna package (pip install optuna); or use random or grid")
-        if spec.scheduler.get("type") == "pbt":
+        if isinstance(spec.scheduler, dict) and spec.scheduler.get("type") == "pbt":
             p.append("search.type = 'optuna' with scheduler pbt: PBT mutates configs itself; use random or grid")
     return p
 

@@ -1,0 +1,43 @@
+"""Fault injection for the reliability tests, switched on by environment variables only.
+
+Each fault is the real thing, not an exception that pretends: a rank that stops answering
+(it sleeps inside the step loop, its peers wait in a collective), and a process killed with
+SIGKILL in the middle of writing a checkpoint.
+
+    DIST_ROBUST_CRASH_AT_STEP=5        raise before step 5 (every rank)
+    DIST_ROBUST_HANG_AT_STEP=4:1       rank 1 stops answering before step 4
+    DIST_ROBUST_KILL_IN_SAVE=step-00000006
+                                       rank 0 is SIGKILLed after DeepSpeed wrote that tag's files,
+                                       before its manifest and pointer
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from dist_robust import distributed as D
+
+CRASH_ENV = "DIST_ROBUST_CRASH_AT_STEP"
+HANG_ENV = "DIST_ROBUST_HANG_AT_STEP"
+KILL_IN_SAVE_ENV = "DIST_ROBUST_KILL_IN_SAVE"
+
+
+def before_step(step: int) -> None:
+    """Called before each optimizer step (1-based)."""
+    crash = int(os.environ.get(CRASH_ENV, "0") or 0)
+    if crash and step == crash:
+        raise RuntimeError(f"injected crash before step {crash} ({CRASH_ENV})")
+    hang = os.environ.get(HANG_ENV)
+    if hang:
+        at, _, who = hang.partition(":")
+        if step == int(at) and D.rank() == int(who or 0):
+            while True:  # until killed: its peers block in their next collective
+                time.sleep(60)
+
+
+def inside_save(tag: str) -> None:
+    """Called after DeepSpeed wrote ``tag``'s files and before the manifest is written."""
+    if os.environ.get(KILL_IN_SAVE_ENV) == tag and D.is_main():
+        os.kill(os.getpid(), signal.SIGKILL)
