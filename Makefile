@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_ARGS ?=
 UI_PORT ?= 5000
 
-.PHONY: setup train test bench compare ui
+.PHONY: setup train test test-all bench compare ui
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ train: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" deepspeed train.py --deepspeed ds_configs/zero2.json
 
 test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q -ra --durations=15 -m "not slow"
+
+test-all: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q -ra --durations=15
 
 bench: setup

@@ -26,7 +26,7 @@ from dist_robust.data.readers import PAWSX_LABELS, DataFileError, read_pairs
 from dist_robust.ds_config import resolve_ds_config
 from dist_robust.tuning.space import SpaceError, load_space
 
-CASES = int(os.environ.get("DIST_ROBUST_FUZZ_CASES", "200"))  # per test; CI runs 200
+CASES = int(os.environ.get("DIST_ROBUST_FUZZ_CASES", "100"))  # per test; CI runs 100
 FUZZ = settings(max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                derandomize="DIST_ROBUST_FUZZ_CASES" not in os.environ)  # CI: the same cases every run
 WORK = tempfile.mkdtemp(prefix="dist-robust-fuzz-")

@@ -72,6 +72,7 @@ def _pbt_space(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # make test-all; not in CI
 @needs_loopback
 def test_pbt_sweep_on_two_ray_nodes(two_node_cluster, tmp_path):
     """Both trials' workers span the two nodes; at step 2 PBT clones the better trial into the other."""

@@ -22,7 +22,7 @@ import pytest
 
 from tests.launch import REPO, TINY, launcher_env
 
-pytestmark = pytest.mark.launcher
+pytestmark = [pytest.mark.launcher, pytest.mark.slow]  # make test-all; not in CI
 
 NAME = "sweep-test"
 EXPERIMENT = "tune-test"
