@@ -157,7 +157,7 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:
-        if "Timed out" not in str(err) and "timed out" not in str(err):
+        if "timed out" not in str(err).lower():  # gloo's collective timeout
             raise
         print(f"error: rank {os.environ.get('RANK', '0')}: a collective waited longer than --dist-timeout "
               f"({cfg.train.dist_timeout} s): another rank stopped answering (killed, hung, out of memory; its own "

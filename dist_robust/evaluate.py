@@ -91,7 +91,7 @@ def count_correct(model, groups: EvalGroups, collator: Collator, batch_size: int
     for start in range(0, len(indices), batch_size):
         idx, w = indices[start:start + batch_size], weights[start:start + batch_size]
         cpu = collator(groups.data, idx, w)
-        cpu["group"] = torch.tensor([groups.group[i] for i in idx])
+        cpu["group"] = torch.tensor([groups.group[i] for i in idx])  # host side, like the collator's; moved below
         batch = to_device(cpu, device)
         logits = model(**model_inputs(batch)).logits
         weight = batch["weight"].double()

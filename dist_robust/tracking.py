@@ -6,7 +6,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 from typing import Any, Protocol
 
 from dist_robust.redaction import redact
@@ -113,8 +115,6 @@ class MLflowTracker:
             self._client.log_batch(self.run_id, params=batch[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = timestamp_ms or int(time.time() * 1000)
@@ -196,8 +196,6 @@ class ResilientTracker:
         self._call("log_params", params)
 
     def log_metrics(self, metrics, step):
-        import time
-
         self._call("log_metrics", metrics, step, int(time.time() * 1000))
 
     def log_dict(self, data, name):
@@ -243,8 +241,6 @@ class ResilientTracker:
         self._flush()
 
     def _keep(self, method: str, args: list) -> None:
-        import shutil
-
         if method == "log_artifact":  # the file may be temporary: keep a copy
             files = os.path.join(self._dir, "mlflow-journal-files", str(len(self._pending)))
             os.makedirs(files, exist_ok=True)
@@ -268,8 +264,6 @@ class ResilientTracker:
         os.replace(tmp, self._journal)
 
     def _flush(self, force: bool = False) -> bool:
-        import time
-
         if not force and time.monotonic() < self._next_try:
             return False
         if self._inner is None:
@@ -295,8 +289,6 @@ class ResilientTracker:
         return True
 
     def _outage(self, err: Exception) -> None:
-        import time
-
         self._next_try = time.monotonic() + self._retry_s
         if not self._warned:
             self._warned = True
@@ -307,8 +299,6 @@ class ResilientTracker:
 
 
 def _remove_journal(journal_dir: str) -> None:
-    import shutil
-
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(journal_dir, JOURNAL))
     shutil.rmtree(os.path.join(journal_dir, "mlflow-journal-files"), ignore_errors=True)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_robust.checkpointing import BEST, CheckpointStore, best_tag
 from tests.launch import REPO, deepspeed, results
 
 pytestmark = pytest.mark.launcher
@@ -110,36 +109,3 @@ def test_exported_model_reproduces_the_report(stage_runs, stage):
             predicted = model(**enc).logits.argmax(-1)
         accuracy = (predicted == torch.tensor([r.label for r in rows])).double().mean().item()
         assert accuracy == res["per_language"][lang], lang
-
-
-class _FakeEngine:
-    """Writes a checkpoint's files one by one, and can die half-way through (a kill mid-save)."""
-
-    def __init__(self, fail_after: int | None = None):
-        self.fail_after = fail_after
-
-    def save_checkpoint(self, root, tag, client_state, save_latest):
-        d = Path(root) / tag
-        d.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")):
-            if self.fail_after is not None and i >= self.fail_after:
-                raise KeyboardInterrupt("killed while saving")
-            (d / name).write_text(f"{tag} {client_state}")
-
-
-@pytest.mark.parametrize("where", ["local", "memory"])
-def test_best_pointer_moves_only_after_a_complete_save(tmp_path, where):
-    from dist_robust import storage
-
-    output = str(tmp_path / "out") if where == "local" else f"memory://best-test-{tmp_path.name}"
-    store = CheckpointStore(output, str(tmp_path / "staging"), keep=2)
-    store.save(_FakeEngine(), best_tag(4), {"step": 4}, pointer=BEST)
-    assert store.pointed(BEST) == best_tag(4)
-    with pytest.raises(KeyboardInterrupt):
-        store.save(_FakeEngine(fail_after=1), best_tag(8), {"step": 8}, pointer=BEST)
-    assert store.pointed(BEST) == best_tag(4)  # the torn save is never named
-    assert len(storage.listdir(storage.join(store.root, best_tag(4)))) == 3  # two files and the manifest
-    store.save(_FakeEngine(), best_tag(12), {"step": 12}, pointer=BEST)
-    assert store.pointed(BEST) == best_tag(12)
-    names = storage.listdir(store.root)
-    assert best_tag(12) in names and best_tag(4) not in names and best_tag(8) not in names  # only the best is kept

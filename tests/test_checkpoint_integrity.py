@@ -16,7 +16,8 @@ import fsspec
 import pytest
 
 from dist_robust import storage
-from dist_robust.checkpointing import MANIFEST, CheckpointError, CheckpointStore, resolve_resume, step_tag
+from dist_robust.checkpointing import (BEST, MANIFEST, CheckpointError, CheckpointStore, best_tag, resolve_resume,
+                                      step_tag)
 
 FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 
@@ -96,9 +97,20 @@ def test_unreadable_manifest_is_an_error(store):
         store.fetch(store.root, step_tag(2))
 
 
-def test_retention_keeps_the_last_n_and_the_best(store):
-    from dist_robust.checkpointing import BEST, best_tag
+def test_best_pointer_moves_only_after_a_complete_save(store):
+    store.save(_Engine(), best_tag(4), {"step": 4}, pointer=BEST)
+    assert store.pointed(BEST) == best_tag(4)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(_Engine(fail_after=1), best_tag(8), {"step": 8}, pointer=BEST)
+    assert store.pointed(BEST) == best_tag(4)  # the torn save is never named
+    assert len(storage.listdir(storage.join(store.root, best_tag(4)))) == 3  # two files and the manifest
+    store.save(_Engine(), best_tag(12), {"step": 12}, pointer=BEST)
+    assert store.pointed(BEST) == best_tag(12)
+    names = storage.listdir(store.root)
+    assert best_tag(12) in names and best_tag(4) not in names and best_tag(8) not in names  # only the best is kept
 
+
+def test_retention_keeps_the_last_n_and_the_best(store):
     store.save(_Engine(), best_tag(2), {"step": 2}, pointer=BEST)
     for step in (2, 4, 6, 8, 10):
         store.save(_Engine(), step_tag(step), {"step": step})

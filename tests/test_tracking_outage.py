@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from mlflow import MlflowClient
 
 from dist_robust.distributed import free_port
