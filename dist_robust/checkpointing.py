@@ -23,6 +23,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 from dist_robust import distributed as D
@@ -36,10 +38,19 @@ BEST = "best"
 BEST_PREFIX = "best-"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dist-robust-checkpoint/1"
+LAYOUT = "layout.json"
+UNIVERSAL_DIR = "universal-checkpoints"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, altered, or not trusted."""
+
+
+class PublishError(RuntimeError):
+    """The remote store stayed unreachable; the run's checkpoints are complete in staging."""
+
+
+_QUICK_PUBLISH_S = 10.0  # retrying during training: a checkpoint that cannot go out waits for the next one
 
 
 def step_tag(step: int) -> str:
@@ -51,24 +62,79 @@ def best_tag(step: int) -> str:
 
 
 class CheckpointStore:
-    """Where checkpoints live locally (for DeepSpeed) and where they are published."""
+    """Where checkpoints live locally (for DeepSpeed) and where they are published.
 
-    def __init__(self, output_dir: str, staging_dir: str | None, keep: int):
+    With a remote ``--output-dir`` the local staging directory is this run's own copy: every
+    checkpoint is complete there (files, manifest, pointer) before it is published, and
+    publishing (tag files, then manifests, then pointers, then deletions) retries with backoff.
+    When the store stays unreachable the run goes on and the checkpoint waits in staging; the
+    next save publishes everything that waits, and :meth:`publish_all` at the end of the run
+    retries for ``publish_timeout`` seconds before failing with a message saying where it all is.
+    """
+
+    def __init__(self, output_dir: str, staging_dir: str | None, keep: int, publish_timeout: float = 600.0):
         self.output_dir = output_dir
         self.remote = not storage.is_local(output_dir)
         self.keep = keep
+        self.publish_timeout = publish_timeout
+        self.node_local = False  # set by detect_node_local(): nodes write to their own disks
+        self.unpublished: list[str] = []  # staged tags the store does not have yet (remote only)
+        self.saved_here: set[str] = set()  # tags this run saved (complete in staging)
+        self.unpublished_outputs: list[str] = []  # results.json, model, ... left in staging at the end
+        self._store_down = False
+        self._last_error = ""
+        self._gave_up = ""  # the error that ended the end-of-run publishing
         if self.remote:
             # One staging directory per destination, so concurrent runs never share one.
             key = hashlib.sha1(output_dir.encode()).hexdigest()[:12]
             staging = staging_dir or os.path.join(tempfile.gettempdir(), "dist-robust-staging", key)
             self.local_root = os.path.join(staging, "checkpoints")
+            if D.local_rank() == 0:  # an earlier run's leftovers: the published checkpoints are the truth
+                shutil.rmtree(self.local_root, ignore_errors=True)
         else:
             self.local_root = os.path.join(storage.local_path(output_dir), "checkpoints")
         self.root = storage.join(output_dir, "checkpoints")
 
-    def save(self, engine, tag: str, client_state: dict, pointer: str = LATEST) -> str:
-        """Save on every rank, publish, then move the ``pointer`` file (``latest`` or ``best``) to ``tag``.
+    @property
+    def mirror(self) -> str:
+        """The local directory that is (or stages) the output directory."""
+        return os.path.dirname(self.local_root)
 
+    def detect_node_local(self) -> bool:
+        """Find out (collectively, before the engine exists) whether nodes share the output directory.
+
+        Rank 0 leaves a probe file there and every node's first rank looks for it in its own
+        ``--output-dir``. Where some node cannot see it (node-local disks), every node keeps a
+        complete checkpoint of its own: DeepSpeed writes the model states on each node
+        (``checkpoint.use_node_local_storage``, which the caller sets), and manifests, layouts and
+        pointers are written, and old tags pruned, on each node.
+        """
+        if self.remote or D.world_size() == 1:
+            return False
+        root = storage.local_path(self.output_dir)
+        probe = os.path.join(root, f".node-probe-{D.from_main(os.urandom(8).hex())}")
+        if D.is_main():
+            _write_local(probe, "")
+        D.barrier()
+        seen = D.gather_objects(os.path.exists(probe) if D.local_rank() == 0 else True)
+        D.barrier()
+        if D.is_main():
+            os.remove(probe)
+        self.node_local = not all(seen)
+        if self.node_local:
+            log.info("--output-dir %s is not shared by all nodes: each node keeps complete checkpoints of its own",
+                     self.output_dir)
+        return self.node_local
+
+    def _writes_pointers(self) -> bool:
+        """Rank 0 writes manifests and pointers; with node-local disks every node's first rank does."""
+        return D.is_main() or (self.node_local and D.local_rank() == 0)
+
+    def save(self, engine, tag: str, client_state: dict, pointer: str = LATEST, layout: dict | None = None) -> str:
+        """Save on every rank, complete the tag (layout, manifest), move ``pointer`` to it, prune, publish.
+
+        ``layout`` (world size, batch sizes) is written beside the engine's files as
+        ``layout.json``, so a resume can plan for another world size before building its engine.
         Returns the local directory of the tag (this node's files).
         """
         local_tag = os.path.join(self.local_root, tag)
@@ -76,51 +142,184 @@ class CheckpointStore:
             shutil.rmtree(local_tag, ignore_errors=True)
         D.barrier()
         engine.save_checkpoint(self.local_root, tag=tag, client_state=client_state, save_latest=False)
+        writer = self._writes_pointers()
+        if layout is not None and writer:
+            _write_local(os.path.join(local_tag, LAYOUT), json.dumps(layout, indent=1, sort_keys=True))
         faults.inside_save(tag)
         D.barrier()
-        if self.remote and D.local_rank() == 0:
-            storage.remove(storage.join(self.root, tag))
-            storage.upload_dir(local_tag, storage.join(self.root, tag))
-        # Each node hashes what it wrote (nodes may have their own disks); rank 0 writes the union.
+        # Each node hashes what it wrote (nodes may have their own disks); the manifest is the union.
         files = _describe_files(local_tag) if D.local_rank() == 0 else {}
         manifest = {"format": MANIFEST_FORMAT, "tag": tag, "files": {}}
         for node_files in D.gather_objects(files):
             manifest["files"].update(node_files)
-        if D.is_main():
-            text = json.dumps(manifest, indent=1, sort_keys=True)
-            storage.write_text(storage.join(self.root, tag, MANIFEST), text)
-            if self.remote:
-                _write_local(os.path.join(local_tag, MANIFEST), text)
+        if writer:
+            _write_local(os.path.join(local_tag, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
         D.barrier()
-        if D.is_main():
-            if storage.isdir(storage.join(self.root, pointer)):  # a `best` directory of an older version
-                storage.remove(storage.join(self.root, pointer))
-            storage.write_text(storage.join(self.root, pointer), tag)
-            if self.remote:
-                _write_local(os.path.join(self.local_root, pointer), tag)
-            self._prune()
+        if writer:
+            if os.path.isdir(os.path.join(self.local_root, pointer)):  # a `best` directory of an older version
+                shutil.rmtree(os.path.join(self.local_root, pointer))
+            _write_local(os.path.join(self.local_root, pointer), tag)
+        D.barrier()  # every node's pointer moved before any node deletes what an old one named
+        stale = self._stale() if writer else []
+        if self.remote:  # staging: every node prunes its part
+            stale = D.from_main(stale)
+        if writer or (self.remote and D.local_rank() == 0):
+            for old in stale:
+                shutil.rmtree(os.path.join(self.local_root, old), ignore_errors=True)
         D.barrier()
-        log.info("checkpoint %s saved to %s (%s)", tag, self.root, pointer)
-        return os.path.join(self.local_root, tag)
+        self.saved_here = (self.saved_here - set(stale)) | {tag}
+        if self.remote:
+            self.unpublished = [t for t in self.unpublished if t not in stale and t != tag] + [tag]
+            self.publish(min(_QUICK_PUBLISH_S, self.publish_timeout))  # training waits seconds, not minutes
+        log.info("checkpoint %s saved to %s (%s)", tag, self.root if not self.unpublished else self.local_root,
+                 pointer)
+        return local_tag
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep`` periodic tags and the one ``best`` names; delete the rest."""
-        names = storage.listdir(self.root)
-        periodic = sorted(t for t in names if t.startswith("step-"))
-        stale = periodic[: max(0, len(periodic) - self.keep)]
-        best = self.pointed(BEST)
-        stale += [t for t in names if t.startswith(BEST_PREFIX) and t != best]
-        for old in stale:
-            storage.remove(storage.join(self.root, old))
-            shutil.rmtree(os.path.join(self.local_root, old), ignore_errors=True)
+    def _stale(self) -> list[str]:
+        """Local tags to delete: all but the newest ``keep`` periodic ones and the one ``best`` names."""
+        names = sorted(os.listdir(self.local_root)) if os.path.isdir(self.local_root) else []
+        periodic = [t for t in names if t.startswith("step-")]
+        best = _read_local(os.path.join(self.local_root, BEST))
+        return periodic[: max(0, len(periodic) - self.keep)] + [
+            t for t in names if t.startswith(BEST_PREFIX) and t != best]
+
+    def publish(self, budget_s: float) -> bool:
+        """Copy the unpublished tags, then the pointers, to the store, and delete what staging pruned.
+
+        Collective. Transient storage errors are retried with backoff for ``budget_s`` seconds;
+        then the tags stay unpublished (one warning while the store stays away) and False is
+        returned. The store's pointers only ever name tags whose files and manifest it holds.
+        """
+        if not self.remote or not self.unpublished:
+            return True
+        error = None
+        if D.local_rank() == 0:  # each node uploads the files it holds
+            error = self._try(lambda: [self._upload_tag(t, files=True) for t in self.unpublished], budget_s)
+        errors = [e for e in D.gather_objects(error) if e]
+        if not errors and D.is_main():
+            error = self._try(self._publish_pointers, budget_s)
+        errors = [e for e in D.gather_objects(error) if e]
+        if errors:
+            self._last_error = errors[0]
+            if not self._store_down:
+                log.warning("could not publish checkpoint(s) %s to %s (%s); training goes on and they wait in %s "
+                            "until the store is back", ", ".join(self.unpublished), self.root, errors[0],
+                            self.local_root)
+            self._store_down = True
+            return False
+        if self._store_down:
+            log.warning("%s is reachable again: published %s", self.root, ", ".join(self.unpublished))
+        self._store_down = False
+        self.unpublished = []
+        return True
+
+    def _try(self, work, budget_s: float) -> str | None:
+        try:
+            storage.with_retries(work, budget_s, f"publishing to {self.root}")
+        except Exception as err:  # noqa: BLE001 - reported to every rank, raised by publish_all
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    def _upload_tag(self, tag: str, files: bool) -> None:
+        local_tag, remote_tag = os.path.join(self.local_root, tag), storage.join(self.root, tag)
+        if not os.path.isdir(local_tag):
+            return
+        if files:
+            storage.remove(remote_tag)  # a partial upload of an earlier attempt
+            storage.upload_dir(local_tag, remote_tag, skip=(MANIFEST,))
+        elif os.path.isfile(os.path.join(local_tag, MANIFEST)):
+            storage.upload_file(os.path.join(local_tag, MANIFEST), storage.join(remote_tag, MANIFEST))
+
+    def _publish_pointers(self) -> None:
+        for tag in self.unpublished:  # manifests after every node's files
+            self._upload_tag(tag, files=False)
+        for pointer in (LATEST, BEST):
+            tag = _read_local(os.path.join(self.local_root, pointer))
+            if tag is not None:
+                if storage.isdir(storage.join(self.root, pointer)):  # a `best` directory of an older version
+                    storage.remove(storage.join(self.root, pointer))
+                storage.write_text(storage.join(self.root, pointer), tag)
+        kept = set(os.listdir(self.local_root))
+        for name in storage.listdir(self.root):
+            if name.startswith(("step-", BEST_PREFIX)) and name not in kept:
+                storage.remove(storage.join(self.root, name))
+
+    def publish_all(self) -> None:
+        """At the end of a run (collective): publish the waiting checkpoints, retrying up to ``publish_timeout``."""
+        if self.remote and self.unpublished and not self.publish(self.publish_timeout):
+            self._gave_up = f"{self._last_error}"
+
+    def publish_text(self, rel: str, text: str) -> None:
+        """Write an output file (``results.json``, ...) of the run: locally, then published with retries."""
+        if not self.remote:
+            storage.write_text(storage.join(self.output_dir, rel), text)
+            return
+        local = os.path.join(self.mirror, rel)
+        _write_local(local, text)
+        self._publish_output(lambda: storage.upload_file(local, storage.join(self.output_dir, rel)), rel)
+
+    def publish_dir(self, rel: str) -> None:
+        """Publish ``<mirror>/<rel>`` (the exported model, the tokenizer) with retries; nothing to do locally."""
+        if self.remote:
+            local = os.path.join(self.mirror, rel)
+            self._publish_output(lambda: storage.upload_dir(local, storage.join(self.output_dir, rel)), rel)
+
+    def _publish_output(self, work, rel: str) -> None:
+        """Once the store has been given up on, later outputs only stay local (one wait, not one per file)."""
+        if not self._gave_up:
+            error = self._try(work, self.publish_timeout)
+            if error is None:
+                return
+            self._gave_up = error
+        self.unpublished_outputs.append(rel)
+
+    def check_published(self) -> None:
+        """Raise :class:`PublishError` naming everything the store did not get, and where it is instead."""
+        if not (self.unpublished or self.unpublished_outputs):
+            return
+        what = [f"checkpoint {t}" for t in self.unpublished] + self.unpublished_outputs
+        raise PublishError(
+            f"could not publish {', '.join(what)} to {self.output_dir} within --publish-timeout "
+            f"{self.publish_timeout:g} s ({self._gave_up}). Nothing is lost: all of it is in {self.mirror} "
+            f"(checkpoints verified by their manifest.json); copy that directory to {self.output_dir} when the "
+            f"store is back (for example with `aws s3 cp --recursive` or `gsutil -m cp -r`), or rerun with a "
+            f"longer --publish-timeout")
 
     def pointed(self, pointer: str) -> str | None:
-        """The tag a pointer file (``latest``, ``best``) names, or None."""
+        """The tag a pointer file (``latest``, ``best``) names for this run, or None.
+
+        With a remote store, the staged pointer: staging starts as a copy of the store's pointers
+        when the run resumes from it (:meth:`fetch`), and this run moves them first, so reading
+        them needs no store (which may be away).
+        """
+        if self.remote:
+            return _read_local(os.path.join(self.local_root, pointer))
+        return self.published(pointer)
+
+    def published(self, pointer: str) -> str | None:
+        """The tag a pointer names in the output directory itself (the store, when remote)."""
         uri = storage.join(self.root, pointer)
         return storage.read_text(uri).strip() if storage.exists(uri) and not storage.isdir(uri) else None
 
+    def agreed(self, pointer: str) -> str | None:
+        """The tag a pointer names, the same on every rank (collective).
+
+        Remote: rank 0's reading (only it stages pointers). Node-local disks: a kill between two
+        nodes' pointer writes leaves them one save apart, and the older tag is complete on every
+        node (pruning waits for all pointers).
+        """
+        if self.remote:
+            return D.from_main(self.pointed(pointer) if D.is_main() else None)
+        if not self.node_local:
+            return self.pointed(pointer)
+        tags = {t for t in D.gather_objects(self.pointed(pointer)) if t is not None}
+        return min(tags) if tags else None
+
     def latest_tag(self) -> str | None:
-        return self.pointed(LATEST)
+        """The newest complete checkpoint of the output directory (the store's, when remote)."""
+        if self.remote:
+            return D.from_main(self.published(LATEST) if D.is_main() else None)
+        return self.agreed(LATEST)
 
     def fetch(self, source_root: str, tag: str, trust: bool = False) -> str:
         """Make ``source_root/tag`` available locally on every node and verify it; return the local root.
@@ -130,12 +329,20 @@ class CheckpointStore:
         """
         if storage.is_local(source_root):
             local = storage.local_path(source_root)
+        elif source_root == self.root and tag in self.saved_here:
+            local = self.local_root  # this run's own checkpoint, complete in staging (published or not)
         else:
             local = self.local_root
             if D.local_rank() == 0:
                 target = os.path.join(local, tag)
                 shutil.rmtree(target, ignore_errors=True)
                 storage.download_dir(storage.join(source_root, tag), target)
+            if source_root == self.root and D.is_main():
+                # Staging mirrors the store from here on: its pointers, until this run moves them.
+                for pointer in (LATEST, BEST):
+                    found = self.published(pointer)
+                    if found is not None and _read_local(os.path.join(self.local_root, pointer)) is None:
+                        _write_local(os.path.join(self.local_root, pointer), found)
             D.barrier()
         verify(local, tag, trust, shown=storage.join(source_root, tag))
         return local
@@ -222,10 +429,84 @@ def verify(local_root: str, tag: str, trust: bool = False, shown: str | None = N
                               f"Resume from another checkpoint (--resume <checkpoints dir>/<tag>)")
 
 
+def read_layout(local_root: str, tag: str) -> dict | None:
+    """The ``layout.json`` of a fetched tag (rank 0 reads it), on every rank; None when absent."""
+    layout = None
+    path = os.path.join(local_root, tag, LAYOUT)
+    if D.is_main() and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            layout = json.load(f)
+    return D.from_main(layout)
+
+
+def to_universal(local_root: str, tag: str, world_size: int) -> str:
+    """Convert ``local_root/tag``, written by ``world_size`` ranks, to DeepSpeed's universal format.
+
+    Each node's first rank converts its copy with ``deepspeed.checkpoint.ds_to_universal``
+    (files only, no process group); returns the root that holds the converted ``tag``, which
+    any number of ranks can load with ``checkpoint.load_universal``. Every old rank's optimizer
+    shard must be on each node: node-local checkpoints from several nodes cannot be merged here.
+    """
+    source = os.path.join(local_root, tag)
+    out_root = os.path.join(os.path.dirname(local_root), UNIVERSAL_DIR)
+    problem = None
+    if D.local_rank() == 0:
+        shards = [n for n in os.listdir(source) if n.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_"))
+                  and n.endswith("optim_states.pt")]
+        if len(shards) != world_size:
+            problem = (f"this node holds {len(shards)} of the {world_size} optimizer shards of {source}; resuming on "
+                       f"another number of ranks needs all of them on every node: put --output-dir on shared or "
+                       f"remote storage, or resume on {world_size} ranks")
+        else:
+            target = os.path.join(out_root, tag)
+            shutil.rmtree(target, ignore_errors=True)
+            workers = str(max(1, min(4, os.cpu_count() or 1)))
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   source, "--output_folder", target, "--inject_missing_state",
+                                   "--num_extract_workers", workers, "--num_merge_workers", workers],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                problem = f"converting {source} to a universal checkpoint failed:\n{proc.stderr[-3000:]}"
+    problems = [p for p in D.gather_objects(problem) if p]
+    if problems:
+        raise CheckpointError(problems[0])
+    return out_root
+
+
+def load_tag(engine, local_root: str, tag: str, layout: dict | None, **kwargs) -> dict:
+    """Load a verified tag into the engine, from any world size; return its client state.
+
+    A tag written by another number of ranks with partitioned optimizer state (ZeRO 1-3) is
+    converted to the universal format and loaded as such (DeepSpeed's ``checkpoint.load_universal``
+    switch, set for this one load: the run's own checkpoints stay in the native format), then the
+    conversion is deleted (it is as large as the optimizer state). ZeRO-0 checkpoints hold the
+    whole optimizer state and load on any world size as they are.
+    """
+    old_world = layout["world_size"] if layout else D.world_size()
+    if old_world == D.world_size() or layout.get("zero_stage", 0) == 0:
+        _, client_state = engine.load_checkpoint(local_root, tag=tag, **kwargs)
+        return client_state
+    universal_root = to_universal(local_root, tag, old_world)
+    engine._config.load_universal_checkpoint = True
+    try:
+        _, client_state = engine.load_checkpoint(universal_root, tag=tag, **kwargs)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    D.barrier()
+    if D.local_rank() == 0:
+        shutil.rmtree(universal_root, ignore_errors=True)
+    return client_state
+
+
+def _read_local(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def _write_local(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    storage.write_text(path, text)  # atomic: beside the target, then renamed over it
 
 
 def consolidated_state_dict(engine) -> dict | None:
@@ -235,16 +516,13 @@ def consolidated_state_dict(engine) -> dict | None:
     return engine.module.state_dict() if D.is_main() else None
 
 
-def export_model(engine, tokenizer, output_dir: str, staging_dir: str | None) -> str:
-    """Write the model (safetensors) and tokenizer with ``save_pretrained``; return its URI."""
+def export_model(engine, tokenizer, store: CheckpointStore) -> str:
+    """Write the model (safetensors) and tokenizer with ``save_pretrained`` and publish them; return the URI."""
     state = consolidated_state_dict(engine)
-    target = storage.join(output_dir, "model")
     if D.is_main():
-        with tempfile.TemporaryDirectory(dir=staging_dir) as tmp:
-            local = storage.local_path(target) if storage.is_local(target) else tmp
-            engine.module.save_pretrained(local, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(local)
-            if not storage.is_local(target):
-                storage.upload_dir(local, target)
+        local = os.path.join(store.mirror, "model")
+        engine.module.save_pretrained(local, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(local)
+        store.publish_dir("model")
     D.barrier()
-    return target
+    return storage.join(store.output_dir, "model")

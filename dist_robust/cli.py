@@ -136,7 +136,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from dist_robust.evaluate import ParallelIdError
     from torch.distributed import DistNetworkError
 
-    from dist_robust.checkpointing import CheckpointError
+    from dist_robust.checkpointing import CheckpointError, PublishError
     from dist_robust.stability import TrainingDivergedError
     from dist_robust.trainer import run
 
@@ -152,7 +152,7 @@ def train_main(argv: list[str] | None = None) -> int:
             f"port {port} on this host is already in use (another training job?). Give this job another one: "
             f"deepspeed --master_port PORT ..., torchrun --master_port PORT ..., MASTER_PORT=PORT python train.py ..., "
             f"or let dist-robust train --nproc-per-node N pick a free port"))
-    except (TrainingDivergedError, CheckpointError) as err:
+    except (TrainingDivergedError, CheckpointError, PublishError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 1

@@ -137,6 +137,9 @@ class TrainConfig:
                          "--output-dir")
     staging_dir: str | None = _f(None, "Local directory DeepSpeed writes into before publishing to a "
                                  "remote --output-dir (default: a temporary directory).", "--staging-dir")
+    publish_timeout: int = _f(600, "Seconds publishing to a remote --output-dir retries (with backoff) while the "
+                              "store is unreachable at the end of the run; during training a checkpoint that "
+                              "cannot go out waits in --staging-dir for the next one.", "--publish-timeout")
     resume: str | None = _f(None, "auto (latest checkpoint in --output-dir, if any) or a checkpoint path/URL.",
                             "--resume")
     trust_checkpoint: bool = _f(False, "Load a checkpoint that has no manifest.json (not written by dist-robust, "
@@ -383,7 +386,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if t.eval_split not in EVAL_SPLITS:
         bad("train.eval_split", t.eval_split, f"accepted: {', '.join(EVAL_SPLITS)}")
     for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit",
-                "max_bad_steps", "dist_timeout"):
+                "max_bad_steps", "dist_timeout", "publish_timeout"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", getattr(t, key), "must be >= 1")
     for key in ("eval_steps", "save_steps"):

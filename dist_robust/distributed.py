@@ -121,6 +121,11 @@ def gather_objects(obj) -> list:
     return out
 
 
+def from_main(obj):
+    """Rank 0's ``obj`` (picklable), on every rank."""
+    return gather_objects(obj if is_main() else None)[0]
+
+
 @contextmanager
 def main_first(local: bool = False):
     """Run the body on rank 0 (or each node's local rank 0) first, then on the others.

@@ -9,18 +9,17 @@ import json
 import logging
 
 from dist_robust import evaluate as E
-from dist_robust import storage
 from dist_robust.plots import log_run_plots
 from dist_robust.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-def write_outputs(output_dir: str, tracker: Tracker, results: dict, step: int) -> None:
-    """Write results.json (and generalized.csv), print the report, log the final metrics and artifacts."""
-    storage.write_text(storage.join(output_dir, "results.json"), json.dumps(results, indent=2))
-    if results["generalized"]:
-        storage.write_text(storage.join(output_dir, "generalized.csv"), E.matrix_csv(results["generalized"]))
+def write_outputs(put, tracker: Tracker, results: dict, step: int) -> None:
+    """Print the report, log the final metrics and artifacts, write results.json (and generalized.csv).
+
+    ``put(relative path, text)`` writes a file of the output directory (publishing it when remote).
+    """
     print_report(results)
     tracker.log_metrics(final_metrics(results, step), step=step)
     tracker.log_dict(results["config"], "run_config.json")
@@ -35,6 +34,9 @@ def write_outputs(output_dir: str, tracker: Tracker, results: dict, step: int) -
         tracker.log_table(columns, name)
     if hasattr(tracker, "ui_link"):
         print(f"MLflow: {tracker.ui_link()}", flush=True)
+    put("results.json", json.dumps(results, indent=2))
+    if results["generalized"]:
+        put("generalized.csv", E.matrix_csv(results["generalized"]))
 
 
 def tables(results: dict) -> dict[str, dict[str, list]]:

@@ -8,10 +8,13 @@ never sees a half-written checkpoint as the newest one.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 
 def is_local(uri: str) -> bool:
@@ -98,15 +101,42 @@ def listdir(uri: str) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local directory tree to a (remote) URI."""
+def upload_dir(local_dir: str, uri: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy a local directory tree to a (remote) URI, leaving out top-level files named in ``skip``."""
     fs, path = _fs(uri)
     for root, _, files in os.walk(local_dir):
         rel = os.path.relpath(root, local_dir)
         target = path if rel == "." else posixpath.join(path, *rel.split(os.sep))
         fs.makedirs(target, exist_ok=True)
         for name in files:
-            fs.put_file(os.path.join(root, name), posixpath.join(target, name))
+            if not (rel == "." and name in skip):
+                fs.put_file(os.path.join(root, name), posixpath.join(target, name))
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    fs, path = _fs(uri)
+    fs.put_file(local_path, path)
+
+
+# Errors that retrying cannot fix: wrong credentials or paths, and programming errors.
+_PERMANENT = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, TypeError, ValueError,
+              KeyError, AttributeError)
+
+
+def with_retries(work, budget_s: float, what: str):
+    """``work()``, retried with exponential backoff (1 s doubling to 30 s) for up to ``budget_s`` seconds.
+
+    For object-store calls: connection failures and server errors are retried, permanent
+    errors (see ``_PERMANENT``) raised at once; the last error is raised when time runs out.
+    """
+    import tenacity
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(budget_s), wait=tenacity.wait_exponential(multiplier=1, min=1, max=30),
+        retry=tenacity.retry_if_not_exception_type(_PERMANENT), reraise=True,
+        before_sleep=lambda state: log.info("%s failed (%s), attempt %d; retrying", what,
+                                            state.outcome.exception(), state.attempt_number))
+    return retrying(work)
 
 
 def download_dir(uri: str, local_dir: str) -> None:

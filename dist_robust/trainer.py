@@ -6,6 +6,7 @@ Every entry point (``train.py``, ``dist-robust train``, Ray Tune trials) calls :
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import statistics
@@ -19,12 +20,14 @@ from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust import evaluate as E
 from dist_robust import storage
-from dist_robust.checkpointing import BEST, CheckpointStore, best_tag, export_model, resolve_resume, step_tag
+from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, export_model, load_tag, read_layout,
+                                      resolve_resume, step_tag)
 from dist_robust.config import ConfigError, RunConfig, validate
 from dist_robust.ds_config import resolve_ds_config, user_grad_accum
 from dist_robust.data.augment import SynonymAugmenter
 from dist_robust.data.cache import encode_cached
-from dist_robust.data.pipeline import Collator, batches_per_epoch, encode, to_device, train_batch_indices
+from dist_robust.data.pipeline import (Collator, batch_position, batches_per_epoch, continue_batch_index, encode,
+                                       to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
                                 word_embeddings, zero3_context)
@@ -38,6 +41,16 @@ from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, descri
 log = logging.getLogger(__name__)
 
 NAN_ENV = "DIST_ROBUST_NAN_AT_STEPS"  # fault injection for the non-finite-step tests
+
+
+@dataclass
+class ResumePoint:
+    """A verified checkpoint to continue from, found before the engine is built."""
+
+    root: str  # where it lives (for messages)
+    tag: str
+    local_root: str  # this node's verified copy
+    layout: dict | None  # the writing run's world size and batch sizes (None: older checkpoints)
 
 
 @dataclass
@@ -57,6 +70,7 @@ class Setup:
     store: CheckpointStore
     zero3: zero3_context
     augmenter: SynonymAugmenter | None = None
+    resume: ResumePoint | None = None
     tracker: Tracker = field(default_factory=NullTracker)
 
 
@@ -133,8 +147,13 @@ def _setup(cfg: RunConfig) -> Setup:
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed)
     _init_distributed(cfg.train.dist_timeout)
     D.setup_logging()
-    ds = resolve_ds_config(cfg, D.world_size())
-    store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit)
+    store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit,
+                            cfg.train.publish_timeout)
+    node_local = store.detect_node_local()
+    resume = _find_resume(cfg, store)
+    ds = _resolve_ds_config_for(cfg, resume)
+    if node_local:  # DeepSpeed then writes the model states on every node, not on rank 0 alone
+        ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
     tokenizer = _tokenizer(cfg, data, store)
     collator = Collator(tokenizer)
     train_set = encode_cached(data.train, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
@@ -150,7 +169,65 @@ def _setup(cfg: RunConfig) -> Setup:
              engine.zero_optimization_stage(), cfg.objective.name, len(train_set))
     perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
     return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
-                 perturbation, store, zero3, augmenter)
+                 perturbation, store, zero3, augmenter, resume)
+
+
+def _find_resume(cfg: RunConfig, store: CheckpointStore) -> ResumePoint | None:
+    """The checkpoint ``--resume`` names, fetched to every node and verified, or None."""
+    found = resolve_resume(cfg.train.resume, store)
+    if found is None:
+        if cfg.train.resume:
+            log.info("--resume %s: no checkpoint yet, starting from step 0", cfg.train.resume)
+        return None
+    root, tag = found
+    local_root = store.fetch(root, tag, trust=cfg.train.trust_checkpoint)
+    return ResumePoint(root, tag, local_root, read_layout(local_root, tag))
+
+
+def _resolve_ds_config_for(cfg: RunConfig, resume: ResumePoint | None) -> dict:
+    """The run's ds_config; resuming on another number of ranks keeps the checkpoint's global batch.
+
+    The data position then carries over exactly (every optimizer step reads the same examples),
+    with gradient accumulation making up for the ranks that came or went.
+    """
+    ds = resolve_ds_config(cfg, D.world_size())
+    layout = resume.layout if resume is not None else None
+    if layout is None or layout["world_size"] == D.world_size():
+        return ds
+    micro, old_world = ds["train_micro_batch_size_per_gpu"], layout["world_size"]
+    src = cfg.ds_config_path or "the ds_config"
+    if micro != layout["micro_batch_size"]:
+        raise ConfigError([f"train.micro_batch_size (--micro-batch-size) = {micro}: the checkpoint {resume.root}/"
+                           f"{resume.tag} was trained with micro-batches of {layout['micro_batch_size']}; resuming "
+                           f"on another number of ranks needs the same micro-batch size"])
+    examples = layout["micro_batch_size"] * layout["grad_accum"] * old_world
+    accum, rest = divmod(examples, micro * D.world_size())
+    if rest or accum < 1:
+        raise ConfigError([f"the checkpoint {resume.root}/{resume.tag} was trained with {examples} examples per "
+                           f"step ({old_world} ranks x {layout['micro_batch_size']} x {layout['grad_accum']} "
+                           f"accumulated); {D.world_size()} ranks x {micro} cannot make that up: resume on a number "
+                           f"of ranks that divides {examples // micro}"])
+    if accum != user_grad_accum(ds, cfg.objective):
+        if cfg.ds_config.get("gradient_accumulation_steps", "auto") != "auto":
+            raise ConfigError([f"{src}: gradient_accumulation_steps = {cfg.ds_config['gradient_accumulation_steps']}"
+                               f": resuming a {old_world}-rank checkpoint on {D.world_size()} ranks needs {accum} "
+                               f"to keep its {examples} examples per step; set it to \"auto\" or {accum}"])
+        log.warning("resuming a %d-rank checkpoint on %d ranks: gradient accumulation %d (was %d) keeps its %d "
+                    "examples per step", old_world, D.world_size(), accum, layout["grad_accum"], examples)
+        cfg.train.grad_accum = accum
+        ds = resolve_ds_config(cfg, D.world_size())
+    return ds
+
+
+def _layout(setup: Setup) -> dict:
+    """What a resume on another world size needs to know about this run's batches."""
+    return {"world_size": D.world_size(), "micro_batch_size": setup.ds_config["train_micro_batch_size_per_gpu"],
+            "grad_accum": user_grad_accum(setup.ds_config, setup.cfg.objective),
+            "zero_stage": setup.engine.zero_optimization_stage(), "train_size": len(setup.train_set)}
+
+
+def _save(setup: Setup, state: State, tag: str, pointer: str = LATEST) -> str:
+    return setup.store.save(setup.engine, tag, _client_state(state), pointer=pointer, layout=_layout(setup))
 
 
 def final_split(cfg: RunConfig, data: TaskData) -> str:
@@ -185,27 +262,30 @@ def _tokenizer(cfg: RunConfig, data: TaskData, store: CheckpointStore):
                 storage.download_dir(saved, local)
             elif D.local_rank() == 0:
                 train_tokenizer(data.tokenizer_corpus(), cfg.model.tokenizer_vocab_size, local)
-                if store.remote:
-                    storage.upload_dir(local, saved)
+                store.publish_dir("tokenizer")
     return load_tokenizer(local)
 
 
 def _resume(setup: Setup) -> State:
-    found = resolve_resume(setup.cfg.train.resume, setup.store)
-    if found is None:
-        if setup.cfg.train.resume:
-            log.info("--resume %s: no checkpoint yet, starting from step 0", setup.cfg.train.resume)
+    point = setup.resume
+    if point is None:
         return State()
-    root, tag = found
-    local_root = setup.store.fetch(root, tag, trust=setup.cfg.train.trust_checkpoint)
-    _, client_state = setup.engine.load_checkpoint(local_root, tag=tag)
+    client_state = load_tag(setup.engine, point.local_root, point.tag, point.layout)
     state = State(**client_state["dist_robust"])
-    log.info("resumed from %s/%s at step %d", root, tag, state.step)
+    old_world = point.layout["world_size"] if point.layout else D.world_size()
+    if old_world != D.world_size():
+        n, micro = len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"]
+        state.batch_index, repeated = continue_batch_index(n, micro, old_world, D.world_size(), state.batch_index)
+        if repeated:
+            log.warning("the checkpoint stopped inside a row of %d micro-batches: %d micro-batch(es) are read again",
+                        D.world_size(), repeated)
+    log.info("resumed from %s/%s at step %d (written by %d rank(s), continuing on %d)", point.root, point.tag,
+             state.step, old_world, D.world_size())
     goes_on = state.step < setup.cfg.train.max_steps and not setup.cfg.train.eval_only
-    if goes_on and state.best_step == state.step and setup.store.pointed(BEST) != best_tag(state.step):
+    if goes_on and state.best_step == state.step and setup.store.agreed(BEST) != best_tag(state.step):
         # The run ended at its best step (the last one gets no separate best checkpoint) and now
         # goes on: these weights are that best model, so keep them before training changes them.
-        setup.store.save(setup.engine, best_tag(state.step), _client_state(state), pointer=BEST)
+        _save(setup, state, best_tag(state.step), pointer=BEST)
     return state
 
 
@@ -227,9 +307,11 @@ def _start_tracking(setup: Setup, state: State) -> None:
     setup.tracker.log_params(redact_tree(params))
 
 
-def _seed_for(seed: int, stream: int, batch_index: int) -> int:
-    """A distinct seed per (run seed, stream, rank, batch): resume needs no RNG state."""
-    return (seed * 1_000_003 + stream * 7_919 + D.rank() * 104_729 + batch_index) % (2 ** 63)
+def _seed_for(seed: int, stream: int, position: tuple[int, int]) -> int:
+    """A distinct seed per (run seed, stream, data batch position): resume needs no RNG state,
+    and a batch gets the same dropout masks and perturbations on any number of ranks."""
+    key = f"{seed}:{stream}:{position[0]}:{position[1]}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def _train_step(setup: Setup, state: State) -> dict[str, float]:
@@ -238,10 +320,12 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
     per_batch: list[dict[str, float]] = []
     for _ in range(user_grad_accum(setup.ds_config, cfg.objective)):
         batch = to_device(_train_batch(setup, state.batch_index), engine.device)
+        position = batch_position(len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"],
+                                  D.world_size(), D.rank(), state.batch_index)
         # Dropout draws from the device's generator (CPU and CUDA masks differ); perturbations
         # come from this CPU generator, so they are the same on every device.
-        torch.manual_seed(_seed_for(cfg.train.seed, 0, state.batch_index))
-        gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.train.seed, 1, state.batch_index))
+        torch.manual_seed(_seed_for(cfg.train.seed, 0, position))
+        gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.train.seed, 1, position))
         ctx = StepContext(setup.perturbation, engine.module.config.hidden_size, gen, fp16_loss_scale(engine))
         per_batch.append(setup.objective.train_step(engine, batch, ctx))
         state.batch_index += 1
@@ -291,7 +375,7 @@ def _fit(setup: Setup, state: State, report) -> None:
         if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or last:
             metrics = _evaluate_dev(setup, state)
         if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
-            checkpoint = setup.store.save(setup.engine, step_tag(state.step), _client_state(state))
+            checkpoint = _save(setup, state, step_tag(state.step))
         if report is not None and (metrics or checkpoint):
             report({**metrics, "step": state.step, "train/loss": stats["loss"]}, checkpoint)
     if bar is not None:
@@ -354,7 +438,7 @@ def _evaluate_dev(setup: Setup, state: State) -> dict[str, float]:
         state.best_score, state.best_step = summary["source_acc"], state.step
     last = state.step == cfg.train.max_steps
     if improved and not last:
-        setup.store.save(setup.engine, best_tag(state.step), _client_state(state), pointer=BEST)
+        _save(setup, state, best_tag(state.step), pointer=BEST)
     return metrics
 
 
@@ -409,12 +493,12 @@ def _load_best(setup: Setup, state: State) -> None:
     evaluate and export the last step while reporting the best. The best step and score are
     read from the loaded checkpoint itself, so the report always describes the weights it used.
     """
-    tag = setup.store.pointed(BEST)
+    tag = setup.store.agreed(BEST)
     if tag is None:
         raise RuntimeError(f"the best checkpoint (step {state.best_step}) is missing from {setup.store.root}: "
                            f"no '{BEST}' pointer")
     local_root = setup.store.fetch(setup.store.root, tag)
-    _, client_state = setup.engine.load_checkpoint(local_root, tag=tag, load_lr_scheduler_states=False)
+    client_state = load_tag(setup.engine, local_root, tag, read_layout(local_root, tag), load_lr_scheduler_states=False)
     best = client_state["dist_robust"]
     state.best_step, state.best_score = best["best_step"], best["best_score"]
     log.info("loaded the best checkpoint %s (step %d, %s dev accuracy %.4f)", tag, state.best_step,
@@ -424,7 +508,9 @@ def _load_best(setup: Setup, state: State) -> None:
 def _save_outputs(setup: Setup, state: State, results: dict) -> None:
     """Export the model (every rank: ZeRO-3 gathers it), then write results and logs on rank 0."""
     t = setup.cfg.train
+    setup.store.publish_all()  # checkpoints still waiting for the store, if it was away
     if t.export_model:
-        results["model_uri"] = export_model(setup.engine, setup.tokenizer, t.output_dir, t.staging_dir)
+        results["model_uri"] = export_model(setup.engine, setup.tokenizer, setup.store)
     if D.is_main():
-        write_outputs(t.output_dir, setup.tracker, results, state.step)
+        write_outputs(setup.store.publish_text, setup.tracker, results, state.step)
+        setup.store.check_published()

@@ -43,6 +43,11 @@ def store(request, tmp_path):
     return CheckpointStore(output, str(tmp_path / "staging"), keep=3)
 
 
+def _reader(store: CheckpointStore) -> CheckpointStore:
+    """Another run's view of the same output directory (a run reads its own tags from its staging)."""
+    return CheckpointStore(store.output_dir, store.local_root + "-reader", keep=3)
+
+
 def test_manifest_lists_every_file_with_its_size_and_sha256(store):
     import hashlib
 
@@ -85,7 +90,7 @@ def test_damaged_file_is_named(store, damage):
             f.write(new)
     what = "missing" if damage == "delete" else "size or sha256 differs"
     with pytest.raises(CheckpointError, match=rf"does not match its {MANIFEST} \({what}: {FILES[1]}\)"):
-        store.fetch(store.root, step_tag(2), trust=True)  # trust skips nothing when a manifest exists
+        _reader(store).fetch(store.root, step_tag(2), trust=True)  # trust skips nothing when a manifest exists
 
 
 def test_unreadable_manifest_is_an_error(store):
@@ -94,7 +99,7 @@ def test_unreadable_manifest_is_an_error(store):
     if store.remote:
         Path(store.local_root, step_tag(2), MANIFEST).unlink()
     with pytest.raises(CheckpointError, match=f"{MANIFEST} is unreadable"):
-        store.fetch(store.root, step_tag(2))
+        _reader(store).fetch(store.root, step_tag(2))
 
 
 def test_best_pointer_moves_only_after_a_complete_save(store):

@@ -4,7 +4,8 @@
   side, each with its two Train workers on different nodes (STRICT_SPREAD), one cloned into the
   other's checkpoint at step 2;
 * ``cluster/deepspeed-multinode.sh`` started once per node (node ranks, rendezvous address),
-  training the tiny config, each node with its own working directory as on local disks.
+  training the tiny config, each node with its own working directory as on local disks,
+  crashing, and resuming there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dist_robust.distributed import free_port
+from dist_robust.faults import CRASH_ENV
 from tests.launch import REPO, TINY, launcher_env
 
 pytestmark = pytest.mark.launcher
@@ -124,8 +126,8 @@ def test_pbt_sweep_on_two_ray_nodes(two_node_cluster, tmp_path):
             assert len(shards) == 1, (tag, shards)  # one rank per node: each node holds one shard
 
 
-@needs_loopback
-def test_deepspeed_launch_script_on_two_loopback_nodes(tmp_path):
+def _launch_two_nodes(tmp_path, flags: list[str], crash_at: int | None = None, tag: str = "") -> list[str]:
+    """cluster/deepspeed-multinode.sh once per loopback node, each with its own --output-dir; their logs."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two loopback nodes\nnode0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
@@ -133,20 +135,41 @@ def test_deepspeed_launch_script_on_two_loopback_nodes(tmp_path):
     for rank, addr in enumerate(NODES):
         env = launcher_env(HOSTFILE=str(hostfile), NODE_RANK=str(rank), MASTER_ADDR=NODES[0], MASTER_PORT=port,
                            DS_CONFIG=str(REPO / "ds_configs" / "zero2.json"))
-        log = open(tmp_path / f"node{rank}.log", "w")
-        procs.append((subprocess.Popen(["bash", str(REPO / "cluster" / "deepspeed-multinode.sh"), *TINY,
-                                        "--max-steps", "4", "--eval-steps", "0", "--save-steps", "2",
-                                        "--no-export-model", "--output-dir", str(tmp_path / f"node{rank}")],
+        if crash_at:
+            env[CRASH_ENV] = str(crash_at)
+        log = open(tmp_path / f"node{rank}{tag}.log", "w")
+        procs.append((subprocess.Popen(["bash", str(REPO / "cluster" / "deepspeed-multinode.sh"), *flags,
+                                        "--output-dir", str(tmp_path / f"node{rank}")],
                                        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for proc, log in procs:
         proc.wait(timeout=900)
         log.close()
-    logs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
-    assert [p.returncode for p, _ in procs] == [0, 0], "\n-----\n".join(text[-3000:] for text in logs)
+    logs = [(tmp_path / f"node{r}{tag}.log").read_text() for r in (0, 1)]
+    codes = [p.returncode for p, _ in procs]
+    assert (codes != [0, 0]) if crash_at else (codes == [0, 0]), "\n-----\n".join(text[-3000:] for text in logs)
+    return logs
+
+
+@needs_loopback
+def test_deepspeed_launch_script_on_two_loopback_nodes_with_node_local_dirs(tmp_path):
+    """Each node trains in its own directory, as on machines with local disks; a crash at step 5
+    is resumed by the same command on both nodes, each from its own disk."""
+    flags = [*TINY, "--max-steps", "6", "--eval-steps", "0", "--save-steps", "2", "--no-export-model"]
+    logs = _launch_two_nodes(tmp_path, flags, crash_at=5, tag="-crashed")
+    assert "injected crash before step 5" in logs[0]
+    assert "is not shared by all nodes" in logs[0]
+    # each node holds a complete checkpoint of its own: model states, manifest, layout, its rank's shard
+    for rank in (0, 1):
+        ckpt = tmp_path / f"node{rank}" / "checkpoints"
+        assert (ckpt / "latest").read_text() == "step-00000004"
+        assert set(os.listdir(ckpt / "step-00000004")) == {
+            "mp_rank_00_model_states.pt", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", "manifest.json",
+            "layout.json"}
+    _launch_two_nodes(tmp_path, [*flags, "--resume", "auto"])
     results = json.loads((tmp_path / "node0" / "results.json").read_text())
-    assert results["config"]["world_size"] == 2 and len(results["train_losses"]) == 4
+    assert results["config"]["world_size"] == 2 and len(results["train_losses"]) == 6
     assert not (tmp_path / "node1" / "results.json").exists()  # rank 0 alone writes results
-    # each node holds its own rank's shard of every checkpoint, as on machines with local disks
-    node0, node1 = (set(os.listdir(tmp_path / f"node{r}" / "checkpoints" / "step-00000004")) for r in (0, 1))
-    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= node0
-    assert node1 == {"zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    for rank in (0, 1):  # both resumed from step 4 and saved step 6; retention kept 2 tags on each disk
+        ckpt = tmp_path / f"node{rank}" / "checkpoints"
+        assert (ckpt / "latest").read_text() == "step-00000006"
+        assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004", "step-00000006"]

@@ -89,6 +89,30 @@ def batches_per_epoch(n: int, micro_batch_size: int, world_size: int) -> int:
     return per
 
 
+def batch_position(n: int, micro_batch_size: int, world_size: int, rank: int, batch_index: int) -> tuple[int, int]:
+    """(epoch, slot) of this rank's data batch ``batch_index``: slot counts micro-batches of the
+    epoch's order across all ranks, so a batch has the same position on any number of ranks."""
+    epoch, j = divmod(batch_index, batches_per_epoch(n, micro_batch_size, world_size))
+    return epoch, j * world_size + rank
+
+
+def continue_batch_index(n: int, micro_batch_size: int, old_world: int, new_world: int,
+                         batch_index: int) -> tuple[int, int]:
+    """The per-rank batch index on ``new_world`` ranks that continues where ``old_world`` ranks stopped.
+
+    Returns (batch index, micro-batches seen again). Both layouts read the same permutation of
+    each epoch, micro-batch after micro-batch across ranks, so the position carries over
+    exactly when it is a whole number of new rows (the case whenever the global batch is kept
+    and both layouts drop the same tail of an epoch); otherwise it is rounded back and that
+    many micro-batches are read again.
+    """
+    epoch, j = divmod(batch_index, batches_per_epoch(n, micro_batch_size, old_world))
+    slots, per_new = j * old_world, batches_per_epoch(n, micro_batch_size, new_world)
+    if slots // new_world >= per_new:  # past what the new layout reads of this epoch: the next one
+        return (epoch + 1) * per_new, 0
+    return epoch * per_new + slots // new_world, slots % new_world
+
+
 def train_batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
                         batch_index: int) -> list[int]:
     """Example indices of data batch ``batch_index`` (counted from 0 over the run) on ``rank``."""
