@@ -107,10 +107,14 @@ def make_reference(models: list[str]) -> int:
     return 0
 
 
-def judge(precision: str, res: dict, reference: list[float], fp32: list[float] | None) -> tuple[str, list[str]]:
+def judge(precision: str, res: dict, reference: list[float] | None, fp32: list[float] | None) -> tuple[str, list[str]]:
     """(agreement summary, problems) of one run: fp32 against the CPU reference, bf16/fp16 against fp32."""
     losses, problems = res["train_losses"], []
-    if precision == "fp32":
+    if precision == "fp32" and reference is None:
+        problems.append("no CPU reference for this model in bench/gpu_reference.json: make it on a CPU machine "
+                        "with --make-reference --models <model>")
+        detail = "no CPU reference"
+    elif precision == "fp32":
         worst = max(abs(a - b) for a, b in zip(losses, reference))
         if len(losses) != len(reference) or worst > 1e-3:
             problems.append(f"fp32 losses differ from the CPU by up to {worst:.2e} (> 1e-3)")
@@ -155,7 +159,7 @@ def check(models: list[str]) -> int:
                     res = train(model, tokenizer, config, objective, root / "runs" / name.replace(" ", "-"))
                     if precision == "fp32":
                         fp32[objective] = res["train_losses"]
-                    detail, problems = judge(precision, res, reference[f"{model}/{objective}"], fp32.get(objective))
+                    detail, problems = judge(precision, res, reference.get(f"{model}/{objective}"), fp32.get(objective))
                     peak = torch.cuda.max_memory_allocated() / 2 ** 30
                     rows.append((name, res["seconds_per_step"], peak, res["max_delta_norm"], detail,
                                  "FAIL: " + "; ".join(problems) if problems else "ok"))

@@ -6,7 +6,6 @@ Every entry point (``train.py``, ``dist-robust train``, Ray Tune trials) calls :
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import statistics
@@ -26,7 +25,7 @@ from dist_robust.config import ConfigError, RunConfig, validate
 from dist_robust.ds_config import resolve_ds_config, user_grad_accum
 from dist_robust.data.augment import SynonymAugmenter
 from dist_robust.data.cache import encode_cached
-from dist_robust.data.pipeline import (Collator, batch_position, batches_per_epoch, continue_batch_index, encode,
+from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
                                        to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
@@ -307,11 +306,10 @@ def _start_tracking(setup: Setup, state: State) -> None:
     setup.tracker.log_params(redact_tree(params))
 
 
-def _seed_for(seed: int, stream: int, position: tuple[int, int]) -> int:
-    """A distinct seed per (run seed, stream, data batch position): resume needs no RNG state,
+def _seed_for(seed: int, stream: int, micro_batch: int) -> int:
+    """A seed per (run seed, stream, micro-batch number of the run): resume needs no RNG state,
     and a batch gets the same dropout masks and perturbations on any number of ranks."""
-    key = f"{seed}:{stream}:{position[0]}:{position[1]}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    return (seed * 1_000_003 + stream * 7_919 + micro_batch) % (2 ** 63)
 
 
 def _train_step(setup: Setup, state: State) -> dict[str, float]:
@@ -320,8 +318,8 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
     per_batch: list[dict[str, float]] = []
     for _ in range(user_grad_accum(setup.ds_config, cfg.objective)):
         batch = to_device(_train_batch(setup, state.batch_index), engine.device)
-        position = batch_position(len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"],
-                                  D.world_size(), D.rank(), state.batch_index)
+        position = micro_batch_number(len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"],
+                                      D.world_size(), D.rank(), state.batch_index)
         # Dropout draws from the device's generator (CPU and CUDA masks differ); perturbations
         # come from this CPU generator, so they are the same on every device.
         torch.manual_seed(_seed_for(cfg.train.seed, 0, position))

@@ -3,7 +3,7 @@
 Unit level, on local and in-memory fsspec stores, with an engine stand-in that writes files and
 can die half-way: a torn tag has no manifest and is refused (unless trusted), a truncated or
 altered file and a missing one are named. The real kills (a process killed inside
-``save_checkpoint``, a rank killed mid-run) are in ``tests/test_kill.py``.
+``save_checkpoint``, a rank killed mid-run) are in ``tests/test_resume.py``.
 """
 
 from __future__ import annotations

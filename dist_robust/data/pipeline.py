@@ -89,11 +89,13 @@ def batches_per_epoch(n: int, micro_batch_size: int, world_size: int) -> int:
     return per
 
 
-def batch_position(n: int, micro_batch_size: int, world_size: int, rank: int, batch_index: int) -> tuple[int, int]:
-    """(epoch, slot) of this rank's data batch ``batch_index``: slot counts micro-batches of the
-    epoch's order across all ranks, so a batch has the same position on any number of ranks."""
-    epoch, j = divmod(batch_index, batches_per_epoch(n, micro_batch_size, world_size))
-    return epoch, j * world_size + rank
+def micro_batch_number(n: int, micro_batch_size: int, world_size: int, rank: int, batch_index: int) -> int:
+    """Which micro-batch of the run this rank's data batch ``batch_index`` is, counted across all
+    ranks in the order the epochs' permutations are read: the same number on any number of ranks
+    (while the layouts' epochs have the same length), and ``batch_index`` itself on one rank."""
+    per_epoch = batches_per_epoch(n, micro_batch_size, world_size)
+    epoch, j = divmod(batch_index, per_epoch)
+    return (epoch * per_epoch + j) * world_size + rank
 
 
 def continue_batch_index(n: int, micro_batch_size: int, old_world: int, new_world: int,
