@@ -22,7 +22,7 @@ import pytest
 from dist_robust.distributed import free_port
 from tests.launch import REPO, TINY, launcher_env
 
-pytestmark = pytest.mark.launcher
+pytestmark = [pytest.mark.launcher, pytest.mark.slow]  # a minute of a browser: make test-all, not CI
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
