@@ -14,6 +14,11 @@ The manifest is verified on every node before DeepSpeed loads a tag. That load u
 (not written by dist-robust, or torn) is refused unless the user trusts it
 (``--trust-checkpoint``). The manifest proves the files are the ones dist-robust wrote, not
 who wrote them: only resume from storage you control.
+
+Each tag also holds ``layout.json`` (ranks, batch sizes, ZeRO stage), so a run on another number
+of ranks can plan before building its engine and load the tag through DeepSpeed's universal
+format (:func:`load_tag`). When nodes do not share the output directory (node-local disks),
+every node keeps complete checkpoints of its own (:meth:`CheckpointStore.detect_node_local`).
 """
 
 from __future__ import annotations
