@@ -7,8 +7,10 @@
 #         bash cluster/deepspeed-multinode.sh [train.py flags]
 #   * on every node yourself (SLURM srun, Kubernetes, or by hand), no ssh needed:
 #         NODE_RANK=<0..N-1> MASTER_ADDR=<node 0's address> bash cluster/deepspeed-multinode.sh [train.py flags]
-# Every node needs the repository at the same path and the same data/output locations (a shared
-# filesystem or fsspec URLs for --data-dir and --output-dir).
+# Every node needs the repository at the same path and the same data (a shared filesystem or an
+# fsspec URL for --data-dir). --output-dir may be shared, an fsspec URL, or each node's local disk:
+# then every node keeps complete checkpoints of its own and the same command resumes on each
+# (results.json and the exported model are written on the first node).
 # Environment: HOSTFILE (cluster/hostfile), MASTER_ADDR (first host), MASTER_PORT (29500),
 # DS_CONFIG (ds_configs/zero2.json), NODE_RANK (unset: ssh launch).
 set -euo pipefail
