@@ -119,7 +119,7 @@ class CheckpointStore:
         root = storage.local_path(self.output_dir)
         probe = os.path.join(root, f".node-probe-{D.from_main(os.urandom(8).hex())}")
         if D.is_main():
-            _write_local(probe, "")
+            storage.write_text(probe, "")
         D.barrier()
         seen = D.gather_objects(os.path.exists(probe) if D.local_rank() == 0 else True)
         D.barrier()
@@ -149,7 +149,7 @@ class CheckpointStore:
         engine.save_checkpoint(self.local_root, tag=tag, client_state=client_state, save_latest=False)
         writer = self._writes_pointers()
         if layout is not None and writer:
-            _write_local(os.path.join(local_tag, LAYOUT), json.dumps(layout, indent=1, sort_keys=True))
+            storage.write_text(os.path.join(local_tag, LAYOUT), json.dumps(layout, indent=1, sort_keys=True))
         faults.inside_save(tag)
         D.barrier()
         # Each node hashes what it wrote (nodes may have their own disks); the manifest is the union.
@@ -158,12 +158,12 @@ class CheckpointStore:
         for node_files in D.gather_objects(files):
             manifest["files"].update(node_files)
         if writer:
-            _write_local(os.path.join(local_tag, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+            storage.write_text(os.path.join(local_tag, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
         D.barrier()
         if writer:
             if os.path.isdir(os.path.join(self.local_root, pointer)):  # a `best` directory of an older version
                 shutil.rmtree(os.path.join(self.local_root, pointer))
-            _write_local(os.path.join(self.local_root, pointer), tag)
+            storage.write_text(os.path.join(self.local_root, pointer), tag)
         D.barrier()  # every node's pointer moved before any node deletes what an old one named
         stale = self._stale() if writer else []
         if self.remote:  # staging: every node prunes its part
@@ -199,7 +199,7 @@ class CheckpointStore:
             return True
         error = None
         if D.local_rank() == 0:  # each node uploads the files it holds
-            error = self._try(lambda: [self._upload_tag(t, files=True) for t in self.unpublished], budget_s)
+            error = self._try(lambda: [self._upload_files(t) for t in self.unpublished], budget_s)
         errors = [e for e in D.gather_objects(error) if e]
         if not errors and D.is_main():
             error = self._try(self._publish_pointers, budget_s)
@@ -225,19 +225,18 @@ class CheckpointStore:
             return f"{type(err).__name__}: {err}"
         return None
 
-    def _upload_tag(self, tag: str, files: bool) -> None:
+    def _upload_files(self, tag: str) -> None:
+        """This node's files of a staged tag, all but the manifest (which goes after every node's)."""
         local_tag, remote_tag = os.path.join(self.local_root, tag), storage.join(self.root, tag)
-        if not os.path.isdir(local_tag):
-            return
-        if files:
+        if os.path.isdir(local_tag):
             storage.remove(remote_tag)  # a partial upload of an earlier attempt
             storage.upload_dir(local_tag, remote_tag, skip=(MANIFEST,))
-        elif os.path.isfile(os.path.join(local_tag, MANIFEST)):
-            storage.upload_file(os.path.join(local_tag, MANIFEST), storage.join(remote_tag, MANIFEST))
 
     def _publish_pointers(self) -> None:
         for tag in self.unpublished:  # manifests after every node's files
-            self._upload_tag(tag, files=False)
+            manifest = os.path.join(self.local_root, tag, MANIFEST)
+            if os.path.isfile(manifest):
+                storage.upload_file(manifest, storage.join(self.root, tag, MANIFEST))
         for pointer in (LATEST, BEST):
             tag = _read_local(os.path.join(self.local_root, pointer))
             if tag is not None:
@@ -252,7 +251,7 @@ class CheckpointStore:
     def publish_all(self) -> None:
         """At the end of a run (collective): publish the waiting checkpoints, retrying up to ``publish_timeout``."""
         if self.remote and self.unpublished and not self.publish(self.publish_timeout):
-            self._gave_up = f"{self._last_error}"
+            self._gave_up = self._last_error
 
     def publish_text(self, rel: str, text: str) -> None:
         """Write an output file (``results.json``, ...) of the run: locally, then published with retries."""
@@ -260,7 +259,7 @@ class CheckpointStore:
             storage.write_text(storage.join(self.output_dir, rel), text)
             return
         local = os.path.join(self.mirror, rel)
-        _write_local(local, text)
+        storage.write_text(local, text)
         self._publish_output(lambda: storage.upload_file(local, storage.join(self.output_dir, rel)), rel)
 
     def publish_dir(self, rel: str) -> None:
@@ -347,7 +346,7 @@ class CheckpointStore:
                 for pointer in (LATEST, BEST):
                     found = self.published(pointer)
                     if found is not None and _read_local(os.path.join(self.local_root, pointer)) is None:
-                        _write_local(os.path.join(self.local_root, pointer), found)
+                        storage.write_text(os.path.join(self.local_root, pointer), found)
             D.barrier()
         verify(local, tag, trust, shown=storage.join(source_root, tag))
         return local
@@ -508,10 +507,6 @@ def _read_local(path: str) -> str | None:
         return None
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
-
-
-def _write_local(path: str, text: str) -> None:
-    storage.write_text(path, text)  # atomic: beside the target, then renamed over it
 
 
 def consolidated_state_dict(engine) -> dict | None:

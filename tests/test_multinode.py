@@ -165,7 +165,8 @@ def test_deepspeed_launch_script_on_two_loopback_nodes_with_node_local_dirs(tmp_
         assert set(os.listdir(ckpt / "step-00000004")) == {
             "mp_rank_00_model_states.pt", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", "manifest.json",
             "layout.json"}
-    _launch_two_nodes(tmp_path, [*flags, "--resume", "auto"])
+    logs = _launch_two_nodes(tmp_path, [*flags, "--resume", "auto"])
+    assert "step-00000004 at step 4" in logs[0]  # resumed, not started over (node 1 cannot differ: collectives)
     results = json.loads((tmp_path / "node0" / "results.json").read_text())
     assert results["config"]["world_size"] == 2 and len(results["train_losses"]) == 6
     assert not (tmp_path / "node1" / "results.json").exists()  # rank 0 alone writes results
