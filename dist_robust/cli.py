@@ -224,6 +224,12 @@ def augment_main(argv: list[str] | None = None) -> int:
     return run_augment(argv)
 
 
+def experiment_main(argv: list[str] | None = None) -> int:
+    from dist_robust.experiment import experiment_main as main
+
+    return main(argv)
+
+
 def compare_main(argv: list[str] | None = None) -> int:
     from dist_robust.compare import compare_main as run_compare
 
@@ -264,6 +270,7 @@ COMMANDS = {
     "eval": eval_main,
     "augment": augment_main,
     "compare": compare_main,
+    "experiment": experiment_main,
     "tune": tune_main,
     "replay-tracking": replay_tracking_main,
 }
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               "  config   print the resolved configuration without training\n"
               "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)\n"
               "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment\n"
+              "  experiment  every method over seeds, hyperparameters picked on source dev, then compare\n"
               "  tune     Ray Tune sweep over perturbation radius, noise scale, ... (see tuning/*.yaml)\n"
               "  replay-tracking  send MLflow calls kept while the tracking server was unreachable")
         return 0

@@ -82,6 +82,7 @@ class Table:
     group_by: list[str]
     baseline: Row | None = None
     parents_left_out: int = 0
+    paired: dict = field(default_factory=dict)  # row label -> column -> paired.Paired (--paired)
 
     @property
     def headers(self) -> list[str]:
@@ -275,6 +276,16 @@ def without_sweep_parents(records: list[RunRecord]) -> tuple[list[RunRecord], in
     return kept, len(records) - len(kept)
 
 
+def add_paired(table: Table) -> None:
+    """Per-seed paired differences of every row against the baseline (``--paired``)."""
+    from dist_robust.paired import paired_against
+
+    if table.baseline is None:
+        raise CompareError("--paired compares against a baseline: add --baseline (e.g. --baseline erm)")
+    table.paired = {row.label: paired_against(row.records, table.baseline.records, table.columns)
+                    for row in table.rows if not row.is_baseline}
+
+
 def compare_runs(client: MlflowClient, experiment: str, filter_string: str = "", run_ids: list[str] | None = None,
                  group_by: list[str] | None = None, baseline: str | None = None) -> Table:
     """Query the experiment (sweep parents left out unless named in ``run_ids``) and build its table."""
@@ -331,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--filter", default="", help="MLflow search filter (see below).")
     parser.add_argument("--baseline", metavar="RUN_OR_FILTER",
                         help="Show differences against this row, run, or the mean of the runs a filter matches.")
+    parser.add_argument("--paired", action="store_true",
+                        help="Also pair every row's runs with the baseline's by seed: mean difference, 95%% CI, "
+                             "seeds won, Wilcoxon signed-rank p.")
     parser.add_argument("--group-by", nargs="+", action="extend", metavar="KEY",
                         help="Group runs by these params/tags: mean +- std over each group's runs (seeds).")
     parser.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
@@ -348,6 +362,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     try:
         client = open_client(args.mlflow_uri)
         table = compare_runs(client, args.experiment, args.filter, args.runs, args.group_by, args.baseline)
+        if args.paired:
+            add_paired(table)
         print(render(table, args.format), end="", flush=True)
         if args.plot_dir:
             from dist_robust.compare_plots import write_comparison_plots

@@ -81,16 +81,35 @@ def _text_grid(table: Table, plus_minus: str) -> list[list[str]]:
     return grid
 
 
-def to_text(table: Table) -> str:
-    """An aligned plain-ASCII table for the terminal, with its title and footnotes."""
-    grid = _text_grid(table, "+-")
+PAIRED_NOTE = ("paired by seed against the baseline, in points: mean difference [95% t interval] seeds won/paired "
+               "p=Wilcoxon signed-rank (two-sided; with 5 seeds it cannot go below 0.0625)")
+
+
+def _paired_grid(table: Table) -> list[list[str]]:
+    from dist_robust.paired import paired_text
+
+    grid = [[_label_header(table), *table.headers]]
+    for label, cells in table.paired.items():
+        grid.append([label, *(paired_text(cells[c]) for c in table.columns)])
+    return grid
+
+
+def _aligned(grid: list[list[str]]) -> list[str]:
     widths = [max(len(line[k]) for line in grid) for k in range(len(grid[0]))]
-    lines = [title(table), ""]
+    lines = []
     for i, line in enumerate(grid):
         cells = [line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def to_text(table: Table) -> str:
+    """An aligned plain-ASCII table for the terminal, with its title and footnotes."""
+    lines = [title(table), "", *_aligned(_text_grid(table, "+-"))]
+    if table.paired:
+        lines += ["", PAIRED_NOTE, "", *_aligned(_paired_grid(table))]
     return "\n".join(lines + [""] + notes(table)).rstrip() + "\n"
 
 
@@ -101,6 +120,11 @@ def to_markdown(table: Table) -> str:
     lines = [title(table), "", "| " + " | ".join(esc[0]) + " |",
              "|" + "|".join([":---"] + ["---:"] * (len(esc[0]) - 1)) + "|"]
     lines += ["| " + " | ".join(line) + " |" for line in esc[1:]]
+    if table.paired:
+        grid = _paired_grid(table)
+        lines += ["", PAIRED_NOTE, "", "| " + " | ".join(grid[0]) + " |",
+                  "|" + "|".join([":---"] + ["---:"] * (len(grid[0]) - 1)) + "|"]
+        lines += ["| " + " | ".join(line) + " |" for line in grid[1:]]
     foot = notes(table)
     return "\n".join(lines + ([""] + [f"- {n.replace('+-', '±')}" for n in foot] if foot else [])) + "\n"
 
@@ -149,6 +173,9 @@ def to_dict(table: Table) -> dict:
             "values": {head: {"mean": cell.mean, "std": cell.std, "n": cell.n, "delta": cell.delta}
                        for head, cell in zip(table.headers, (row.cells[c] for c in table.columns))},
         } for row in table.rows],
+        "paired": {label: {head: None if p is None else vars(p) for head, p in zip(table.headers,
+                                                                                   (cells[c] for c in table.columns))}
+                   for label, cells in table.paired.items()},
         "notes": notes(table),
     }
 

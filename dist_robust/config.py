@@ -25,6 +25,7 @@ import yaml
 
 OBJECTIVES = ("erm", "pgd", "freelb", "gaussian")
 NORMS = ("l2", "linf")
+SCALES = ("relative", "absolute")
 TASKS = ("synthetic", "pawsx", "xnli")
 AUGMENTATIONS = ("none", "synonym")
 DATA_FORMATS = ("auto", "tsv", "xtreme", "jsonl", "parquet")
@@ -60,6 +61,9 @@ class ModelConfig:
                          "--max-length")
     dropout: float | None = _f(None, "Override hidden and attention dropout of the model config.",
                                "--dropout")
+    freeze_embeddings: bool | None = _f(None, "Keep the word-embedding matrix fixed while fine-tuning. Default: "
+                                        "on for built-in models on the synthetic task (whose embeddings model "
+                                        "a pretrained lexicon), off otherwise.", "--freeze-embeddings")
 
 
 @dataclass
@@ -90,10 +94,14 @@ class DataConfig:
                                        "--max-eval-examples")
     synthetic_train_size: int = _f(4000, "Synthetic task: English training pairs.", "--synthetic-train-size")
     synthetic_eval_size: int = _f(400, "Synthetic task: dev/test pairs per language.", "--synthetic-eval-size")
+    synthetic_misalignment: float = _f(0.5, "Synthetic task: how far the target languages' word embeddings start "
+                                       "from their English translations' (relative noise norm; 0: aligned). "
+                                       "Built-in models only; see docs/synthetic.md.", "--synthetic-misalignment")
     augment: str = _f("none", "On-the-fly augmentation of training pairs (synonym: RS-DA substitution, fresh "
                       "every epoch).", "--augment", choices=AUGMENTATIONS)
     synonyms: str | None = _f(None, "Synonym source for --augment synonym: JSON word -> [neighbour, ...] "
-                              "(path or URL), e.g. counterfitted_neighbors.json.", "--synonyms")
+                              "(path or URL), e.g. counterfitted_neighbors.json. The synthetic task has "
+                              "its own.", "--synonyms")
     synonym_prob: float = _f(1.0, "--augment synonym: probability that a word with neighbours is redrawn "
                              "(uniformly from itself and its neighbours; 1.0 as in RS-DA).", "--synonym-prob")
 
@@ -101,15 +109,20 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = _f("erm", "Training objective.", "--objective", choices=OBJECTIVES)
-    epsilon: float = _f(0.1, "pgd/freelb: radius of the perturbation ball on word-embedding outputs.",
-                        "--epsilon")
-    alpha: float = _f(0.05, "pgd/freelb: ascent step size.", "--alpha")
+    epsilon: float = _f(0.1, "pgd/freelb: radius of the perturbation ball on word-embedding outputs "
+                        "(relative: the most ||delta|| / ||e(x)|| may reach).", "--epsilon")
+    alpha: float = _f(0.05, "pgd/freelb: ascent step size (in epsilon's units).", "--alpha")
     adv_steps: int = _f(2, "pgd/freelb: number of ascent steps K.", "--adv-steps")
     norm: str = _f("l2", "pgd/freelb: ball norm (l2 per example over real tokens, or linf).", "--norm",
                    choices=NORMS)
     adv_weight: float = _f(0.5, "pgd: loss = (1 - w) * clean CE + w * adversarial CE.", "--adv-weight")
-    sigma: float = _f(0.01, "gaussian: standard deviation of the noise on word-embedding outputs.", "--sigma")
+    sigma: float = _f(0.1, "gaussian: standard deviation of the noise on word-embedding outputs (relative: "
+                      "a fraction of the example's root-mean-square coordinate, i.e. the expected "
+                      "||noise|| / ||e(x)||).", "--sigma")
     noise_samples: int = _f(1, "gaussian: noisy copies of every example per step.", "--noise-samples")
+    scale: str = _f("relative", "Units of epsilon, alpha and sigma: relative (fractions of each example's "
+                    "word-embedding norm ||e(x)||, the same meaning on every model) or absolute (raw "
+                    "embedding units).", "--perturbation-scale", choices=SCALES)
 
 
 @dataclass
@@ -162,6 +175,8 @@ class TrackingConfig:
     experiment: str | None = _f(None, "MLflow experiment name. Default: $MLFLOW_EXPERIMENT_NAME, else dist-robust.",
                                 "--experiment")
     run_name: str | None = _f(None, "MLflow run name (default: objective and output dir).", "--run-name")
+    tags: list[str] = _f([], "Extra MLflow tags KEY=VALUE on the run (e.g. method=synonym+pgd), for filters "
+                         "and compare --group-by tags.KEY.", "--tags", nargs="+")
     run_id: str | None = _f(None, "Log into this existing MLflow run (a sweep creates one per trial) instead of a "
                             "new one or the one a resumed checkpoint names.")
 
@@ -354,6 +369,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         bad("objective.name", o.name, f"accepted objectives: {', '.join(OBJECTIVES)}")
     if o.norm not in NORMS:
         bad("objective.norm", o.norm, f"accepted norms: {', '.join(NORMS)}")
+    for tag in cfg.tracking.tags:
+        if "=" not in tag or not tag.partition("=")[0]:
+            bad("tracking.tags", tag, "expected KEY=VALUE, e.g. method=pgd")
+    if o.scale not in SCALES:
+        bad("objective.scale", o.scale, f"accepted: {', '.join(SCALES)}")
     for key, value in (("epsilon", o.epsilon), ("alpha", o.alpha), ("sigma", o.sigma)):
         if value < 0:
             bad(f"objective.{key}", value, "must be >= 0")
@@ -367,8 +387,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         bad("data.task", d.task, f"accepted tasks: {', '.join(TASKS)}")
     if d.augment not in AUGMENTATIONS:
         bad("data.augment", d.augment, f"accepted: {', '.join(AUGMENTATIONS)}")
-    if d.augment == "synonym" and not d.synonyms:
+    if d.augment == "synonym" and not d.synonyms and d.task != "synthetic":
         bad("data.synonyms", d.synonyms, "--augment synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
+    if d.synthetic_misalignment < 0:
+        bad("data.synthetic_misalignment", d.synthetic_misalignment, "must be >= 0")
     if not 0.0 <= d.synonym_prob <= 1.0:
         bad("data.synonym_prob", d.synonym_prob, "must be in [0, 1]")
     if d.data_format not in DATA_FORMATS:

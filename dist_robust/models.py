@@ -32,34 +32,55 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_CONFIGS
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str,
+                    words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Train a Unigram tokenizer (the model family XLM-R's SentencePiece uses) and save it.
 
     Pairs are encoded as XLM-R does: ``<s> A </s></s> B </s>``. A Unigram vocabulary must hold
     every character of the text (CJK text brings thousands), so ``vocab_size`` is raised, with a
-    log line, when the text needs more.
+    log line, when the text needs more. ``words`` (a task's lexicon, e.g. the synthetic one's)
+    are not learnt but given: the vocabulary is then those words, each one piece, and every
+    character of the text, so anything else still tokenizes.
     """
     import unicodedata
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, trainers
 
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     texts = list(texts)
     alphabet = {c for text in texts for c in unicodedata.normalize("NFKC", text)} | {"\u2581"}  # + Metaspace's mark
-    needed = len(alphabet) + len(specials)
-    if vocab_size < needed + 1:
-        raised = needed + max(100, vocab_size // 4)  # every character, and room for some longer pieces
-        log.info("tokenizer vocabulary raised from %d to %d: the text has %d distinct characters",
-                 vocab_size, raised, len(alphabet))
-        vocab_size = raised
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
-                                      show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok = _canonical_unigram(tok, len(specials))
+    if words:
+        pieces = sorted({"\u2581" + unicodedata.normalize("NFKC", w) for w in words})
+        vocab = ([(p, 0.0) for p in specials] + [(p, -1.0) for p in pieces]
+                 + [(c, -20.0) for c in sorted(alphabet)])
+        tok = _with_metaspace(Tokenizer(models.Unigram(vocab, unk_id=specials.index("<unk>"))))
+    else:
+        needed = len(alphabet) + len(specials)
+        if vocab_size < needed + 1:
+            raised = needed + max(100, vocab_size // 4)  # every character, and room for some longer pieces
+            log.info("tokenizer vocabulary raised from %d to %d: the text has %d distinct characters",
+                     vocab_size, raised, len(alphabet))
+            vocab_size = raised
+        tok = _with_metaspace(Tokenizer(models.Unigram()))
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                          show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        tok = _with_metaspace(_canonical_unigram(tok, len(specials)))
+    return _save_fast(tok, save_dir)
+
+
+def _with_metaspace(tok):
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return tok
+
+
+def _save_fast(tok, save_dir: str) -> PreTrainedTokenizerFast:
+    from tokenizers import processors
+
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
@@ -165,6 +186,36 @@ def init_by_name(model: torch.nn.Module, seed: int, std: float, only: set[str] |
                         pad = getattr(module, "padding_idx", None)
                         if pad is not None:
                             p[pad].zero_()
+
+
+def align_word_embeddings(model: torch.nn.Module, tokenizer, anchors, seed: int) -> tuple[int, int]:
+    """Start each anchored word's embedding at its anchor's plus noise of relative norm ``distance``.
+
+    For every ``Anchor(word, anchor, distance)``, in order (an anchor may itself have been
+    anchored before), whose word and anchor are single tokens:
+    ``E[word] = E[anchor] + distance * ||E[anchor]|| * u`` with ``u`` a uniform unit direction
+    drawn from a generator seeded by (seed, word), so the result depends neither on the ZeRO
+    stage nor on the world size. Returns (aligned, skipped).
+    """
+    import zlib
+
+    import deepspeed
+
+    rows = []
+    for a in anchors:
+        word, anchor = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in (a.word, a.anchor))
+        if len(word) == 1 and len(anchor) == 1 and word != anchor:
+            rows.append((a.word, word[0], anchor[0], a.distance))
+    weight = word_embeddings(model).weight
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0), torch.no_grad():
+        table = weight.detach().float().cpu().clone()
+        for text, row, anchor, distance in rows:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(text.encode()))
+            u = torch.randn(table.shape[1], generator=g, dtype=torch.float32)
+            base = table[anchor]
+            table[row] = base + distance * base.norm() * u / u.norm()
+        weight.copy_(table.to(weight))
+    return len(rows), len(anchors) - len(rows)
 
 
 def _full_name(module_name: str, param_name: str) -> str:

@@ -28,7 +28,7 @@ from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
                                        to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
-from dist_robust.models import (build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
+from dist_robust.models import (align_word_embeddings, build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
                                 word_embeddings, zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.outputs import final_metrics, write_outputs
@@ -143,7 +143,7 @@ def _setup(cfg: RunConfig) -> Setup:
     validate(cfg, D.world_size())
     data = get_task(cfg.data)  # data errors (bad rows, leakage) surface before any process group
     _check_final_sets(cfg, data)
-    augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed)
+    augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed, data.synonyms)
     _init_distributed(cfg.train.dist_timeout)
     D.setup_logging()
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit,
@@ -160,6 +160,7 @@ def _setup(cfg: RunConfig) -> Setup:
     zero3 = zero3_context(ds)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.label_names, tokenizer, cfg.model.dropout, cfg.train.seed)
+    _pretrained_lexicon(cfg, data, tokenizer, model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds)
     guard_plain_optimizer(engine)
@@ -169,6 +170,22 @@ def _setup(cfg: RunConfig) -> Setup:
     perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
     return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
                  perturbation, store, zero3, augmenter, resume)
+
+
+def _pretrained_lexicon(cfg: RunConfig, data: TaskData, tokenizer, model) -> None:
+    """Built-in models on a task with anchors (the synthetic one) start from its aligned lexicon,
+    frozen unless ``--no-freeze-embeddings``; ``--freeze-embeddings`` freezes any model's."""
+    builtin = is_builtin(cfg.model.name)
+    if builtin and data.anchors:
+        aligned, skipped = align_word_embeddings(model, tokenizer, data.anchors, cfg.train.seed)
+        log.info("word embeddings: %d word(s) start at their English translation's (misalignment %g)%s",
+                 aligned, cfg.data.synthetic_misalignment,
+                 f"; {skipped} not single tokens, left random" if skipped else "")
+    freeze = cfg.model.freeze_embeddings
+    if freeze is None:
+        freeze = builtin and bool(data.anchors)
+    if freeze:  # the whole embedding layer: trainable positions would soon drown fixed word vectors
+        getattr(model.base_model, "embeddings", word_embeddings(model)).requires_grad_(False)
 
 
 def _find_resume(cfg: RunConfig, store: CheckpointStore) -> ResumePoint | None:
@@ -260,7 +277,7 @@ def _tokenizer(cfg: RunConfig, data: TaskData, store: CheckpointStore):
             if storage.exists(storage.join(saved, "tokenizer.json")):  # a resumed remote run reuses it
                 storage.download_dir(saved, local)
             elif D.local_rank() == 0:
-                train_tokenizer(data.tokenizer_corpus(), cfg.model.tokenizer_vocab_size, local)
+                train_tokenizer(data.tokenizer_corpus(), cfg.model.tokenizer_vocab_size, local, data.words)
                 store.publish_dir("tokenizer")
     return load_tokenizer(local)
 
@@ -298,7 +315,8 @@ def _start_tracking(setup: Setup, state: State) -> None:
     setup.tracker = ResilientTracker(journal_dir, uri, resolve_experiment(cfg.tracking.experiment),
                                      cfg.tracking.run_name or name, run_id=cfg.tracking.run_id or state.mlflow_run_id,
                                      tags={"task": cfg.data.task, "objective": cfg.objective.name,
-                                           "mlflow.note.content": description})
+                                           "mlflow.note.content": description,
+                                           **dict(t.partition("=")[::2] for t in cfg.tracking.tags)})
     state.mlflow_run_id = setup.tracker.run_id
     params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})
     params.update(flatten(setup.ds_config, "ds."))

@@ -198,9 +198,9 @@ def test_gaussian_noise_scale_and_mask():
     seen = {}
     original = ctx.perturbation.apply
 
-    def spy(delta):
+    def spy(delta, *args):
         seen["delta"] = delta
-        return original(delta)
+        return original(delta, *args)
 
     ctx.perturbation.apply = spy
     Gaussian(sigma=0.2, samples=4).train_step(_Recorder(model), batch, ctx)
@@ -209,3 +209,50 @@ def test_gaussian_noise_scale_and_mask():
     assert noise.shape == (8, 10, 16)
     assert (noise[~mask] == 0).all()
     assert noise[mask].std().item() == pytest.approx(0.2, rel=0.1)
+
+
+def _word_embedding_norms(model, batch) -> torch.Tensor:
+    """||e(x)|| per example over its real tokens, straight from the embedding matrix."""
+    e = model.get_input_embeddings().weight[batch["input_ids"]]
+    return (e * batch["perturb_mask"].unsqueeze(-1)).flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("scale_embeddings", [1.0, 25.0])
+def test_relative_pgd_bounds_the_ratio_on_any_embedding_scale(scale_embeddings):
+    """Relative PGD: ||delta|| / ||e(x)|| <= epsilon per example, whatever the embedding scale
+    (the same model with embeddings 25x larger gets a 25x larger perturbation)."""
+    model, batch = _model(), _batch()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(scale_embeddings)
+    ctx = _ctx(model, seed=3)
+    pgd = PGD(epsilon=0.2, alpha=0.15, steps=3, relative=True)
+    unit = pgd.attack(model, batch, ctx)  # in units of ||e(x)||
+    norms = _word_embedding_norms(model, batch)
+    actual = unit * norms.view(-1, 1, 1)
+    ratio = ball.l2_norms(actual, batch["perturb_mask"]) / norms
+    assert (ratio <= 0.2 * (1 + 1e-6)).all() and (ratio > 0.19).all()  # three 0.15 steps reach the sphere
+    # what the hook adds is that actual perturbation: the same logits as adding it by hand
+    with ctx.perturbation.apply(unit, batch["perturb_mask"], "norm"):
+        hooked = logits_of(model, batch)
+    embeds = model.get_input_embeddings()(batch["input_ids"]) + actual
+    assert torch.allclose(hooked, model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits,
+                          atol=1e-9)
+    assert ctx.perturbation.last_ratio.item() == pytest.approx(ratio.mean().item(), rel=1e-6)
+
+
+def test_relative_gaussian_noise_has_expected_ratio_sigma():
+    """Relative sigma: noise per coordinate sigma * RMS coordinate, so E||n||^2 = sigma^2 ||e(x)||^2."""
+    model = _model()
+    ids = torch.randint(3, 50, (64, 30), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(64, dtype=torch.long),
+             "perturb_mask": torch.ones_like(ids, dtype=torch.bool)}
+    for scale in (1.0, 40.0):
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(scale)
+        ctx = _ctx(model, seed=5)
+        stats = _floats(Gaussian(sigma=0.3, samples=2, relative=True).train_step(_Recorder(model), batch, ctx))
+        # 30 tokens x 16 coordinates per row: the ratio of one row is within a few % of sigma
+        assert stats["delta_ratio"] == pytest.approx(0.3, rel=0.03)
+        absolute = _floats(Gaussian(sigma=0.3, samples=2).train_step(_Recorder(model), batch, _ctx(model, seed=5)))
+        rms = (_word_embedding_norms(model, batch) / (30 * 16) ** 0.5).mean().item()
+        assert absolute["delta_ratio"] == pytest.approx(0.3 / rms, rel=0.05)  # absolute noise ignores the scale

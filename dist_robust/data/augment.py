@@ -83,13 +83,17 @@ class SynonymAugmenter:
         self.neighbors, self.prob, self.seed = neighbors, prob, seed
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, seed: int) -> SynonymAugmenter | None:
-        """The augmenter ``--augment synonym --synonyms PATH --synonym-prob P`` asks for, else None."""
+    def from_config(cls, cfg: DataConfig, seed: int, task_synonyms: Neighbors | None = None
+                    ) -> SynonymAugmenter | None:
+        """The augmenter ``--augment synonym --synonyms PATH --synonym-prob P`` asks for, else None.
+        Without ``--synonyms``, the task's own map (``task_synonyms``), if it has one."""
         if cfg.augment != "synonym":
             return None
-        if not cfg.synonyms:
+        if cfg.synonyms:
+            return cls(load_neighbors(cfg.synonyms), cfg.synonym_prob, seed)
+        if task_synonyms is None:
             raise ValueError("--augment synonym needs --synonyms PATH_OR_URL (a JSON neighbour map)")
-        return cls(load_neighbors(cfg.synonyms), cfg.synonym_prob, seed)
+        return cls(task_synonyms, cfg.synonym_prob, seed)
 
     def __call__(self, example: PairExample, key: int) -> PairExample:
         rng = example_rng(self.seed, example.id, key)

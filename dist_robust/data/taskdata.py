@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dist_robust.data.examples import PairExample
+from dist_robust.data.synthetic import Anchor
 
 
 @dataclass
@@ -16,7 +17,10 @@ class TaskData:
     trainer reports dev). Both map a language to examples that are parallel across
     languages (same ids). ``sources`` names where each part came from (``train``,
     ``dev.{lang}``, ``test.{lang}`` -> URI or hub location); ``skipped_rows`` counts the bad
-    rows skipped per file under ``--skip-bad-rows``.
+    rows skipped per file under ``--skip-bad-rows``. A task that models a pretrained
+    lexicon (the synthetic one) also gives ``anchors`` (where the embeddings of built-in models
+    start), ``words`` (its lexicon, each word one token of a local tokenizer) and ``synonyms``
+    (its own RS-DA neighbour map).
     """
 
     name: str
@@ -26,6 +30,9 @@ class TaskData:
     test: dict[str, list[PairExample]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     skipped_rows: dict[str, int] = field(default_factory=dict)
+    anchors: list[Anchor] = field(default_factory=list)
+    words: list[str] = field(default_factory=list)
+    synonyms: dict[str, list[str]] | None = None
 
     @property
     def languages(self) -> list[str]:

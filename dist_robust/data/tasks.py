@@ -20,7 +20,9 @@ def _synthetic(cfg: DataConfig) -> TaskData:
     train = synthetic.generate("train", cfg.synthetic_train_size, [cfg.source_language], world)
     dev = synthetic.generate("dev", cfg.synthetic_eval_size, langs, world)
     test = synthetic.generate("test", cfg.synthetic_eval_size, langs, world)
-    return TaskData("synthetic", synthetic.LABELS, train[cfg.source_language], dev, test)
+    return TaskData("synthetic", synthetic.LABELS, train[cfg.source_language], dev, test,
+                    anchors=world.anchors(cfg.synthetic_misalignment, langs), words=world.words(),
+                    synonyms=world.neighbors())
 
 
 TASK_BUILDERS: dict[str, Callable[[DataConfig], TaskData]] = {

@@ -13,9 +13,9 @@ from dist_robust.objectives.pgd import PGD
 
 BUILDERS: dict[str, Callable[[ObjectiveConfig], Objective]] = {
     "erm": lambda c: ERM(),
-    "pgd": lambda c: PGD(c.epsilon, c.alpha, c.adv_steps, c.norm, c.adv_weight),
-    "freelb": lambda c: FreeLB(c.epsilon, c.alpha, c.adv_steps, c.norm),
-    "gaussian": lambda c: Gaussian(c.sigma, c.noise_samples),
+    "pgd": lambda c: PGD(c.epsilon, c.alpha, c.adv_steps, c.norm, c.adv_weight, c.scale == "relative"),
+    "freelb": lambda c: FreeLB(c.epsilon, c.alpha, c.adv_steps, c.norm, c.scale == "relative"),
+    "gaussian": lambda c: Gaussian(c.sigma, c.noise_samples, c.scale == "relative"),
 }
 
 

@@ -25,11 +25,24 @@ class EmbeddingPerturbation:
     embedding weight is partitioned, so the perturbation must enter while the engine's
     forward runs, never by calling the embedding from outside. Only the word embeddings are
     hooked: position and token-type embeddings are added after this output and stay clean.
+
+    ``apply(delta, mask, unit)``: ``mask`` (B, T) marks the real tokens of the batch (its rows
+    are repeated to match a stacked delta); with it, every perturbed forward records
+    ``last_ratio``, the mean over perturbed rows of ``||delta|| / ||e(x)||`` (L2 over real
+    tokens). ``unit`` makes ``delta`` relative to the example's own embeddings: ``"norm"``
+    multiplies each row by ``||e(x)||`` (so an L2 ball of radius eps bounds that ratio by eps),
+    ``"rms"`` by ``||e(x)|| / sqrt(n H)``, the root-mean-square coordinate of its n real tokens
+    (so per-coordinate sizes, L-inf radii and Gaussian sigmas are fractions of a typical
+    coordinate, and sigma is the expected ratio). The scale is taken from the clean output and
+    not differentiated.
     """
 
     def __init__(self, embedding: torch.nn.Module):
         self.delta: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.unit: str | None = None
         self.last_output_shape: torch.Size | None = None
+        self.last_ratio: torch.Tensor | None = None
         self._handle = embedding.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
@@ -38,15 +51,31 @@ class EmbeddingPerturbation:
             return None
         # delta lives on the output's device already (objectives create it there); a CPU delta
         # meeting a GPU output is a bug that must raise, not be papered over by a silent copy.
-        return output + self.delta.to(output.dtype)  # (B, T, H)
+        delta = self.delta
+        if self.mask is not None:
+            clean = output.detach()
+            clean = clean.float() if clean.dtype in (torch.float16, torch.bfloat16) else clean  # >= fp32
+            mask = self.mask.repeat(delta.shape[0] // self.mask.shape[0], 1).unsqueeze(-1).to(clean.dtype)  # (R, T, 1)
+            norms = (clean * mask).flatten(1).norm(dim=1)  # (R,) ||e(x)||
+            if self.unit == "norm":
+                delta = delta * norms.view(-1, 1, 1)
+            elif self.unit == "rms":
+                coords = mask.flatten(1).sum(dim=1) * output.shape[-1]
+                delta = delta * (norms / coords.clamp_min(1).sqrt()).view(-1, 1, 1)
+            sizes = (delta.detach().to(clean.dtype) * mask).flatten(1).norm(dim=1)
+            perturbed = (sizes > 0).to(clean.dtype)
+            self.last_ratio = (sizes / norms.clamp_min(1e-12) * perturbed).sum() / perturbed.sum().clamp_min(1)
+        return output + delta.to(output.dtype)  # (B, T, H)
 
     @contextmanager
-    def apply(self, delta: torch.Tensor):
-        self.delta = delta
+    def apply(self, delta: torch.Tensor, mask: torch.Tensor | None = None, unit: str | None = None):
+        if unit is not None and mask is None:
+            raise ValueError("a relative perturbation needs the batch's real-token mask")
+        self.delta, self.mask, self.unit = delta, mask, unit
         try:
             yield
         finally:
-            self.delta = None
+            self.delta, self.mask, self.unit = None, None, None
 
     def remove(self) -> None:
         self._handle.remove()
@@ -97,6 +126,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits, labels)
+
+
+def unit_of(objective) -> str | None:
+    """The ``EmbeddingPerturbation`` unit of a ball objective: None (absolute), or relative to
+    ``||e(x)||`` for an L2 ball and to its root-mean-square coordinate for an L-inf one."""
+    if not objective.relative:
+        return None
+    return "norm" if objective.norm == "l2" else "rms"
 
 
 def delta_shape(batch: dict, ctx: StepContext) -> torch.Size:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_robust.objectives import ball
-from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of
+from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of, unit_of
 
 
 @dataclass
@@ -29,6 +29,7 @@ class FreeLB:
     alpha: float
     steps: int
     norm: str = "l2"
+    relative: bool = False  # epsilon and alpha as fractions of ||e(x)|| (see PGD)
     name: str = "freelb"
 
     @property
@@ -41,7 +42,7 @@ class FreeLB:
         losses = []
         for k in range(self.steps):
             delta.requires_grad_(True)
-            with ctx.perturbation.apply(delta):
+            with ctx.perturbation.apply(delta, mask, unit_of(self)):
                 loss = cross_entropy(logits_of(engine, batch), batch["labels"])
             engine.backward(loss)
             grad = delta.grad
@@ -52,4 +53,4 @@ class FreeLB:
                                      mask, self.epsilon, self.norm)
         norms = ball.ball_norms(delta.detach(), mask, self.norm)
         return {"loss": torch.stack(losses).mean(), "loss_clean": losses[0], "loss_adv": losses[-1],
-                "delta_norm": norms.max()}
+                "delta_norm": norms.max(), "delta_ratio": ctx.perturbation.last_ratio}

@@ -15,11 +15,14 @@ class Gaussian:
     ``n ~ N(0, sigma^2 I)`` on real tokens, n noise draws per example:
     ``L = (1/n) sum_i CE(f(e(x) + n_i), y)``. sigma = 0 gives the ERM loss.
 
-    The n copies go through one ``engine`` forward (the batch stacked n times).
+    The n copies go through one ``engine`` forward (the batch stacked n times). ``relative``:
+    sigma is a fraction of the example's root-mean-square embedding coordinate, so the noise's
+    expected norm is sigma * ||e(x)|| on any model.
     """
 
     sigma: float
     samples: int = 1
+    relative: bool = False
     name: str = "gaussian"
     micro_steps: int = 1
 
@@ -28,9 +31,9 @@ class Gaussian:
         mask = batch["perturb_mask"]
         noise = draw("normal", (self.samples * b, t, h), ctx, mask.device) * self.sigma
         noise = noise * mask.repeat(self.samples, 1).unsqueeze(-1)  # (nB, T, H)
-        with ctx.perturbation.apply(noise):
+        with ctx.perturbation.apply(noise, mask, "rms" if self.relative else None):
             logits = logits_of(engine, batch, repeat=self.samples)
         loss = cross_entropy(logits, batch["labels"].repeat(self.samples))
         engine.backward(loss)
         engine.step()
-        return {"loss": loss.detach()}
+        return {"loss": loss.detach(), "delta_ratio": ctx.perturbation.last_ratio}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_robust.objectives import ball
-from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of
+from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of, unit_of
 
 
 @dataclass
@@ -26,6 +26,10 @@ class PGD:
     ZeRO-3 silently corrupts training). The final clean+adversarial pass is one
     ``engine(...)`` call on the batch stacked twice, then ``engine.backward``/``engine.step``.
 
+    ``relative``: epsilon and alpha are fractions of the example's word-embedding norm
+    ``||e(x)||`` (L2; of its root-mean-square coordinate for L-inf), so one value means the
+    same on every model (see ``EmbeddingPerturbation``).
+
     Under fp16 the attack loss is multiplied by the engine's loss scale before
     ``autograd.grad`` (otherwise the input gradient underflows in the fp16 backward and the
     attack never leaves its random start); the normalized step does not depend on the scale.
@@ -36,6 +40,7 @@ class PGD:
     steps: int
     norm: str = "l2"
     adv_weight: float = 0.5
+    relative: bool = False
     name: str = "pgd"
     micro_steps: int = 1
 
@@ -45,7 +50,7 @@ class PGD:
         delta = ball.random_start(delta_shape(batch, ctx), mask, self.epsilon, self.norm, ctx.generator)
         for _ in range(self.steps):
             delta.requires_grad_(True)
-            with ctx.perturbation.apply(delta):
+            with ctx.perturbation.apply(delta, mask, unit_of(self)):
                 loss = cross_entropy(logits_of(module, batch), batch["labels"])
             (grad,) = torch.autograd.grad(loss * ctx.loss_scale, delta)
             delta = ball.ascent_step(delta.detach(), grad, mask, self.alpha, self.norm)
@@ -55,7 +60,8 @@ class PGD:
     def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         delta = self.attack(engine.module, batch, ctx)
         b = delta.shape[0]
-        with ctx.perturbation.apply(torch.cat([torch.zeros_like(delta), delta])):
+        with ctx.perturbation.apply(torch.cat([torch.zeros_like(delta), delta]), batch["perturb_mask"],
+                                    unit_of(self)):
             logits = logits_of(engine, batch, repeat=2)  # rows [0, B) clean, [B, 2B) adversarial
         clean = cross_entropy(logits[:b], batch["labels"])
         adv = cross_entropy(logits[b:], batch["labels"])
@@ -64,4 +70,4 @@ class PGD:
         engine.step()
         norms = ball.ball_norms(delta, batch["perturb_mask"], self.norm)
         return {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach(),
-                "delta_norm": norms.max()}
+                "delta_norm": norms.max(), "delta_ratio": ctx.perturbation.last_ratio}

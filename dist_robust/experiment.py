@@ -1,0 +1,206 @@
+"""``dist-robust experiment``: every method over several seeds, hyperparameters picked on source dev.
+
+One command runs the comparison the product exists for: ERM against the robust objectives,
+
+    erm, pgd, freelb, gaussian, synonym (RS-DA on the fly), synonym+pgd
+
+each over ``--seeds``, as ordinary training runs (``dist-robust train``, one at a time, so
+every run has the machine) logged to one MLflow experiment. Before them, an optional
+selection sweep (``--select epsilon=0.03,0.1,0.3 sigma=... synonym_prob=...``; an epsilon
+brings its ascent step, alpha = epsilon / 2) trains the
+method that owns each hyperparameter on separate ``--select-seeds`` *without* the generalized
+evaluation and keeps the value with the highest mean **source-language dev** accuracy of the
+selected checkpoints (ties: the smaller value, the least departure from ERM). No target
+language and no test set is looked at, so the comparison stays zero-shot. The choice is
+written to ``selection.json`` and used by every method that has the hyperparameter.
+
+Resumable: a run whose ``results.json`` exists is skipped, an interrupted one continues from
+its last checkpoint (``--resume auto``), and ``selection.json`` is reused. At the end the
+experiment is summarised by ``dist-robust compare`` (mean +- std per language, the averages,
+and paired differences against ERM over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from dist_robust import storage
+
+METHODS: dict[str, list[str]] = {
+    "erm": ["--objective", "erm"],
+    "pgd": ["--objective", "pgd"],
+    "freelb": ["--objective", "freelb"],
+    "gaussian": ["--objective", "gaussian"],
+    "synonym": ["--objective", "erm", "--augment", "synonym"],
+    "synonym+pgd": ["--objective", "pgd", "--augment", "synonym"],
+}
+# The hyperparameters a selection sweep may choose, the method it is chosen on, and who uses it.
+SELECTABLE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "epsilon": ("pgd", ("pgd", "freelb", "synonym+pgd")),
+    "sigma": ("gaussian", ("gaussian",)),
+    "synonym_prob": ("synonym", ("synonym", "synonym+pgd")),
+}
+_FLAG = {"epsilon": "--epsilon", "sigma": "--sigma", "synonym_prob": "--synonym-prob"}
+_WITH_ALPHA = ("epsilon",)  # the ascent step follows the radius: alpha = epsilon / 2
+
+
+def parse_select(specs: list[str]) -> dict[str, list[float]]:
+    """``["epsilon=0.03,0.1"]`` -> ``{"epsilon": [0.03, 0.1]}``, with errors that list what is accepted."""
+    out: dict[str, list[float]] = {}
+    for spec in specs:
+        key, _, values = spec.partition("=")
+        key = key.replace("-", "_")
+        if key not in SELECTABLE or not values:
+            raise ValueError(f"--select {spec!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SELECTABLE)}")
+        try:
+            out[key] = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise ValueError(f"--select {spec!r}: the values must be numbers, e.g. {key}=0.03,0.1,0.3") from None
+    return out
+
+
+def choose(mean_dev: dict[float, float]) -> float:
+    """The value with the highest mean source dev accuracy; ties go to the smaller value."""
+    best = max(mean_dev.values())
+    return min(v for v, acc in mean_dev.items() if acc >= best - 1e-9)
+
+
+def run_flags(method: str, chosen: dict[str, float]) -> list[str]:
+    """The training flags of one method, with the hyperparameters chosen for it."""
+    flags = list(METHODS[method])
+    for key, value in chosen.items():
+        if method in SELECTABLE[key][1]:
+            flags += [_FLAG[key], repr(value)] + (["--alpha", repr(value / 2)] if key in _WITH_ALPHA else [])
+    return flags
+
+
+class Runner:
+    """Runs ``dist-robust train`` once per (label, seed) into ``root/label-s<seed>``, skipping done ones."""
+
+    def __init__(self, args: argparse.Namespace, extra: list[str]):
+        self.args, self.extra = args, extra
+        self.done = 0
+
+    def results(self, label: str, seed: int) -> dict:
+        return json.loads(storage.read_text(storage.join(self.args.output_root, f"{label}-s{seed}", "results.json")))
+
+    def train(self, label: str, seed: int, flags: list[str], total: int, phase: str = "main") -> dict:
+        out = storage.join(self.args.output_root, f"{label}-s{seed}")
+        self.done += 1
+        prefix = f"[{self.done}/{total}] {label} seed {seed}"
+        if storage.exists(storage.join(out, "results.json")):
+            print(f"{prefix}: done before, kept", flush=True)
+            return self.results(label, seed)
+        cmd = [sys.executable, "-m", "dist_robust.cli", "train", *flags, "--seed", str(seed), "--output-dir", out,
+               "--resume", "auto", "--experiment", self.args.experiment, "--run-name", f"{label} s{seed}",
+               "--tags", f"method={label}", f"phase={phase}", "--no-progress", *self.extra]
+        if self.args.nproc_per_node:
+            cmd += ["--nproc-per-node", str(self.args.nproc_per_node)]
+        if self.args.mlflow_uri:
+            cmd += ["--mlflow-uri", self.args.mlflow_uri]
+        print(f"{prefix}: {' '.join(cmd[3:])}", flush=True)
+        start = time.monotonic()
+        log_path = os.path.join(self.args.log_dir, f"{label}-s{seed}.log")
+        with open(log_path, "w") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise RuntimeError(f"{label} seed {seed} failed (exit {code}); its log: {log_path}. Rerunning the "
+                               "same command continues from its last checkpoint")
+        result = self.results(label, seed)
+        print(f"{prefix}: {time.monotonic() - start:.0f} s, {self.args.source_language} dev "
+              f"{100 * result['best_dev_source_acc']:.2f}", flush=True)
+        return result
+
+
+def select(runner: Runner, grid: dict[str, list[float]], seeds: list[int]) -> dict[str, float]:
+    """The selection sweep (source dev only, no generalized evaluation); reuses selection.json."""
+    path = storage.join(runner.args.output_root, "selection.json")
+    saved = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    if saved and saved.get("grid") != grid:
+        raise ValueError(f"{path} was made for the grid {saved.get('grid')}, not {grid}: use another "
+                         "--output-root, or delete it to select again")
+    if saved:
+        return saved["chosen"]
+    total = sum(len(v) for v in grid.values()) * len(seeds)
+    chosen, table = {}, {}
+    for key, values in grid.items():
+        method = SELECTABLE[key][0]
+        mean_dev = {}
+        for value in values:
+            label = f"select-{key}-{value:g}"
+            accs = [runner.train(label, s, run_flags(method, {key: value}) + ["--no-generalized"], total,
+                                 "select")
+                    ["best_dev_source_acc"] for s in seeds]
+            mean_dev[value] = statistics.fmean(accs)
+        chosen[key] = choose(mean_dev)
+        table[key] = {f"{v:g}": round(100 * acc, 2) for v, acc in mean_dev.items()}
+        print(f"selected {key} = {chosen[key]:g} on {runner.args.source_language} dev: {table[key]}", flush=True)
+    storage.write_text(path, json.dumps({"grid": grid, "seeds": seeds, "source_dev_accuracy": table,
+                                         "chosen": chosen}, indent=2))
+    return chosen
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dist_robust.argparsing import Parser
+
+    p = Parser(prog="dist-robust experiment", description=__doc__.split("\n")[0],
+               usage="dist-robust experiment --experiment NAME [options] [-- TRAIN_OPTIONS...]",
+               epilog="Everything after -- goes to every training run (e.g. -- --task xnli --model DIR).")
+    p.add_argument("--experiment", required=True, help="MLflow experiment the runs are logged to.")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"Methods to run (default: all: {', '.join(METHODS)}).")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="Seeds of every method.")
+    p.add_argument("--select", nargs="+", default=[], metavar="NAME=V1,V2",
+                   help=f"Choose hyperparameters first, on source dev ({', '.join(SELECTABLE)}).")
+    p.add_argument("--select-seeds", nargs="+", type=int, default=[101, 102],
+                   help="Seeds of the selection sweep (kept apart from --seeds).")
+    p.add_argument("--output-root", default=None, help="Directory of the runs (default: runs/<experiment>).")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="Ranks per run (default: one process).")
+    p.add_argument("--mlflow-uri", default=None, help="Tracking URI (default: as dist-robust train).")
+    p.add_argument("--source-language", default="en", help="Language whose dev accuracy selects (as in training).")
+    p.add_argument("--plot-dir", default=None, help="Also write the comparison plots here.")
+    return p
+
+
+def experiment_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = _parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.output_root = args.output_root or os.path.join("runs", args.experiment)
+    try:
+        grid = parse_select(args.select)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.log_dir = os.path.join(args.output_root, "logs") if "://" not in args.output_root else \
+        os.path.join("runs", args.experiment, "logs")
+    os.makedirs(args.log_dir, exist_ok=True)
+    runner = Runner(args, extra)
+    start = time.monotonic()
+    try:
+        chosen = select(runner, grid, args.select_seeds)
+        runner.done = 0
+        total = len(args.methods) * len(args.seeds)
+        for method in args.methods:
+            for seed in args.seeds:
+                runner.train(method, seed, run_flags(method, chosen), total)
+    except (RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"experiment {args.experiment}: {len(args.methods)} method(s) x {len(args.seeds)} seed(s) in "
+          f"{(time.monotonic() - start) / 60:.1f} min", flush=True)
+    from dist_robust.compare import compare_main
+
+    compare = ["--experiment", args.experiment, "--filter", "tags.phase = 'main'",
+               "--group-by", "tags.method", "--baseline", "erm", "--paired"]
+    if args.mlflow_uri:
+        compare += ["--mlflow-uri", args.mlflow_uri]
+    if args.plot_dir:
+        compare += ["--plot-dir", args.plot_dir]
+    return compare_main(compare)

@@ -1,0 +1,59 @@
+"""`dist-robust experiment`'s choices and the paired statistics `compare --paired` prints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dist_robust.experiment import choose, parse_select, run_flags
+from dist_robust.paired import paired, paired_against
+
+
+def test_selection_takes_best_source_dev_and_ties_go_to_the_smaller_value():
+    assert choose({0.03: 0.91, 0.1: 0.95, 0.3: 0.5}) == 0.1
+    assert choose({0.3: 1.0, 0.1: 1.0, 0.03: 0.99}) == 0.1
+
+
+def test_select_specs_and_their_errors():
+    assert parse_select(["epsilon=0.03,0.1", "synonym-prob=0.5,1"]) == {"epsilon": [0.03, 0.1],
+                                                                         "synonym_prob": [0.5, 1.0]}
+    with pytest.raises(ValueError, match="epsilon, sigma, synonym_prob"):
+        parse_select(["alpha=0.1"])
+    with pytest.raises(ValueError, match="must be numbers"):
+        parse_select(["sigma=small"])
+
+
+def test_chosen_values_go_to_every_method_that_has_them():
+    chosen = {"epsilon": 0.2, "sigma": 0.05, "synonym_prob": 0.5}
+    assert run_flags("erm", chosen) == ["--objective", "erm"]
+    assert run_flags("gaussian", chosen) == ["--objective", "gaussian", "--sigma", "0.05"]
+    both = run_flags("synonym+pgd", chosen)
+    assert both[:4] == ["--objective", "pgd", "--augment", "synonym"]
+    assert "--epsilon" in both and "--alpha" in both and both[both.index("--alpha") + 1] == "0.1"
+    assert both[both.index("--synonym-prob") + 1] == "0.5"
+
+
+def test_paired_statistics_against_closed_forms():
+    p = paired([0.01, 0.02, 0.03, 0.04, 0.05])
+    half = 2.7764451051977987 * math.sqrt(0.00025) / math.sqrt(5)  # t(0.975, 4) * sd / sqrt(n)
+    assert p.mean == pytest.approx(0.03) and p.low == pytest.approx(0.03 - half) and p.high == pytest.approx(0.03 + half)
+    assert p.wins == 5 and p.n == 5
+    assert p.p == pytest.approx(2 / 2 ** 5)  # exact signed-rank: only all-positive or all-negative is as extreme
+    assert paired([0.0, 0.0, 0.0]).p == 1.0
+    one = paired([0.02])
+    assert one.low is None and one.p is None and one.wins == 1
+
+
+class _Run:
+    def __init__(self, seed, acc):
+        self.params, self.metrics = {"train.seed": str(seed)}, {"acc.de": acc}
+
+
+def test_runs_pair_by_seed_not_by_order():
+    """Seeds 1..3 of the method against the baseline's seeds listed in another order, plus a seed
+    only the baseline has: differences are taken seed by seed, the extra seed is left out."""
+    method = [_Run(1, 0.80), _Run(2, 0.70), _Run(3, 0.90)]
+    baseline = [_Run(3, 0.85), _Run(4, 0.10), _Run(1, 0.75), _Run(2, 0.72)]
+    p = paired_against(method, baseline, ["acc.de"])["acc.de"]
+    assert p.n == 3 and p.mean == pytest.approx((0.05 - 0.02 + 0.05) / 3) and p.wins == 2
