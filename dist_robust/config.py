@@ -94,7 +94,7 @@ class DataConfig:
                                        "--max-eval-examples")
     synthetic_train_size: int = _f(4000, "Synthetic task: English training pairs.", "--synthetic-train-size")
     synthetic_eval_size: int = _f(400, "Synthetic task: dev/test pairs per language.", "--synthetic-eval-size")
-    synthetic_misalignment: float = _f(0.5, "Synthetic task: how far the target languages' word embeddings start "
+    synthetic_misalignment: float = _f(2.0, "Synthetic task: how far the target languages' word embeddings start "
                                        "from their English translations' (relative noise norm; 0: aligned). "
                                        "Built-in models only; see docs/synthetic.md.", "--synthetic-misalignment")
     augment: str = _f("none", "On-the-fly augmentation of training pairs (synonym: RS-DA substitution, fresh "
@@ -127,7 +127,7 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(300, "Optimizer steps to train.", "--max-steps")
+    max_steps: int = _f(600, "Optimizer steps to train.", "--max-steps")
     seed: int = _f(42, "Seed for data order, initialization, dropout and perturbations.", "--seed")
     micro_batch_size: int = _f(32, "Examples per rank per micro-step (fills \"auto\" in the ds_config).",
                                "--micro-batch-size")

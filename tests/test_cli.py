@@ -97,7 +97,7 @@ def test_help_is_plain_text_without_contradicting_defaults(capsys):
     text = capsys.readouterr().out
     assert "``" not in text and "(default: None)" not in text
     assert text.splitlines()[0] == "usage: dist-robust train [options] [section.key=value ...]"
-    assert "(default: 300)" in " ".join(text.split())  # --max-steps still says its default
+    assert "(default: 600)" in " ".join(text.split())  # --max-steps still says its default
 
 
 def test_nproc_per_node_relaunches_on_a_free_port():

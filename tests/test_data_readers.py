@@ -337,9 +337,16 @@ def test_unreachable_hub_says_how_to_work_offline(monkeypatch):
 
 def test_config_validation_of_data_fields():
     cfg = RunConfig(ds_config=default_ds_config())
+    cfg.data.task = "xnli"
     cfg.data.augment = "synonym"
     cfg.data.synonym_prob = 1.5
+    cfg.data.synthetic_misalignment = -1.0
     with pytest.raises(ConfigError) as err:
         validate(cfg, 1)
     assert any("data.synonyms (--synonyms)" in p for p in err.value.problems)
     assert any("data.synonym_prob (--synonym-prob) = 1.5: must be in [0, 1]" in p for p in err.value.problems)
+    assert any("data.synthetic_misalignment (--synthetic-misalignment) = -1.0: must be >= 0" in p
+               for p in err.value.problems)
+    synthetic = RunConfig(ds_config=default_ds_config())
+    synthetic.data.augment = "synonym"  # the synthetic task brings its own synonym map
+    validate(synthetic, 1)
