@@ -26,6 +26,7 @@ import yaml
 OBJECTIVES = ("erm", "pgd", "freelb", "gaussian")
 NORMS = ("l2", "linf")
 SCALES = ("relative", "absolute")
+LINF_STEPS = ("sign", "normalized")
 TASKS = ("synthetic", "pawsx", "xnli")
 AUGMENTATIONS = ("none", "synonym")
 DATA_FORMATS = ("auto", "tsv", "xtreme", "jsonl", "parquet")
@@ -120,6 +121,15 @@ class ObjectiveConfig:
                       "a fraction of the example's root-mean-square coordinate, i.e. the expected "
                       "||noise|| / ||e(x)||).", "--sigma")
     noise_samples: int = _f(1, "gaussian: noisy copies of every example per step.", "--noise-samples")
+    init_mag: float | None = _f(None, "freelb: start from U(-1, 1) * init_mag / sqrt(L * H) on the L real tokens "
+                                "(FreeLB's init, in epsilon's units; 0: start at delta = 0). Default: a random "
+                                "point of the epsilon-ball.", "--init-mag")
+    linf_step: str = _f("sign", "pgd/freelb with --norm linf: ascent along sign(g) or g / ||g||_inf "
+                        "(normalized, the FreeLB code's).", "--linf-step", choices=LINF_STEPS)
+    same_dropout: bool = _f(False, "freelb: the same dropout masks in all K passes of a batch (as FreeLB does).",
+                            "--same-dropout")
+    adv_begin_step: int = _f(0, "pgd/freelb: train without perturbation (the ERM gradient) for this many optimizer "
+                             "steps first.", "--adv-begin-step")
     scale: str = _f("relative", "Units of epsilon, alpha and sigma: relative (fractions of each example's "
                     "word-embedding norm ||e(x)||, the same meaning on every model) or absolute (raw "
                     "embedding units).", "--perturbation-scale", choices=SCALES)
@@ -372,6 +382,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     for tag in cfg.tracking.tags:
         if "=" not in tag or not tag.partition("=")[0]:
             bad("tracking.tags", tag, "expected KEY=VALUE, e.g. method=pgd")
+    if o.linf_step not in LINF_STEPS:
+        bad("objective.linf_step", o.linf_step, f"accepted: {', '.join(LINF_STEPS)}")
+    if o.init_mag is not None and o.init_mag < 0:
+        bad("objective.init_mag", o.init_mag, "must be >= 0 (or unset)")
+    if o.adv_begin_step < 0:
+        bad("objective.adv_begin_step", o.adv_begin_step, "must be >= 0")
     if o.scale not in SCALES:
         bad("objective.scale", o.scale, f"accepted: {', '.join(SCALES)}")
     for key, value in (("epsilon", o.epsilon), ("alpha", o.alpha), ("sigma", o.sigma)):

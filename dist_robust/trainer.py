@@ -340,9 +340,11 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
                                       D.world_size(), D.rank(), state.batch_index)
         # Dropout draws from the device's generator (CPU and CUDA masks differ); perturbations
         # come from this CPU generator, so they are the same on every device.
-        torch.manual_seed(_seed_for(cfg.train.seed, 0, position))
+        dropout_seed = _seed_for(cfg.train.seed, 0, position)
+        torch.manual_seed(dropout_seed)
         gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.train.seed, 1, position))
-        ctx = StepContext(setup.perturbation, engine.module.config.hidden_size, gen, fp16_loss_scale(engine))
+        ctx = StepContext(setup.perturbation, engine.module.config.hidden_size, gen, fp16_loss_scale(engine),
+                          state.step, dropout_seed)
         per_batch.append(setup.objective.train_step(engine, batch, ctx))
         state.batch_index += 1
     state.step += 1

@@ -256,3 +256,69 @@ def test_relative_gaussian_noise_has_expected_ratio_sigma():
         absolute = _floats(Gaussian(sigma=0.3, samples=2).train_step(_Recorder(model), batch, _ctx(model, seed=5)))
         rms = (_word_embedding_norms(model, batch) / (30 * 16) ** 0.5).mean().item()
         assert absolute["delta_ratio"] == pytest.approx(0.3 / rms, rel=0.05)  # absolute noise ignores the scale
+
+
+def test_freelb_uniform_start_and_normalized_linf_step():
+    mask = _batch()["perturb_mask"]
+    g = torch.Generator().manual_seed(6)
+    d = ball.uniform_start(torch.Size((2, 10, 16)), mask, 0.6, g)
+    real = mask.sum(dim=1)  # 7 and 3 real tokens
+    for i in range(2):
+        bound = 0.6 / (real[i].item() * 16) ** 0.5
+        assert d[i].abs().max() <= bound and d[i].abs().max() > 0.9 * bound
+    assert (d[~mask] == 0).all()
+    grad = torch.randn((2, 10, 16), generator=g)
+    step = ball.ascent_step(torch.zeros_like(d), grad, mask, 0.1, "linf", linf_step="normalized") / 0.1
+    masked = grad * mask.unsqueeze(-1)
+    by_hand = masked / masked.abs().flatten(1).amax(dim=1).view(-1, 1, 1)
+    assert torch.allclose(step, by_hand)  # along g, its largest coordinate exactly alpha
+    assert not torch.allclose(step, masked.sign())
+
+
+def _dropout_model():
+    model = _model()
+    model.config.hidden_dropout_prob = 0.3
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    return model.train()
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_freelb_same_dropout_masks_in_every_pass(same):
+    """At epsilon 0 the K passes differ only by their dropout masks: equal losses iff same_dropout."""
+    model, batch = _dropout_model(), _batch()
+    ctx = _ctx(model)
+    ctx.dropout_seed = 123
+    torch.manual_seed(ctx.dropout_seed)
+    rec = _Recorder(model)
+    FreeLB(epsilon=0.0, alpha=0.1, steps=3, same_dropout=same).train_step(rec, batch, ctx)
+    assert len(rec.losses) == 3
+    assert (len(set(rec.losses)) == 1) == same
+
+
+def test_freelb_loss_clean_is_the_loss_without_perturbation():
+    model, batch = _model(), _batch()
+    stats = _floats(FreeLB(epsilon=1.0, alpha=0.5, steps=2).train_step(_Recorder(model), batch, _ctx(model)))
+    assert stats["loss_clean"] == pytest.approx(_erm_loss(model, batch), rel=1e-12)
+    assert stats["loss_adv"] != pytest.approx(stats["loss_clean"])  # the passes were perturbed
+
+
+@pytest.mark.parametrize("objective", ["pgd", "freelb"])
+def test_adversarial_warm_up_trains_on_the_clean_loss(objective):
+    """Before --adv-begin-step: no perturbation, every backward is the ERM loss (K of them for
+    FreeLB, one for PGD); from that step on the perturbation is back."""
+    model, batch = _model(), _batch()
+    erm = _erm_loss(model, batch)
+    make = (lambda: PGD(epsilon=1.0, alpha=0.5, steps=2, adv_begin_step=5)) if objective == "pgd" else \
+        (lambda: FreeLB(epsilon=1.0, alpha=0.5, steps=2, adv_begin_step=5))
+    ctx = _ctx(model)
+    ctx.step = 4
+    rec = _Recorder(model)
+    stats = _floats(make().train_step(rec, batch, ctx))
+    assert rec.losses == pytest.approx([erm] * (1 if objective == "pgd" else 2), rel=1e-12)
+    assert stats["delta_norm"] == 0.0
+    ctx.step = 5
+    rec = _Recorder(model)
+    stats = _floats(make().train_step(rec, batch, ctx))
+    assert stats["delta_norm"] > 0 and rec.losses[-1] != pytest.approx(erm)

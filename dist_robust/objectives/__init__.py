@@ -13,8 +13,10 @@ from dist_robust.objectives.pgd import PGD
 
 BUILDERS: dict[str, Callable[[ObjectiveConfig], Objective]] = {
     "erm": lambda c: ERM(),
-    "pgd": lambda c: PGD(c.epsilon, c.alpha, c.adv_steps, c.norm, c.adv_weight, c.scale == "relative"),
-    "freelb": lambda c: FreeLB(c.epsilon, c.alpha, c.adv_steps, c.norm, c.scale == "relative"),
+    "pgd": lambda c: PGD(c.epsilon, c.alpha, c.adv_steps, c.norm, c.adv_weight, c.scale == "relative",
+                         c.linf_step, c.adv_begin_step),
+    "freelb": lambda c: FreeLB(c.epsilon, c.alpha, c.adv_steps, c.norm, c.scale == "relative", c.init_mag,
+                               c.linf_step, c.same_dropout, c.adv_begin_step),
     "gaussian": lambda c: Gaussian(c.sigma, c.noise_samples, c.scale == "relative"),
 }
 

@@ -44,9 +44,18 @@ def random_start(shape: torch.Size, mask: torch.Tensor, epsilon: float, norm: st
     return direction * scale.view(-1, 1, 1)
 
 
+def uniform_start(shape: torch.Size, mask: torch.Tensor, init_mag: float, generator: torch.Generator) -> torch.Tensor:
+    """FreeLB's start: U(-1, 1) * init_mag / sqrt(L * H) on the real tokens, L of them per
+    example, H coordinates each (so ||delta|| is about init_mag / sqrt(3) whatever the length)."""
+    delta = _masked(draw("uniform", shape, generator, mask.device) * 2 - 1, mask)
+    dims = (mask.sum(dim=1).float() * shape[-1]).clamp_min(1).sqrt()  # (B,)
+    return delta * (init_mag / dims).view(-1, 1, 1)
+
+
 def ascent_step(delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, alpha: float,
-                norm: str) -> torch.Tensor:
-    """One step of size alpha along the normalized gradient (L2) or its sign (L-inf).
+                norm: str, linf_step: str = "sign") -> torch.Tensor:
+    """One step of size alpha along the normalized gradient (L2) or, for L-inf, its sign
+    (``linf_step="sign"``, PGD's) or ``g / ||g||_inf`` per example (``"normalized"``, the FreeLB code's).
 
     The step is scale-free, so a loss-scaled (fp16) gradient gives the same step. An example
     whose gradient is not finite (an fp16 overflow) takes no step instead of poisoning delta.
@@ -54,8 +63,10 @@ def ascent_step(delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, alp
     grad = _masked(_wide(grad), mask)
     finite = torch.isfinite(grad).flatten(1).all(dim=1).view(-1, 1, 1)  # (B, 1, 1)
     grad = torch.where(finite, grad, torch.zeros_like(grad))
-    if norm == "linf":
+    if norm == "linf" and linf_step == "sign":
         step = grad.sign()
+    elif norm == "linf":
+        step = grad / grad.abs().flatten(1).amax(dim=1).clamp_min(_TINY).view(-1, 1, 1)
     else:
         step = grad / l2_norms(grad, mask).clamp_min(_TINY).view(-1, 1, 1)
     return _masked(delta + alpha * step, mask)

@@ -89,6 +89,14 @@ class StepContext:
     hidden_size: int
     generator: torch.Generator  # CPU generator for perturbation randomness, seeded per (seed, rank, batch)
     loss_scale: float = 1.0  # fp16: the engine's current loss scale, applied before input-gradient passes
+    step: int = 0  # optimizer steps taken before this batch (for --adv-begin-step)
+    dropout_seed: int | None = None  # the seed this batch's dropout masks were drawn from
+
+    def same_dropout(self) -> None:
+        """Reseed the dropout generators (every device's), so the next forward draws this batch's
+        first masks again: every pass of the batch then sees the same dropout masks."""
+        if self.dropout_seed is not None:
+            torch.manual_seed(self.dropout_seed)
 
 
 class Objective(Protocol):

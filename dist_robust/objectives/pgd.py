@@ -41,6 +41,8 @@ class PGD:
     norm: str = "l2"
     adv_weight: float = 0.5
     relative: bool = False
+    linf_step: str = "sign"  # or "normalized": g / ||g||_inf (see ball.ascent_step)
+    adv_begin_step: int = 0  # plain ERM steps before the first adversarial one
     name: str = "pgd"
     micro_steps: int = 1
 
@@ -53,11 +55,18 @@ class PGD:
             with ctx.perturbation.apply(delta, mask, unit_of(self)):
                 loss = cross_entropy(logits_of(module, batch), batch["labels"])
             (grad,) = torch.autograd.grad(loss * ctx.loss_scale, delta)
-            delta = ball.ascent_step(delta.detach(), grad, mask, self.alpha, self.norm)
+            delta = ball.ascent_step(delta.detach(), grad, mask, self.alpha, self.norm, self.linf_step)
             delta = ball.project(delta, mask, self.epsilon, self.norm)
         return delta.detach()
 
     def train_step(self, engine, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if ctx.step < self.adv_begin_step:  # warm-up: the ERM step, one pass
+            loss = cross_entropy(logits_of(engine, batch), batch["labels"])
+            engine.backward(loss)
+            engine.step()
+            zero = torch.zeros((), device=loss.device)
+            return {"loss": loss.detach(), "loss_clean": loss.detach(), "loss_adv": loss.detach(),
+                    "delta_norm": zero, "delta_ratio": zero}
         delta = self.attack(engine.module, batch, ctx)
         b = delta.shape[0]
         with ctx.perturbation.apply(torch.cat([torch.zeros_like(delta), delta]), batch["perturb_mask"],
