@@ -80,6 +80,13 @@ def _parser_for(tokens: list[str]):
         from dist_robust.compare import build_parser
 
         return build_parser(), args
+    if sub == "experiment":  # its own options, then "--" and training options (checked by the train parser)
+        from dist_robust.experiment import _parser
+
+        if "--" in args:
+            run_parser().parse_args(args[args.index("--") + 1:])
+            args = args[:args.index("--")]
+        return _parser(), args
     if sub == "tune":
         from dist_robust.tuning.cli import _parser
 
