@@ -137,6 +137,9 @@ def test_runnable_blocks_run_as_written(tmp_path):
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{where} failed:\n{script}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         outputs[where] = proc.stdout
-    assert any("| erm (baseline) | 1 |" in out for out in outputs.values())  # the README's comparison
-    assert (tmp_path / "runs" / "erm-1-eval" / "results.json").exists()  # the README's eval
+    # the README's experiment: two seeds per method, the paired table against ERM, the plots
+    assert any("| erm (baseline) | 2 |" in out and "| gaussian | " in out and "paired by seed" in out
+               for out in outputs.values())
+    assert (tmp_path / "runs" / "synthetic-small" / "gaussian-s2" / "results.json").exists()
+    assert (tmp_path / "runs" / "erm-s1-eval" / "results.json").exists()  # the README's eval
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
