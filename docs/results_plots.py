@@ -53,7 +53,7 @@ def misalignment_plot(runs: str, default_m: float, out: str) -> None:
             ax.scatter([m] * len(by_m[m]), by_m[m], s=8, alpha=0.4, color=ax.lines[-1].get_color())
     ax.set_xlabel("--synthetic-misalignment")
     ax.set_ylabel("zero-shot accuracy, mean of de fr es zh (%)")
-    ax.set_title("Accuracy against misalignment (test; mean ± std over seeds)")
+    ax.set_title("Accuracy against misalignment (test, mean ± std over seeds)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_misalignment.png"), dpi=120)
@@ -74,6 +74,8 @@ def sweep_plot(runs: str, out: str) -> None:
         ax.plot(values, [100 * statistics.fmean(r["best_dev_source_acc"] for r in by_value[v]) for v in values],
                 "k--", marker="s", label="en dev (selects)")
         ax.set_xscale("log")
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
         ax.set_xlabel(f"{key} (relative)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{'pgd' if key == 'epsilon' else 'gaussian'}: accuracy against {key}")
