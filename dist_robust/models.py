@@ -201,11 +201,10 @@ def align_word_embeddings(model: torch.nn.Module, tokenizer, anchors, seed: int)
 
     import deepspeed
 
-    rows = []
-    for a in anchors:
-        word, anchor = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in (a.word, a.anchor))
-        if len(word) == 1 and len(anchor) == 1 and word != anchor:
-            rows.append((a.word, word[0], anchor[0], a.distance))
+    texts = sorted({w for a in anchors for w in (a.word, a.anchor)})
+    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]))  # one batched call
+    rows = [(a.word, ids[a.word][0], ids[a.anchor][0], a.distance) for a in anchors
+            if len(ids[a.word]) == 1 and len(ids[a.anchor]) == 1 and ids[a.word] != ids[a.anchor]]
     weight = word_embeddings(model).weight
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=0), torch.no_grad():
         table = weight.detach().float().cpu().clone()
