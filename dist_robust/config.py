@@ -150,6 +150,9 @@ class TrainConfig:
     eval_batch_size: int = _f(64, "Examples per rank per evaluation batch.", "--eval-batch-size")
     generalized: bool = _f(True, "Evaluate the generalized language x language matrix at the end.",
                            "--generalized")
+    generalized_examples: int | None = _f(None, "Off-diagonal cells of the generalized matrix use this many ids, "
+                                          "evenly spaced over the set (the diagonal keeps every pair); "
+                                          "default: all.", "--generalized-examples")
     eval_split: str = _f("auto", "Split of the final evaluation: test, dev, or auto (test when every evaluation "
                          "language has a labelled test set, else dev).", "--eval-split", choices=EVAL_SPLITS)
     max_bad_steps: int = _f(20, "Stop after this many consecutive optimizer steps with a non-finite loss or "
@@ -430,6 +433,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     for key in ("eval_steps", "save_steps"):
         if getattr(t, key) < 0:
             bad(f"train.{key}", getattr(t, key), "must be >= 0 (0 disables)")
+    if t.generalized_examples is not None and t.generalized_examples < 1:
+        bad("train.generalized_examples", t.generalized_examples, "must be >= 1 (or unset: all)")
     if t.lr is not None and t.lr <= 0:
         bad("train.lr", t.lr, "must be > 0")
     if not 0.0 <= t.warmup_ratio < 1.0:

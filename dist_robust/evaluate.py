@@ -40,6 +40,18 @@ def generalized_sets(per_language: dict[str, list[PairExample]]) -> dict[tuple[s
     return out
 
 
+def spaced_subset(rows: list[PairExample], k: int | None) -> list[PairExample]:
+    """``k`` rows evenly spaced over ``rows`` (all of them when ``k`` is None or not smaller).
+
+    Even spacing rather than the first ``k``: evaluation files are often ordered by genre or
+    source, so a prefix would be a biased sample.
+    """
+    n = len(rows)
+    if k is None or k >= n:
+        return list(rows)
+    return [rows[(i * n) // k] for i in range(k)]
+
+
 @dataclass
 class EvalGroups:
     """Several evaluation sets flattened into one encoded list with a group index per row."""

@@ -187,8 +187,10 @@ def experiment_main(argv: list[str] | None = None) -> int:
         chosen = select(runner, grid, args.select_seeds)
         runner.done = 0
         total = len(args.methods) * len(args.seeds)
-        for method in args.methods:
-            for seed in args.seeds:
+        # Seed by seed, every method within a seed: an experiment stopped early still holds
+        # complete seeds, each a paired comparison against ERM.
+        for seed in args.seeds:
+            for method in args.methods:
                 runner.train(method, seed, run_flags(method, chosen), total)
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -73,6 +73,8 @@ def print_report(results: dict) -> None:
     summary = {k: results[k] for k in ("standard_avg", "all_avg", "generalized_avg") if k in results}
     print(E.format_table(results["per_language"], summary))
     if results["generalized"]:
-        print("\ngeneralized (sentence1 language x sentence2 language):")
+        k = results.get("generalized_examples")
+        subset = f"; off-diagonal cells on {k} evenly spaced ids" if k else ""
+        print(f"\ngeneralized (sentence1 language x sentence2 language{subset}):")
         print(E.format_matrix(results["generalized"]))
     print(flush=True)

@@ -71,6 +71,9 @@ class Setup:
     augmenter: SynonymAugmenter | None = None
     resume: ResumePoint | None = None
     tracker: Tracker = field(default_factory=NullTracker)
+    # Per-language dev accuracy by step, measured by this process on ``dev`` (not carried across a
+    # resume: a later process may have other evaluation sets).
+    dev_measured: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -447,6 +450,7 @@ def _evaluate_dev(setup: Setup, state: State) -> dict[str, float]:
     acc = E.accuracy(setup.engine, setup.dev, setup.collator, cfg.train.eval_batch_size)
     summary = E.summarize(acc, None, cfg.data.source_language)
     state.dev_history.append({"step": state.step, "per_language": acc, **summary})
+    setup.dev_measured[state.step] = dict(acc)
     metrics = {f"dev_acc.{lang}": a for lang, a in acc.items()}
     metrics.update({f"dev_{k}": v for k, v in summary.items()})
     setup.tracker.log_metrics(metrics, step=state.step)
@@ -467,21 +471,17 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         _load_best(setup, state)
     split = final_split(cfg, setup.data)
     sets = setup.data.test if split == "test" else setup.data.dev
-    if cfg.train.generalized:
-        # The diagonal cells are the per-language sets: every distinct pair is run once.
-        all_sets = {("gen", a, b): rows for (a, b), rows in E.generalized_sets(sets).items()}
-    else:
-        all_sets = {("gen", lang, lang): rows for lang, rows in sets.items()}
-    prepared = E.prepare(all_sets, setup.tokenizer, cfg.model.max_length)
-    bar = None
-    if cfg.train.progress and D.is_main():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=E.num_batches(prepared, cfg.train.eval_batch_size), desc=f"evaluate {split}",
-                   unit="batch", dynamic_ncols=True)
-    acc = E.accuracy(setup.engine, prepared, setup.collator, cfg.train.eval_batch_size, bar)
-    if bar is not None:
-        bar.close()
+    # The diagonal cells are the per-language sets: every distinct pair is run once, and on dev
+    # the per-language accuracies of the selected model were measured when it was selected.
+    known = setup.dev_measured.get(state.best_step) if split == "dev" else None
+    cells = E.generalized_sets(sets) if cfg.train.generalized else {(lang, lang): rows for lang, rows in sets.items()}
+    k = cfg.train.generalized_examples
+    all_sets = {("gen", a, b): rows if a == b else E.spaced_subset(rows, k) for (a, b), rows in cells.items()
+                if not (a == b and known is not None)}
+    acc = _run_final_sets(setup, split, all_sets) if all_sets else {}
+    if known is not None:
+        acc.update({("gen", lang, lang): a for lang, a in known.items()})
+        acc = {("gen", a, b): acc[("gen", a, b)] for a, b in cells}  # back in the sets' order
     per_language = {key[1]: a for key, a in acc.items() if key[1] == key[2]}
     matrix = E.matrix_from_cells({key[1:]: a for key, a in acc.items()}) if cfg.train.generalized else {}
     return {
@@ -496,11 +496,27 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         "seconds_per_step": state.seconds_per_step,
         "per_language": per_language,
         "generalized": matrix,
+        "generalized_examples": cfg.train.generalized_examples,
         **E.summarize(per_language, matrix, cfg.data.source_language),
         "train_losses": state.train_losses,
         "dev_history": state.dev_history,
         "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size()}),
     }
+
+
+def _run_final_sets(setup: Setup, split: str, sets: dict) -> dict:
+    cfg = setup.cfg
+    prepared = E.prepare(sets, setup.tokenizer, cfg.model.max_length)
+    bar = None
+    if cfg.train.progress and D.is_main():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=E.num_batches(prepared, cfg.train.eval_batch_size), desc=f"evaluate {split}",
+                   unit="batch", dynamic_ncols=True)
+    acc = E.accuracy(setup.engine, prepared, setup.collator, cfg.train.eval_batch_size, bar)
+    if bar is not None:
+        bar.close()
+    return acc
 
 
 def _load_best(setup: Setup, state: State) -> None:
