@@ -70,7 +70,9 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
     if opt.get("lr") == "auto":
         opt["lr"] = lr
     sched = ds.get("scheduler", {}).get("params", {})
-    warmup = max(1, int(t.warmup_ratio * t.max_steps)) if t.warmup_ratio > 0 else 0
+    # DeepSpeed's warm-up schedulers refuse 0 steps (and warm up over at least 2): a ratio of 0
+    # gets the least warm-up they allow.
+    warmup = max(1, int(t.warmup_ratio * t.max_steps))
     for key, value in (("warmup_max_lr", lr), ("warmup_num_steps", warmup), ("total_num_steps", t.max_steps),
                        ("cos_min_ratio", 0.0)):
         if sched.get(key) == "auto":

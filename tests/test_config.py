@@ -64,6 +64,22 @@ def test_auto_values_and_freelb_accumulation():
                                          "total_num_steps": 50}
 
 
+def test_zero_warmup_ratio_gives_a_schedule_deepspeed_accepts():
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    cfg = _cfg("--warmup-ratio", "0", "--max-steps", "50", "--lr", "1e-3")
+    params = resolve_ds_config(cfg, world_size=1)["scheduler"]["params"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = WarmupDecayLR(opt, **params)  # raised "warmup_num_steps must be a positive integer" with 0
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[2] == pytest.approx(1e-3, rel=0.05)  # at the peak after DeepSpeed's shortest warm-up
+
+
 def test_all_problems_reported_at_once_with_key_value_and_accepted():
     cfg = _cfg("objective.name=adversarial", "--epsilon", "-0.5", "--noise-samples", "0")
     with pytest.raises(ConfigError) as err:
