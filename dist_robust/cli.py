@@ -186,9 +186,12 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 def relaunch_command(nproc: int, args: list[str], port: int) -> list[str]:
     """The deepspeed launcher command for N local ranks on ``port`` (so two jobs on a host never collide)."""
-    launcher = shutil.which("deepspeed") or "deepspeed"
-    return [launcher, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "dist_robust.cli", "train",
-            *args]
+    # The launcher beside this interpreter first: a virtual environment need not be activated.
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed") or "deepspeed"
+    # --no_local_rank: the launcher would put --local_rank=N before the subcommand; ranks read
+    # $LOCAL_RANK, which it sets anyway.
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(port), "--no_local_rank", "--module",
+            "dist_robust.cli", "train", *args]
 
 
 def config_main(argv: list[str] | None = None) -> int:
@@ -216,6 +219,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     extra = [flag for flag in ("--eval-only", "--no-export-model") if flag not in args]
     return train_main([*args, *extra])
+
+
+def certify_main(argv: list[str] | None = None) -> int:
+    """``dist-robust certify --model DIR ...``: evaluation, then the smoothed classifier's certified accuracy."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--certify" or a.startswith("--certify=") or a.startswith("certify.method=") for a in args):
+        args += ["--certify", "gaussian"]
+    return eval_main(args)
 
 
 def augment_main(argv: list[str] | None = None) -> int:
@@ -268,6 +279,7 @@ COMMANDS = {
     "train": train_main,
     "config": config_main,
     "eval": eval_main,
+    "certify": certify_main,
     "augment": augment_main,
     "compare": compare_main,
     "experiment": experiment_main,
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: dist-robust {{{known}}} ...\n\n"
               "  train    fine-tune with a robust objective on DeepSpeed (see: dist-robust train --help)\n"
               "  eval     evaluate a model (per language and generalized) without training\n"
+              "  certify  evaluate, then certify the smoothed classifier (gaussian or synonym smoothing)\n"
               "  config   print the resolved configuration without training\n"
               "  augment  write a synonym-substituted copy of a training file (RS-DA, offline)\n"
               "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment\n"

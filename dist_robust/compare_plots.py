@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The size parameter each objective is swept over; objectives without one are reference lines.
-STRENGTH_PARAMS = {"pgd": "objective.epsilon", "freelb": "objective.epsilon", "gaussian": "objective.sigma"}
+STRENGTH_PARAMS = {"pgd": "objective.epsilon", "freelb": "objective.epsilon", "gaussian": "objective.sigma",
+                   "smart": "objective.smart_lambda"}
 MAX_BAR_SERIES = 12
 MAX_HEATMAPS = 12
 MAX_CURVE_RUNS = 60  # one metric-history request per run and key

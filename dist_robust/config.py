@@ -23,10 +23,12 @@ from typing import Any
 
 import yaml
 
-OBJECTIVES = ("erm", "pgd", "freelb", "gaussian")
+OBJECTIVES = ("erm", "pgd", "freelb", "gaussian", "smart")
 NORMS = ("l2", "linf")
 SCALES = ("relative", "absolute")
 LINF_STEPS = ("sign", "normalized")
+NOISE_TYPES = ("normal", "uniform")
+CERTIFY_METHODS = ("none", "gaussian", "synonym")
 TASKS = ("synthetic", "pawsx", "xnli")
 AUGMENTATIONS = ("none", "synonym")
 DATA_FORMATS = ("auto", "tsv", "xtreme", "jsonl", "parquet")
@@ -110,10 +112,11 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = _f("erm", "Training objective.", "--objective", choices=OBJECTIVES)
-    epsilon: float = _f(0.1, "pgd/freelb: radius of the perturbation ball on word-embedding outputs "
+    epsilon: float = _f(0.1, "pgd/freelb/smart: radius of the perturbation ball on word-embedding outputs "
                         "(relative: the most ||delta|| / ||e(x)|| may reach).", "--epsilon")
-    alpha: float = _f(0.05, "pgd/freelb: ascent step size (in epsilon's units).", "--alpha")
-    adv_steps: int = _f(2, "pgd/freelb: number of ascent steps K.", "--adv-steps")
+    alpha: float = _f(0.05, "pgd/freelb/smart: ascent step size (in epsilon's units).", "--alpha")
+    adv_steps: int = _f(2, "pgd/freelb/smart: number of ascent steps K (smart: 0 is R3F, noise only).",
+                        "--adv-steps")
     norm: str = _f("l2", "pgd/freelb: ball norm (l2 per example over real tokens, or linf).", "--norm",
                    choices=NORMS)
     adv_weight: float = _f(0.5, "pgd: loss = (1 - w) * clean CE + w * adversarial CE.", "--adv-weight")
@@ -130,6 +133,12 @@ class ObjectiveConfig:
                             "--same-dropout")
     adv_begin_step: int = _f(0, "pgd/freelb: train without perturbation (the ERM gradient) for this many optimizer "
                              "steps first.", "--adv-begin-step")
+    smart_lambda: float = _f(1.0, "smart: weight of the symmetric KL between clean and perturbed predictions.",
+                             "--smart-lambda")
+    noise_type: str = _f("normal", "smart: distribution of the random start (normal or uniform).", "--noise-type",
+                         choices=NOISE_TYPES)
+    noise_scale: float = _f(1e-3, "smart: size of the random start, ||delta_0|| (uniform: / sqrt(3)), in epsilon's "
+                            "units.", "--noise-scale")
     scale: str = _f("relative", "Units of epsilon, alpha and sigma: relative (fractions of each example's "
                     "word-embedding norm ||e(x)||, the same meaning on every model) or absolute (raw "
                     "embedding units).", "--perturbation-scale", choices=SCALES)
@@ -195,12 +204,29 @@ class TrackingConfig:
 
 
 @dataclass
+class CertifyConfig:
+    method: str = _f("none", "After the final evaluation, certify the smoothed classifier: gaussian (noise on "
+                     "word embeddings, Cohen et al. 2019) or synonym (substitution, SAFER); none: skip.",
+                     "--certify", choices=CERTIFY_METHODS)
+    samples: int = _f(100, "Noisy copies per example for the certificate's estimate (n).", "--certify-samples")
+    selection: int = _f(10, "Noisy copies per example that choose the predicted class (n0).", "--certify-selection")
+    alpha: float = _f(0.001, "The certificate fails with probability at most alpha (Clopper-Pearson bound).",
+                      "--certify-alpha")
+    sigma: float | None = _f(None, "gaussian: noise scale, in --sigma's units. Default: --sigma.", "--certify-sigma")
+    radii: list[str] = _f([], "gaussian: radii (in sigma's units) at which certified accuracy is reported. "
+                          "Default: 0, 0.5, 1, 1.5 x sigma.", "--certify-radii", nargs="+")
+    examples: int | None = _f(None, "Certify this many evenly spaced ids of every set (certification costs "
+                              "n0 + n forward passes per pair). Default: all.", "--certify-examples")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
     ds_config: dict = field(default_factory=dict)
     ds_config_path: str | None = None
 
@@ -209,7 +235,7 @@ class RunConfig:
 
 
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig,
-                    "train": TrainConfig, "tracking": TrackingConfig}
+                    "train": TrainConfig, "tracking": TrackingConfig, "certify": CertifyConfig}
 
 
 def iter_fields():
@@ -396,12 +422,40 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     for key, value in (("epsilon", o.epsilon), ("alpha", o.alpha), ("sigma", o.sigma)):
         if value < 0:
             bad(f"objective.{key}", value, "must be >= 0")
-    if o.adv_steps < 1:
-        bad("objective.adv_steps", o.adv_steps, "must be >= 1")
+    if o.adv_steps < (0 if o.name == "smart" else 1):
+        bad("objective.adv_steps", o.adv_steps, "must be >= 1 (>= 0 for smart)")
+    if o.noise_type not in NOISE_TYPES:
+        bad("objective.noise_type", o.noise_type, f"accepted: {', '.join(NOISE_TYPES)}")
+    for key, value in (("smart_lambda", o.smart_lambda), ("noise_scale", o.noise_scale)):
+        if value < 0:
+            bad(f"objective.{key}", value, "must be >= 0")
     if not 0.0 <= o.adv_weight <= 1.0:
         bad("objective.adv_weight", o.adv_weight, "must be in [0, 1]")
     if o.noise_samples < 1:
         bad("objective.noise_samples", o.noise_samples, "must be >= 1")
+    c = cfg.certify
+    if c.method not in CERTIFY_METHODS:
+        bad("certify.method", c.method, f"accepted: {', '.join(CERTIFY_METHODS)}")
+    for key in ("samples", "selection"):
+        if getattr(c, key) < 1:
+            bad(f"certify.{key}", getattr(c, key), "must be >= 1")
+    if not 0.0 < c.alpha < 0.5:
+        bad("certify.alpha", c.alpha, "must be in (0, 0.5)")
+    if c.sigma is not None and c.sigma <= 0:
+        bad("certify.sigma", c.sigma, "must be > 0")
+    if c.method == "gaussian" and c.sigma is None and o.sigma <= 0:
+        bad("objective.sigma", o.sigma, "--certify gaussian needs a noise scale > 0 (--sigma or --certify-sigma)")
+    for r in c.radii:
+        try:
+            ok = float(r) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            bad("certify.radii", r, "expected numbers >= 0, e.g. --certify-radii 0 0.05 0.1")
+    if c.examples is not None and c.examples < 1:
+        bad("certify.examples", c.examples, "must be >= 1 (or unset: all)")
+    if c.method == "synonym" and not d.synonyms and d.task != "synthetic":
+        bad("data.synonyms", d.synonyms, "--certify synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
     if d.task not in TASKS:
         bad("data.task", d.task, f"accepted tasks: {', '.join(TASKS)}")
     if d.augment not in AUGMENTATIONS:

@@ -61,9 +61,44 @@ def final_metrics(results: dict, step: int) -> dict[str, float]:
         last = results["dev_history"][-1]
         final.update({f"dev_acc.{lang}": a for lang, a in last["per_language"].items()})
         final.update({f"dev_{k}": v for k, v in last.items() if k not in ("step", "per_language")})
+    final.update(certify_metrics(results.get("certify"), results.get("source_language", "en")))
     final["skipped_steps"] = results["skipped_steps"]
     final["step"] = step
     return final
+
+
+def certify_metrics(certify: dict | None, source: str) -> dict[str, float]:
+    """``cert.<lang>`` (certified accuracy at the reference threshold), ``smoothed.<lang>``,
+    ``abstain.<lang>``, ``cert.<lang>.<threshold>``, and target-language / off-diagonal averages."""
+    if not certify:
+        return {}
+    ref = certify["reference"]
+    out: dict[str, float] = {}
+    for lang, cell in certify["per_language"].items():
+        out[f"cert.{lang}"] = cell["certified"][ref]
+        out[f"smoothed.{lang}"] = cell["accuracy"]
+        out[f"abstain.{lang}"] = cell["abstain"]
+        out.update({f"cert.{lang}.{k}": v for k, v in cell["certified"].items()})
+    targets = [lang for lang in certify["per_language"] if lang != source]
+    if targets:
+        out["certified_standard_avg"] = sum(out[f"cert.{lang}"] for lang in targets) / len(targets)
+        out["smoothed_standard_avg"] = sum(out[f"smoothed.{lang}"] for lang in targets) / len(targets)
+    off = [cell["certified"][ref] for a, row in certify.get("generalized", {}).items()
+           for b, cell in row.items() if a != b]
+    if off:
+        out["certified_generalized_avg"] = sum(off) / len(off)
+    return out
+
+
+def format_certify(certify: dict) -> str:
+    """The certification table: smoothed accuracy, abstentions and certified accuracy per threshold."""
+    names = certify["thresholds"]
+    head = f"{'':<10}{'smoothed':>9}{'abstain':>9}" + "".join(f"{n:>9}" for n in names)
+    lines = [head]
+    for lang, cell in certify["per_language"].items():
+        lines.append(f"{lang:<10}{100 * cell['accuracy']:9.2f}{100 * cell['abstain']:9.2f}"
+                     + "".join(f"{100 * cell['certified'][n]:9.2f}" for n in names))
+    return "\n".join(lines)
 
 
 def print_report(results: dict) -> None:
@@ -77,4 +112,11 @@ def print_report(results: dict) -> None:
         subset = f"; off-diagonal cells on {k} evenly spaced ids" if k else ""
         print(f"\ngeneralized (sentence1 language x sentence2 language{subset}):")
         print(E.format_matrix(results["generalized"]))
+    c = results.get("certify")
+    if c:
+        what = (f"L2 radius in sigma's units, sigma = {c['sigma']:g}" if c["method"] == "gaussian"
+                else "d: at most d words substituted; all: every substitutable word")
+        print(f"\ncertified accuracy (%), {c['method']} smoothing, n0 = {c['selection']}, n = {c['samples']}, "
+              f"alpha = {c['alpha']:g}, {c['examples'] or 'all'} example(s) per set ({what}):")
+        print(format_certify(c))
     print(flush=True)

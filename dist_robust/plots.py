@@ -21,7 +21,8 @@ FORMATS = ("png", "svg")
 SMOOTH_ABOVE = 50  # curves with more points than this are drawn smoothed
 TILT_ABOVE = 12  # bar charts with more columns than this slant their labels
 DPI = 110
-OBJECTIVE_COLORS = {"erm": "#555555", "pgd": "#1f77b4", "freelb": "#ff7f0e", "gaussian": "#2ca02c"}
+OBJECTIVE_COLORS = {"erm": "#555555", "pgd": "#1f77b4", "freelb": "#ff7f0e", "gaussian": "#2ca02c",
+                    "smart": "#9467bd"}
 _CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]
 
@@ -296,7 +297,32 @@ def run_figures(results: dict) -> dict[str, Figure]:
         figures["curves"] = curves_figure(
             {"train loss": {"loss": [[(i + 1, v) for i, v in enumerate(losses)]]}, "dev accuracy (%)": dev},
             name)
+    if results.get("certify"):
+        figures["certified"] = certified_figure(results["certify"], name)
     return figures
+
+
+def certified_figure(certify: dict, title: str = "") -> Figure:
+    """Certified accuracy against the radius (or number of substituted words), one line per language."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    names = list(certify["thresholds"])
+    xs = certify["radii"] if certify["method"] == "gaussian" else list(range(len(names)))
+    for i, (lang, cell) in enumerate(certify["per_language"].items()):
+        ax.plot(xs, [_pct(cell["certified"][n]) for n in names], marker="o", color=_CYCLE[i % len(_CYCLE)],
+                label=f"{lang} (abstains {100 * cell['abstain']:.0f}%)")
+    if certify["method"] == "gaussian":
+        ax.set_xlabel(f"L2 radius ({'relative: RMS coordinates of e(x)' if certify['relative'] else 'embedding units'})")
+    else:
+        ax.set_xticks(xs, [n[1:] if n.startswith("d") else n for n in names])
+        ax.set_xlabel("words substituted by synonyms (at most)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{title}: {certify['method']} smoothing, n = {certify['samples']}, alpha = {certify['alpha']:g}",
+                 fontsize=10)
+    return fig
 
 
 def log_run_plots(tracker: Tracker, results: dict, artifact_path: str = "plots") -> list[str]:

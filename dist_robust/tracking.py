@@ -328,7 +328,8 @@ def replay_journal(journal_dir: str, uri: str | None = None) -> tuple[str, int]:
 
 
 OBJECTIVE_KNOBS = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": ("epsilon", "alpha", "adv_steps", "norm"),
-                   "gaussian": ("sigma", "noise_samples"), "erm": ()}
+                   "gaussian": ("sigma", "noise_samples"), "erm": (),
+                   "smart": ("epsilon", "alpha", "adv_steps", "smart_lambda", "noise_type", "noise_scale")}
 
 
 def describe_run(cfg, ds_config: dict, world_size: int) -> tuple[str, str]:

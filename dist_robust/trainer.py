@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dist_robust import certify as C
 from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust import evaluate as E
@@ -23,7 +24,7 @@ from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, 
                                       resolve_resume, step_tag)
 from dist_robust.config import ConfigError, RunConfig, validate
 from dist_robust.ds_config import resolve_ds_config, user_grad_accum
-from dist_robust.data.augment import SynonymAugmenter
+from dist_robust.data.augment import SynonymAugmenter, load_neighbors
 from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
                                        to_device, train_batch_indices)
@@ -108,6 +109,8 @@ def run(cfg: RunConfig, report=None) -> dict | None:
         else:
             _fit(setup, state, report)
         results = _final_evaluation(setup, state)
+        if cfg.certify.method != "none":
+            results["certify"] = _certify(setup)
         _save_outputs(setup, state, results)
         if report is not None:
             report(final_metrics(results, state.step), None)
@@ -372,6 +375,9 @@ def _train_batch(setup: Setup, batch_index: int) -> dict:
 
 def _fit(setup: Setup, state: State, report) -> None:
     cfg = setup.cfg.train
+    # Training mode (dropout on): from_pretrained hands a model over in eval mode, and nothing
+    # else would switch it; evaluation restores whichever mode it found.
+    setup.engine.train()
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _progress(cfg, state)
     times: list[float] = []
@@ -502,6 +508,49 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         "dev_history": state.dev_history,
         "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size()}),
     }
+
+
+def _certify(setup: Setup) -> dict:
+    """Certified accuracy of the smoothed model on the final evaluation's sets (dist_robust.certify)."""
+    cfg, c = setup.cfg, setup.cfg.certify
+    split = final_split(cfg, setup.data)
+    sets = setup.data.test if split == "test" else setup.data.dev
+    cells = E.generalized_sets(sets) if cfg.train.generalized else {(lang, lang): rows for lang, rows in sets.items()}
+    cells = {key: E.spaced_subset(rows, c.examples) for key, rows in cells.items()}
+    sigma = c.sigma if c.sigma is not None else cfg.objective.sigma
+    radii = tuple(float(r) for r in c.radii) or tuple(m * sigma for m in (0.0, 0.5, 1.0, 1.5))
+    neighbors = None
+    if c.method == "synonym":
+        neighbors = load_neighbors(cfg.data.synonyms) if cfg.data.synonyms else setup.data.synonyms
+    smoothing = C.Smoothing(c.method, c.selection, c.samples, c.alpha, cfg.train.seed, cfg.train.eval_batch_size,
+                            sigma, cfg.objective.scale == "relative", neighbors, radii)
+    certifier = C.Certifier(setup.engine, setup.perturbation, setup.tokenizer, setup.collator, cfg.model.max_length,
+                            smoothing)
+    named = {f"{a}>{b}": rows for (a, b), rows in cells.items()}
+    bar = None
+    if cfg.train.progress and D.is_main():
+        from tqdm.auto import tqdm
+
+        local = -(-sum(len(rows) for rows in named.values()) // D.world_size())
+        bar = tqdm(total=local, desc=f"certify {split} ({c.method})", unit="pair", dynamic_ncols=True)
+    acc = C.certify_sets(certifier, named, bar)
+    if bar is not None:
+        bar.close()
+    thresholds = smoothing.thresholds
+    if c.method == "gaussian":
+        positive = [f"r{r:g}" for r in radii if r > 0]
+        reference = f"r{sigma:g}" if sigma in radii else (positive[0] if positive else thresholds[0])
+    else:
+        reference = "d1"
+    matrix: dict[str, dict[str, dict]] = {}
+    for a, b in cells:
+        matrix.setdefault(a, {})[b] = acc[f"{a}>{b}"]
+    return {"method": c.method, "split": split, "selection": c.selection, "samples": c.samples, "alpha": c.alpha,
+            "sigma": sigma if c.method == "gaussian" else None, "relative": cfg.objective.scale == "relative",
+            "radii": list(radii) if c.method == "gaussian" else None, "thresholds": thresholds,
+            "reference": reference, "examples": c.examples,
+            "per_language": {a: matrix[a][a] for a in matrix},
+            "generalized": matrix if cfg.train.generalized else {}}
 
 
 def _run_final_sets(setup: Setup, split: str, sets: dict) -> dict:

@@ -102,8 +102,10 @@ def test_help_is_plain_text_without_contradicting_defaults(capsys):
 
 def test_nproc_per_node_relaunches_on_a_free_port():
     cmd = relaunch_command(2, ["--objective", "pgd"], 41234)
-    assert cmd[1:] == ["--num_gpus", "2", "--master_port", "41234", "--module", "dist_robust.cli", "train",
-                       "--objective", "pgd"]
+    assert cmd[1:] == ["--num_gpus", "2", "--master_port", "41234", "--no_local_rank", "--module", "dist_robust.cli",
+                       "train", "--objective", "pgd"]
+    # That the relaunched ranks really start is tested by launching them: test_default_run's
+    # certification on 1 and 2 ranks goes through `dist-robust certify --nproc-per-node 2`.
 
 
 def test_a_port_in_use_is_an_error_that_says_what_to_do(tmp_path):

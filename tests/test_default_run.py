@@ -92,6 +92,56 @@ def test_exported_model_fine_tunes_from_its_directory_under_zero3(default_run, t
     assert res["per_language"]["en"] > 0.65
 
 
+def test_a_pretrained_directory_trains_with_dropout(default_run, tmp_path):
+    """``from_pretrained`` returns a model in eval mode: training must switch dropout on, so the
+    dropout rate changes the first loss (in eval mode both runs would compute the same one)."""
+    cwd, _ = default_run
+    losses = {}
+    for rate in ("0", "0.3"):
+        out = tmp_path / f"dropout{rate}"
+        deepspeed([*TINY, "--model", str(cwd / "runs" / "default" / "model"), "--dropout", rate, "--max-steps", "1",
+                   "--output-dir", str(out), "--no-export-model", "--max-length", "128", "--no-generalized",
+                   "--max-eval-examples", "8"], nproc=0)
+        losses[rate] = json.loads((out / "results.json").read_text())["train_losses"][0]
+    assert abs(losses["0.3"] - losses["0"]) > 1e-3, losses
+
+
+CERTIFY = ["--certify-examples", "12", "--certify-samples", "40", "--certify-selection", "8", "--sigma", "0.1",
+           "--no-progress", "--mlflow-uri", "none"]
+
+
+@pytest.mark.parametrize("method", ["gaussian", "synonym"])
+def test_certification_of_the_default_model_is_the_same_on_1_and_2_ranks(default_run, tmp_path, method):
+    """``dist-robust certify`` on the embedded default's model: every draw is seeded per
+    (set, example), so 1 and 2 ranks (``--nproc-per-node 2``, the deepspeed launcher) count the
+    same votes; certified accuracy never rises with the radius (the number of substituted words)."""
+    import subprocess
+    import sys
+
+    cwd, _ = default_run
+    model = str(cwd / "runs" / "default" / "model")
+    out = {}
+    for ranks in (1, 2):
+        out[ranks] = tmp_path / f"ranks{ranks}"
+        cmd = [sys.executable, "-m", "dist_robust.cli", "certify", "--certify", method, "--model", model,
+               "--output-dir", str(out[ranks]), *CERTIFY]
+        env = launcher_env()
+        if ranks == 2:
+            cmd += ["--nproc-per-node", "2"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (json.loads((out[r] / "results.json").read_text())["certify"] for r in (1, 2))
+    assert one == two
+    assert one["method"] == method and set(one["per_language"]) == set(LANGUAGES)
+    assert set(one["generalized"]) == set(LANGUAGES)
+    for lang, cell in one["per_language"].items():
+        levels = [cell["certified"][t] for t in one["thresholds"]]
+        assert levels == sorted(levels, reverse=True), (lang, levels)
+        assert cell["certified"][one["thresholds"][0]] <= cell["accuracy"] <= 1 - cell["abstain"]
+        assert cell["examples"] == 12
+    assert one["per_language"]["en"]["accuracy"] > 0.5  # the smoothed model still knows English
+
+
 def test_eval_of_exported_model_reproduces_final_accuracies(default_run, tmp_path):
     """``dist-robust eval`` on the exported model gives the training run's own numbers: the
     export holds the selected weights and the tokenizer, and evaluation is deterministic."""

@@ -13,7 +13,7 @@ from tests.launch import REPO, TINY, deepspeed, results
 
 pytestmark = pytest.mark.launcher
 
-OBJECTIVES = ["erm", "pgd", "freelb", "gaussian"]
+OBJECTIVES = ["erm", "pgd", "freelb", "gaussian", "smart"]
 STEPS = 6
 
 
@@ -32,7 +32,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory, tokenizer_dir):
-    """{stage: {objective: results.json}} from one 2-rank launch running all 16 combinations."""
+    """{stage: {objective: results.json}} from one 2-rank launch running all 25 combinations."""
     d = tmp_path_factory.mktemp("stages")
     configs = [str(REPO / "ds_configs" / f"zero{stage}.json") for stage in (0, 1, 2, 3)]
     configs.append(str(REPO / "ds_configs" / "zero2_bf16.json"))
@@ -58,7 +58,7 @@ def test_zero_stages_agree_on_loss_trajectory(stage_runs, objective):
 def test_objectives_really_differ(stage_runs):
     """Agreement above is meaningful only if the objectives change the trajectory."""
     losses = {obj: stage_runs[2][obj]["train_losses"] for obj in OBJECTIVES}
-    for obj in ("pgd", "freelb", "gaussian"):
+    for obj in ("pgd", "freelb", "gaussian", "smart"):
         assert max(abs(a - b) for a, b in zip(losses[obj], losses["erm"])) > 1e-4, obj
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-from dist_robust.objectives import ERM, PGD, EmbeddingPerturbation, FreeLB, Gaussian, StepContext, ball
+from dist_robust.objectives import ERM, PGD, SMART, EmbeddingPerturbation, FreeLB, Gaussian, StepContext, ball
 from dist_robust.objectives.base import cross_entropy, logits_of
 
 
@@ -322,3 +322,97 @@ def test_adversarial_warm_up_trains_on_the_clean_loss(objective):
     rec = _Recorder(model)
     stats = _floats(make().train_step(rec, batch, ctx))
     assert stats["delta_norm"] > 0 and rec.losses[-1] != pytest.approx(erm)
+
+
+def _kl(p_logits, q_logits):
+    """KL(p || q) by torch's own kl_div, per example, averaged (an independent formula)."""
+    return torch.nn.functional.kl_div(q_logits.log_softmax(-1), p_logits.log_softmax(-1), log_target=True,
+                                      reduction="batchmean")
+
+
+def test_symmetric_kl_matches_both_directions_of_torch_kl():
+    from dist_robust.objectives.smart import symmetric_kl
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn((5, 3), generator=g) * 2, torch.randn((5, 3), generator=g)
+    assert symmetric_kl(p, q).item() == pytest.approx((_kl(p, q) + _kl(q, p)).item(), rel=1e-12)
+    assert symmetric_kl(p, q).item() == pytest.approx(symmetric_kl(q, p).item(), rel=1e-12)
+    assert symmetric_kl(p, p + 7.0).item() == pytest.approx(0.0, abs=1e-12)  # a shift leaves softmax alone
+    half = symmetric_kl(p.to(torch.bfloat16), q.to(torch.bfloat16))
+    assert half.dtype == torch.float32  # bf16 logits: the KL itself is computed in fp32
+
+
+def test_smart_zero_perturbation_gives_exactly_the_clean_loss():
+    model, batch = _model(), _batch()
+    for steps in (0, 2):
+        stats = _floats(SMART(epsilon=0.0, alpha=0.0, steps=steps, noise_scale=0.0, smart_lambda=5.0)
+                        .train_step(_Recorder(model), batch, _ctx(model)))
+        assert stats["loss"] == pytest.approx(_erm_loss(model, batch), abs=1e-12)
+        assert stats["loss_kl"] == 0.0 and stats["delta_norm"] == 0.0
+
+
+def test_smart_divergence_gradient_matches_finite_differences():
+    from dist_robust.objectives.smart import symmetric_kl
+
+    model, batch = _model(), _batch()
+    ctx = _ctx(model)
+    mask = batch["perturb_mask"]
+    clean = logits_of(model, batch).detach()
+    delta = ball.random_start(torch.Size((2, 10, 16)), mask, 0.5, "l2", torch.Generator().manual_seed(3))
+
+    def divergence_at(d):
+        with ctx.perturbation.apply(d):
+            return symmetric_kl(clean, logits_of(model, batch))
+
+    d = delta.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(divergence_at(d), d)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        v = torch.randn((2, 10, 16), generator=g) * mask.unsqueeze(-1)
+        h = 1e-5
+        fd = (divergence_at(delta + h * v) - divergence_at(delta - h * v)) / (2 * h)
+        assert fd.item() == pytest.approx((grad * v).sum().item(), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_smart_ascent_raises_the_divergence_within_the_ball(relative):
+    from dist_robust.objectives.smart import symmetric_kl
+
+    model, batch = _model(), _batch()
+    mask = batch["perturb_mask"]
+    smart = SMART(epsilon=0.5, alpha=0.25, steps=3, noise_scale=0.01, relative=relative)
+    delta = smart.attack(model, batch, _ctx(model))
+    assert (delta[~mask] == 0).all()
+    assert (ball.l2_norms(delta, mask) <= 0.5 * (1 + 1e-6)).all()  # drawn and projected in fp32
+    ctx = _ctx(model)
+    clean = logits_of(model, batch)
+    unit = "norm" if relative else None
+    with ctx.perturbation.apply(delta, mask, unit):
+        ascended = symmetric_kl(clean, logits_of(model, batch)).item()
+    if relative:
+        assert ctx.perturbation.last_ratio.item() <= 0.5 * (1 + 1e-6)
+    noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(9)) * mask.unsqueeze(-1)
+    noise = noise * (ball.l2_norms(delta, mask) / ball.l2_norms(noise, mask)).view(-1, 1, 1)
+    with ctx.perturbation.apply(noise, mask, unit):
+        random = symmetric_kl(clean, logits_of(model, batch)).item()
+    assert ascended > random > 0
+
+
+@pytest.mark.parametrize("noise_type, expected", [("normal", 1.0), ("uniform", 3 ** -0.5)])
+def test_r3f_start_size_and_training_loss(noise_type, expected):
+    """steps = 0 (R3F): delta is the random start alone; its size is noise_scale (uniform:
+    / sqrt(3)) on average, and the loss is CE + lambda * SKL at that start, by torch's KL."""
+    model, batch = _model(), _batch()
+    mask = batch["perturb_mask"]
+    smart = SMART(epsilon=1.0, alpha=0.5, steps=0, smart_lambda=2.0, noise_type=noise_type, noise_scale=0.3)
+    sizes = torch.cat([ball.l2_norms(smart.random_start(batch, _ctx(model, seed)), mask) for seed in range(200)])
+    assert sizes.mean().item() == pytest.approx(0.3 * expected, rel=0.05)
+    stats = _floats(smart.train_step(_Recorder(model), batch, _ctx(model, seed=11)))
+    delta = smart.attack(model, batch, _ctx(model, seed=11))  # the same seed draws the same start
+    ctx = _ctx(model)
+    with ctx.perturbation.apply(delta):
+        perturbed = logits_of(model, batch)
+    clean = logits_of(model, batch)
+    expected_loss = cross_entropy(clean, batch["labels"]) + 2.0 * (_kl(clean, perturbed) + _kl(perturbed, clean))
+    assert stats["loss"] == pytest.approx(expected_loss.item(), rel=1e-10)
+    assert stats["loss_kl"] > 0

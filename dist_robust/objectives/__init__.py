@@ -10,6 +10,7 @@ from dist_robust.objectives.erm import ERM
 from dist_robust.objectives.freelb import FreeLB
 from dist_robust.objectives.gaussian import Gaussian
 from dist_robust.objectives.pgd import PGD
+from dist_robust.objectives.smart import SMART
 
 BUILDERS: dict[str, Callable[[ObjectiveConfig], Objective]] = {
     "erm": lambda c: ERM(),
@@ -18,6 +19,8 @@ BUILDERS: dict[str, Callable[[ObjectiveConfig], Objective]] = {
     "freelb": lambda c: FreeLB(c.epsilon, c.alpha, c.adv_steps, c.norm, c.scale == "relative", c.init_mag,
                                c.linf_step, c.same_dropout, c.adv_begin_step),
     "gaussian": lambda c: Gaussian(c.sigma, c.noise_samples, c.scale == "relative"),
+    "smart": lambda c: SMART(c.epsilon, c.alpha, c.adv_steps, c.smart_lambda, c.noise_type, c.noise_scale,
+                             c.scale == "relative"),
 }
 
 
@@ -29,4 +32,4 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
 
 
 __all__ = ["BUILDERS", "ERM", "EmbeddingPerturbation", "FreeLB", "Gaussian", "Objective", "PGD",
-           "StepContext", "build_objective"]
+           "SMART", "StepContext", "build_objective"]

