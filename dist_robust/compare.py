@@ -1,7 +1,9 @@
 """Compare the runs of an MLflow experiment: a runs (or groups) x languages accuracy table.
 
 Columns are the per-language accuracies a training run logs as ``acc.<lang>`` (source language
-first), then ``standard_avg`` and ``generalized_avg``. Rows are runs, or groups of runs
+first), then ``standard_avg`` and ``generalized_avg``; a run that was certified (``dist-robust
+certify``) adds its certified accuracy ``cert.<lang>`` beside each language and the certified
+averages after them. Rows are runs, or groups of runs
 (``--group-by``) shown as mean and sample standard deviation over their runs (seeds). With a
 baseline every cell also carries its difference from the baseline's. A metric a run did not log
 is shown as ``n/a`` rather than failing. Rendering is in :mod:`dist_robust.compare_format`.
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from mlflow.entities import Experiment
 
 AVERAGES = ("standard_avg", "generalized_avg")
+# Logged by `dist-robust certify` (certified accuracy at the certificate's reference radius).
+CERTIFIED_AVERAGES = ("certified_standard_avg", "certified_generalized_avg")
 # Params that differ between two runs of the same experiment setting (where it ran, what it was called).
 RUN_LOCAL_PARAMS = {"train.output_dir", "train.staging_dir", "train.resume", "train.progress", "data.cache_dir",
                     "tracking.run_name", "tracking.run_id", "tracking.mlflow_uri", "tracking.experiment"}
@@ -94,8 +98,12 @@ class Table:
 
 
 def header(column: str) -> str:
-    """``acc.de`` -> ``de``; averages keep their names."""
-    return column[4:] if column.startswith("acc.") else column
+    """``acc.de`` -> ``de``, ``cert.de`` -> ``de cert``; averages keep their names."""
+    if column.startswith("acc."):
+        return column[4:]
+    if column.startswith("cert.") and column.count(".") == 1:
+        return f"{column[5:]} cert"
+    return column
 
 
 def resolve_group_key(key: str) -> str:
@@ -146,7 +154,14 @@ def columns_for(records: list[RunRecord]) -> list[str]:
     known = task_languages(tasks.most_common(1)[0][0] if tasks else "")
     rank = {lang: i for i, lang in enumerate(known)}
     ordered = sorted(langs, key=lambda lang: (lang != source, rank.get(lang, len(rank)), lang))
-    return [f"acc.{lang}" for lang in ordered] + list(AVERAGES)
+    certified = {k for r in records for k in r.metrics if k.startswith("cert.") and k.count(".") == 1}
+    columns = []
+    for lang in ordered:  # a certified run's certified accuracy sits beside its clean accuracy
+        columns += [f"acc.{lang}"] + ([f"cert.{lang}"] if f"cert.{lang}" in certified else [])
+    averages = list(AVERAGES)
+    if certified:
+        averages += [k for k in CERTIFIED_AVERAGES if any(k in r.metrics for r in records)]
+    return columns + averages
 
 
 def make_row(label: str, records: list[RunRecord], columns: list[str]) -> Row:

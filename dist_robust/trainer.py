@@ -170,6 +170,9 @@ def _setup(cfg: RunConfig) -> Setup:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds)
     guard_plain_optimizer(engine)
+    # Training mode (dropout on): from_pretrained hands a model over in eval mode, and nothing
+    # else would switch it; evaluation restores whichever mode it found.
+    engine.train()
     log.info("%s: %.1fM parameters, %d rank(s), ZeRO stage %d, objective %s, %d training pairs",
              cfg.model.name, count_parameters(engine.module) / 1e6, D.world_size(),
              engine.zero_optimization_stage(), cfg.objective.name, len(train_set))
@@ -375,9 +378,6 @@ def _train_batch(setup: Setup, batch_index: int) -> dict:
 
 def _fit(setup: Setup, state: State, report) -> None:
     cfg = setup.cfg.train
-    # Training mode (dropout on): from_pretrained hands a model over in eval mode, and nothing
-    # else would switch it; evaluation restores whichever mode it found.
-    setup.engine.train()
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _progress(cfg, state)
     times: list[float] = []

@@ -203,6 +203,30 @@ def test_partial_group_is_marked():
     assert "70.00*" in out and "*: mean over fewer runs" in out
 
 
+def test_certified_accuracy_sits_beside_clean_accuracy():
+    """Runs that were certified (``cert.<lang>``, logged by ``dist-robust certify``) get a
+    certified column beside each language's clean one and the certified averages."""
+    from dist_robust.compare_format import to_text
+    from dist_robust.mlflow_runs import RunRecord
+
+    params = {"objective.name": "gaussian", "data.task": "synthetic"}
+    records = [RunRecord("a" * 32, "a", "FINISHED", 0, {**params, "train.seed": "1"}, {},
+                         {"acc.en": 0.9, "acc.de": 0.8, "cert.en": 0.7, "cert.de": 0.5, "cert.de.r0.1": 0.5,
+                          "standard_avg": 0.8, "certified_standard_avg": 0.5}),
+               RunRecord("b" * 32, "b", "FINISHED", 1, {**params, "train.seed": "2"}, {},
+                         {"acc.en": 0.7, "acc.de": 0.6, "cert.en": 0.5, "cert.de": 0.3, "standard_avg": 0.6,
+                          "certified_standard_avg": 0.3})]
+    table = build_table("e", records, ["objective"])
+    assert table.columns == ["acc.en", "cert.en", "acc.de", "cert.de", "standard_avg", "generalized_avg",
+                             "certified_standard_avg"]
+    assert table.headers[:4] == ["en", "en cert", "de", "de cert"]
+    row = table.rows[0]
+    assert row.cells["cert.de"].mean == pytest.approx(0.4) and row.cells["acc.de"].mean == pytest.approx(0.7)
+    assert "de cert" in to_text(table)
+    plain = build_table("e", [RunRecord("c" * 32, "c", "FINISHED", 0, params, {}, {"acc.en": 0.9})], [])
+    assert plain.columns == ["acc.en", "standard_avg", "generalized_avg"]  # uncertified runs: as before
+
+
 def test_bad_group_by_says_what_is_accepted(logged, capsys):
     code, _, err = run_cli(logged, capsys, "--group-by", "objectiv")
     assert code == 2 and "params.<key>, tags.<key>" in err and "objective" in err
