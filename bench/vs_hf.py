@@ -158,7 +158,7 @@ def _hf(args, total: int, zero: str | None) -> list[float]:
 
 def _ours(args, total: int, zero: str) -> list[float]:
     from dist_robust import trainer as T
-    from dist_robust.cli import add_run_arguments, config_from_args
+    from dist_robust.argparsing import add_run_arguments, config_from_args
     from dist_robust.data.pipeline import Encoded
 
     parser = argparse.ArgumentParser()

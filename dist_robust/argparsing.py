@@ -1,12 +1,20 @@
-"""The argument parser every ``dist-robust`` command uses: readable help, short errors with suggestions."""
+"""The argument parser every ``dist-robust`` command uses: readable help, short errors with
+suggestions, and the run config's flags (one per config field) with their precedence."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import os
 import re
+import shlex
 import sys
 from typing import NoReturn
+
+from dist_robust.config import (RunConfig, apply_mapping, apply_overrides, field_kind, iter_fields,
+                                load_run_file)
+from dist_robust.ds_config import load_ds_config
 
 
 def plain(doc: str | None) -> str | None:
@@ -43,3 +51,73 @@ class Parser(argparse.ArgumentParser):
         for hint in hints:
             print(f"  {hint}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every config field, plus the DeepSpeed and launcher conventions."""
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="Dotted overrides, e.g. objective.epsilon=0.05 train.max_steps=100.")
+    parser.add_argument("--config", help="YAML/JSON run file with sections model, data, objective, train, "
+                                         "tracking (and optionally ds_config).")
+    parser.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="DS_CONFIG",
+                        help="DeepSpeed JSON config (ZeRO stage, precision, optimizer, batch). Default: "
+                             "built-in ZeRO-2.")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                        help="Same as --deepspeed PATH (DeepSpeed's own spelling).")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, f in iter_fields():
+        flag = f.metadata.get("flag")
+        if not flag:
+            continue
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        kwargs: dict = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                        "help": _help_of(f), "metavar": f.name.upper()}
+        kind = field_kind(f)
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+            del kwargs["metavar"]
+        elif kind == "list":
+            kwargs["nargs"] = f.metadata.get("nargs", "+")
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(kind, str)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+                kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+        group.add_argument(flag, **kwargs)
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _help_of(f: dataclasses.Field) -> str:
+    """The field's help, with its default appended unless the help already says what happens by default."""
+    text, default = f.metadata["help"], _default_of(f)
+    if "Default" in text or default is None or default == []:
+        return text
+    if isinstance(default, bool):
+        return f"{text} (default: {'on' if default else 'off'})"
+    return f"{text} (default: {default})"
+
+
+OVERRIDES_ENV = "DIST_ROBUST_OVERRIDES"  # extra section.key=value overrides, e.g. for scripted smoke runs
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults < run file < $DIST_ROBUST_OVERRIDES < key=value overrides < explicit flags."""
+    cfg = RunConfig()
+    if args.config:
+        apply_mapping(cfg, load_run_file(args.config), f"--config {args.config}")
+    apply_overrides(cfg, shlex.split(os.environ.get(OVERRIDES_ENV, "")) + list(args.overrides))
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    ds_path = args.deepspeed or args.deepspeed_config
+    if ds_path or not cfg.ds_config:
+        cfg.ds_config = load_ds_config(ds_path)
+        cfg.ds_config_path = ds_path or None
+    return cfg

@@ -2,97 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 
-from dist_robust.argparsing import Parser
-from dist_robust.config import (ConfigError, RunConfig, apply_mapping, apply_overrides, iter_fields, load_run_file,
-                                validate, world_size_from_env)
-from dist_robust.ds_config import load_ds_config, resolve_ds_config
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every config field, plus the DeepSpeed and launcher conventions."""
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="Dotted overrides, e.g. objective.epsilon=0.05 train.max_steps=100.")
-    parser.add_argument("--config", help="YAML/JSON run file with sections model, data, objective, train, "
-                                         "tracking (and optionally ds_config).")
-    parser.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="DS_CONFIG",
-                        help="DeepSpeed JSON config (ZeRO stage, precision, optimizer, batch). Default: "
-                             "built-in ZeRO-2.")
-    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                        help="Same as --deepspeed PATH (DeepSpeed's own spelling).")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for section, f in iter_fields():
-        flag = f.metadata.get("flag")
-        if not flag:
-            continue
-        group = groups.setdefault(section, parser.add_argument_group(section))
-        kwargs: dict = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                        "help": _help_of(f), "metavar": f.name.upper()}
-        t = str(f.type)
-        if t.startswith("bool"):
-            kwargs["action"] = argparse.BooleanOptionalAction
-            del kwargs["metavar"]
-        elif t.startswith("list"):
-            kwargs["nargs"] = f.metadata.get("nargs", "+")
-        else:
-            kwargs["type"] = _parse_type(t)
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
-                kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
-        group.add_argument(flag, **kwargs)
-
-
-def _default_of(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()
-
-
-def _help_of(f: dataclasses.Field) -> str:
-    """The field's help, with its default appended unless the help already says what happens by default."""
-    text, default = f.metadata["help"], _default_of(f)
-    if "Default" in text or default is None or default == []:
-        return text
-    if isinstance(default, bool):
-        return f"{text} (default: {'on' if default else 'off'})"
-    return f"{text} (default: {default})"
-
-
-def _parse_type(t: str):
-    if t.startswith("int"):
-        return int
-    if t.startswith("float"):
-        return float
-    return str
-
-
-OVERRIDES_ENV = "DIST_ROBUST_OVERRIDES"  # extra section.key=value overrides, e.g. for scripted smoke runs
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults < run file < $DIST_ROBUST_OVERRIDES < key=value overrides < explicit flags."""
-    cfg = RunConfig()
-    if args.config:
-        apply_mapping(cfg, load_run_file(args.config), f"--config {args.config}")
-    apply_overrides(cfg, shlex.split(os.environ.get(OVERRIDES_ENV, "")) + list(args.overrides))
-    for key, value in vars(args).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            setattr(getattr(cfg, section), name, value)
-    ds_path = args.deepspeed or args.deepspeed_config
-    if ds_path or not cfg.ds_config:
-        cfg.ds_config = load_ds_config(ds_path)
-        cfg.ds_config_path = ds_path or None
-    return cfg
+from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
+from dist_robust.config import ConfigError, world_size_from_env
+from dist_robust.ds_config import resolve_ds_config
+from dist_robust.validation import validate
 
 
 def _fail(err: Exception) -> int:

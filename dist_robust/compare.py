@@ -18,9 +18,9 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dist_robust.compare_table import GROUP_ALIASES, Cell, Row, Table, columns_for, short_key
 from dist_robust.mlflow_runs import (CompareError, RunRecord, fetch_runs, open_client, quote, resolve_experiment,
                                      search_all)
 
@@ -30,80 +30,11 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Experiment
 
-AVERAGES = ("standard_avg", "generalized_avg")
-# Logged by `dist-robust certify` (certified accuracy at the certificate's reference radius).
-CERTIFIED_AVERAGES = ("certified_standard_avg", "certified_generalized_avg")
 # Params that differ between two runs of the same experiment setting (where it ran, what it was called).
 RUN_LOCAL_PARAMS = {"train.output_dir", "train.staging_dir", "train.resume", "train.progress", "data.cache_dir",
                     "tracking.run_name", "tracking.run_id", "tracking.mlflow_uri", "tracking.experiment"}
-GROUP_ALIASES = {
-    "objective": "params.objective.name",
-    "task": "params.data.task",
-    "model": "params.model.name",
-    "seed": "params.train.seed",
-    "epsilon": "params.objective.epsilon",
-    "sigma": "params.objective.sigma",
-}
 _FILTER_OPERATOR = re.compile(r"(=|<|>|\bLIKE\b|\bILIKE\b|\bIN\b)", re.IGNORECASE)
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@dataclass
-class Cell:
-    """One table cell: mean (and std) over the row's runs that logged the metric."""
-
-    mean: float | None
-    std: float | None
-    n: int
-    delta: float | None = None
-
-
-@dataclass
-class Row:
-    """A run, or a group of runs sharing the ``--group-by`` values."""
-
-    label: str
-    records: list[RunRecord]
-    cells: dict[str, Cell] = field(default_factory=dict)
-    is_baseline: bool = False
-
-    @property
-    def run_ids(self) -> list[str]:
-        return [r.run_id for r in self.records]
-
-    @property
-    def seeds(self) -> list[str]:
-        return [r.params.get("train.seed", "") for r in self.records]
-
-
-@dataclass
-class Table:
-    """What every output format renders."""
-
-    experiment: str
-    columns: list[str]  # metric keys: acc.<lang>..., standard_avg, generalized_avg
-    rows: list[Row]
-    group_by: list[str]
-    baseline: Row | None = None
-    parents_left_out: int = 0
-    paired: dict = field(default_factory=dict)  # row label -> column -> paired.Paired (--paired)
-
-    @property
-    def headers(self) -> list[str]:
-        return [header(c) for c in self.columns]
-
-    @property
-    def run_count(self) -> int:
-        return len({run_id for row in self.rows for run_id in row.run_ids})
-
-
-def header(column: str) -> str:
-    """``acc.de`` -> ``de``, ``cert.de`` -> ``de cert``; averages keep their names."""
-    if column.startswith("acc."):
-        return column[4:]
-    if column.startswith("cert.") and column.count(".") == 1:
-        return f"{column[5:]} cert"
-    return column
 
 
 def resolve_group_key(key: str) -> str:
@@ -114,14 +45,6 @@ def resolve_group_key(key: str) -> str:
         raise CompareError(f"--group-by {key!r}: expected params.<key>, tags.<key> or an alias "
                            f"({', '.join(GROUP_ALIASES)}), e.g. objective, params.objective.name, tags.objective")
     return key
-
-
-def short_key(key: str) -> str:
-    """``params.objective.name`` -> ``objective`` (its alias), ``tags.task`` -> ``task``."""
-    for alias, full in GROUP_ALIASES.items():
-        if full == key:
-            return alias
-    return key.partition(".")[2]
 
 
 def value_of(record: RunRecord, key: str) -> str | None:
@@ -141,27 +64,6 @@ def check_group_keys(keys: list[str], records: list[RunRecord]) -> None:
         raise CompareError(f"--group-by {key!r}: no run has it. Params that vary across these runs: "
                            f"{', '.join('params.' + k for k in varying) or 'none'}; tags: "
                            f"{', '.join('tags.' + k for k in tags) or 'none'}")
-
-
-def columns_for(records: list[RunRecord]) -> list[str]:
-    """``acc.<source>`` first, the others in their task's order (as training prints them), then the averages."""
-    from dist_robust.data.tasks import task_languages
-
-    langs = {k[4:] for r in records for k in r.metrics if k.startswith("acc.")}
-    sources = Counter(r.params.get("data.source_language", "en") for r in records)
-    source = sources.most_common(1)[0][0] if sources else "en"
-    tasks = Counter(r.params.get("data.task", "") for r in records)
-    known = task_languages(tasks.most_common(1)[0][0] if tasks else "")
-    rank = {lang: i for i, lang in enumerate(known)}
-    ordered = sorted(langs, key=lambda lang: (lang != source, rank.get(lang, len(rank)), lang))
-    certified = {k for r in records for k in r.metrics if k.startswith("cert.") and k.count(".") == 1}
-    columns = []
-    for lang in ordered:  # a certified run's certified accuracy sits beside its clean accuracy
-        columns += [f"acc.{lang}"] + ([f"cert.{lang}"] if f"cert.{lang}" in certified else [])
-    averages = list(AVERAGES)
-    if certified:
-        averages += [k for k in CERTIFIED_AVERAGES if any(k in r.metrics for r in records)]
-    return columns + averages
 
 
 def make_row(label: str, records: list[RunRecord], columns: list[str]) -> Row:

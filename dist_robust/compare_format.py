@@ -11,7 +11,7 @@ import csv
 import io
 import json
 
-from dist_robust.compare import Cell, Row, Table, short_key
+from dist_robust.compare_table import Cell, Row, Table, short_key
 
 MISSING = "n/a"
 FORMATS = ("table", "markdown", "csv", "json")

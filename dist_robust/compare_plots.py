@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 
 from dist_robust import plots
-from dist_robust.compare import AVERAGES, Row, Table, columns_for
+from dist_robust.compare_table import AVERAGES, Row, Table, columns_for
 from dist_robust.data.tasks import task_num_labels
 from dist_robust.mlflow_runs import RunRecord, fetch_children, metric_histories, open_client
 

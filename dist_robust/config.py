@@ -238,6 +238,20 @@ _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "objective": Objec
                     "train": TrainConfig, "tracking": TrackingConfig, "certify": CertifyConfig}
 
 
+def field_kind(f: dataclasses.Field) -> str:
+    """A config field's value kind from its annotation: bool, int, float, list or str."""
+    t = str(f.type)
+    for kind in ("bool", "int", "float", "list"):
+        if t.startswith(kind):
+            return kind
+    return "str"
+
+
+def from_dict(data: dict) -> RunConfig:
+    """The inverse of ``RunConfig.to_dict``."""
+    return RunConfig(**{k: _SECTION_CLASSES[k](**v) if k in _SECTION_CLASSES else v for k, v in data.items()})
+
+
 def iter_fields():
     """Yield (section, dataclass field) for every configurable key."""
     for section, cls in _SECTION_CLASSES.items():
@@ -262,32 +276,32 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
     """Convert a string from a key=value override to the field's type."""
     if value is False and "off" in f.metadata.get("keep", ()):
         return "off"  # YAML reads a bare `off` (and `no`, `false`) as a boolean
-    t = str(f.type)
+    t, kind = str(f.type), field_kind(f)
     if not isinstance(value, str):
-        return _check_typed(value, t, key)
+        return _check_typed(value, t, kind, key)
     if value.lower() in f.metadata.get("keep", ()):
         return value  # a special value the field gives a meaning of its own (mlflow_uri: none = off)
     if value.lower() in ("none", "null") and "None" in t:
         return None
     try:
-        if t.startswith("bool"):
+        if kind == "bool":
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if t.startswith("int"):
+        if kind == "int":
             return int(value)
-        if t.startswith("float"):
+        if kind == "float":
             return float(value)
-        if t.startswith("list"):
+        if kind == "list":
             return [v for v in value.replace(",", " ").split() if v]
     except ValueError:
         raise ConfigError([f"{_key_desc(key)} = {value!r}: expected {t}"]) from None
     return value
 
 
-def _check_typed(value: Any, t: str, key: str) -> Any:
+def _check_typed(value: Any, t: str, kind: str, key: str) -> Any:
     """A value a run file already typed (YAML/JSON): accept it only when it fits the field."""
     def wrong() -> ConfigError:
         return ConfigError([f"{_key_desc(key)} = {value!r}: expected {t}"])
@@ -296,21 +310,21 @@ def _check_typed(value: Any, t: str, key: str) -> Any:
         if "None" in t:
             return None
         raise wrong()
-    if t.startswith("bool"):
+    if kind == "bool":
         if isinstance(value, bool):
             return value
         raise wrong()
     if isinstance(value, bool):  # YAML's yes/no/true/false are no numbers or names
         raise wrong()
-    if t.startswith("int"):
+    if kind == "int":
         if isinstance(value, int):
             return value
         raise wrong()
-    if t.startswith("float"):
+    if kind == "float":
         if isinstance(value, (int, float)):
             return float(value)
         raise wrong()
-    if t.startswith("list"):
+    if kind == "list":
         if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
             return [str(v) for v in value]
         raise wrong()
@@ -388,8 +402,8 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def validate(cfg: RunConfig, world_size: int) -> None:
-    """Check every field; raise one ConfigError listing all problems."""
+def config_problems(cfg: RunConfig, world_size: int) -> list[str]:
+    """Every problem of the config's fields, one per key (``validation.validate`` adds the ds_config's)."""
     p: list[str] = []
 
     reported: set[str] = set()
@@ -495,8 +509,4 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         bad("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     if not t.output_dir:
         bad("train.output_dir", t.output_dir, "must name a directory or URL")
-    from dist_robust.ds_config import ds_config_problems  # (ds_config imports this module)
-
-    p.extend(ds_config_problems(cfg, world_size))
-    if p:
-        raise ConfigError(p)
+    return p

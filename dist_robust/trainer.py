@@ -22,8 +22,9 @@ from dist_robust import evaluate as E
 from dist_robust import storage
 from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, export_model, load_tag, read_layout,
                                       resolve_resume, step_tag)
-from dist_robust.config import ConfigError, RunConfig, validate
+from dist_robust.config import ConfigError, RunConfig
 from dist_robust.ds_config import resolve_ds_config, user_grad_accum
+from dist_robust.validation import validate
 from dist_robust.data.augment import SynonymAugmenter, load_neighbors
 from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
@@ -379,7 +380,7 @@ def _train_batch(setup: Setup, batch_index: int) -> dict:
 def _fit(setup: Setup, state: State, report) -> None:
     cfg = setup.cfg.train
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
-    bar = _progress(cfg, state)
+    bar = _bar(cfg, cfg.max_steps, "train", "step", initial=state.step)
     times: list[float] = []
     while state.step < cfg.max_steps:
         faults.before_step(state.step + 1)
@@ -426,12 +427,13 @@ def _injected_nan(setup: Setup, step: int):
         handle.remove()
 
 
-def _progress(cfg, state: State):
+def _bar(cfg, total: int, desc: str, unit: str, initial: int = 0):
+    """A progress bar on rank 0 when ``--progress`` is on (``cfg``: the train section), else None."""
     if not (cfg.progress and D.is_main()):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def _log_step(setup: Setup, state: State, stats: dict[str, float], elapsed: float) -> None:
@@ -527,12 +529,8 @@ def _certify(setup: Setup) -> dict:
     certifier = C.Certifier(setup.engine, setup.perturbation, setup.tokenizer, setup.collator, cfg.model.max_length,
                             smoothing)
     named = {f"{a}>{b}": rows for (a, b), rows in cells.items()}
-    bar = None
-    if cfg.train.progress and D.is_main():
-        from tqdm.auto import tqdm
-
-        local = -(-sum(len(rows) for rows in named.values()) // D.world_size())
-        bar = tqdm(total=local, desc=f"certify {split} ({c.method})", unit="pair", dynamic_ncols=True)
+    local = -(-sum(len(rows) for rows in named.values()) // D.world_size())
+    bar = _bar(cfg.train, local, f"certify {split} ({c.method})", "pair")
     acc = C.certify_sets(certifier, named, bar)
     if bar is not None:
         bar.close()
@@ -556,12 +554,7 @@ def _certify(setup: Setup) -> dict:
 def _run_final_sets(setup: Setup, split: str, sets: dict) -> dict:
     cfg = setup.cfg
     prepared = E.prepare(sets, setup.tokenizer, cfg.model.max_length)
-    bar = None
-    if cfg.train.progress and D.is_main():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=E.num_batches(prepared, cfg.train.eval_batch_size), desc=f"evaluate {split}",
-                   unit="batch", dynamic_ncols=True)
+    bar = _bar(cfg.train, E.num_batches(prepared, cfg.train.eval_batch_size), f"evaluate {split}", "batch")
     acc = E.accuracy(setup.engine, prepared, setup.collator, cfg.train.eval_batch_size, bar)
     if bar is not None:
         bar.close()

@@ -17,7 +17,7 @@ from tests.launch import REPO, TINY, launcher_env
 
 def _parse(argv: list[str]) -> RunConfig:
     from dist_robust.argparsing import Parser
-    from dist_robust.cli import add_run_arguments, config_from_args
+    from dist_robust.argparsing import add_run_arguments, config_from_args
 
     parser = Parser(prog="t")
     add_run_arguments(parser)

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from dist_robust.cli import add_run_arguments, config_from_args
-from dist_robust.config import OBJECTIVES, ConfigError, RunConfig, validate
+from dist_robust.argparsing import add_run_arguments, config_from_args
+from dist_robust.config import OBJECTIVES, ConfigError, RunConfig
+from dist_robust.validation import validate
 from dist_robust.ds_config import default_ds_config, resolve_ds_config
 from dist_robust.objectives import BUILDERS
 from tests.launch import REPO
@@ -154,7 +155,8 @@ def test_unknown_objective_flag_lists_choices():
 
 
 def test_non_finite_numbers_are_refused_by_name():
-    from dist_robust.config import ConfigError, RunConfig, validate
+    from dist_robust.config import ConfigError, RunConfig
+    from dist_robust.validation import validate
 
     cfg = RunConfig()
     cfg.objective.epsilon, cfg.train.lr, cfg.objective.sigma = float("nan"), float("inf"), float("-inf")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dist_robust import storage
-from dist_robust.config import ConfigError, DataConfig, RunConfig, validate
+from dist_robust.config import ConfigError, DataConfig, RunConfig
+from dist_robust.validation import validate
 from dist_robust.ds_config import default_ds_config
 from dist_robust.data import hub
 from dist_robust.data.readers import (PAWSX_LABELS, XNLI_LABELS, DataFileError, MissingDataFileError,

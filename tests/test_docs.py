@@ -59,7 +59,7 @@ def commands(block: str) -> list[list[str]]:
 def _parser_for(tokens: list[str]):
     """(parser, its arguments) for a dist-robust command, or None for other commands."""
     from dist_robust.argparsing import Parser
-    from dist_robust.cli import add_run_arguments
+    from dist_robust.argparsing import add_run_arguments
 
     def run_parser():
         p = Parser(prog="train")

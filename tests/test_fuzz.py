@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dist_robust.argparsing import Parser
-from dist_robust.cli import add_run_arguments, config_from_args
-from dist_robust.config import RunConfig, ConfigError, validate
+from dist_robust.argparsing import add_run_arguments, config_from_args
+from dist_robust.config import RunConfig, ConfigError
+from dist_robust.validation import validate
 from dist_robust.data.readers import PAWSX_LABELS, DataFileError, read_pairs
 from dist_robust.ds_config import resolve_ds_config
 from dist_robust.tuning.space import SpaceError, load_space

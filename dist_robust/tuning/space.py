@@ -31,8 +31,9 @@ from typing import Any
 
 import yaml
 
-from dist_robust.config import (ConfigError, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, TrackingConfig,
-                                TrainConfig, iter_fields, validate)
+from dist_robust.argparsing import add_run_arguments, config_from_args
+from dist_robust.config import ConfigError, RunConfig, field_kind, from_dict, iter_fields
+from dist_robust.validation import validate
 from dist_robust.tuning.space_checks import LISTED_TYPES, check_options
 
 # type -> the arguments it takes (randint: high exclusive, as in ray.tune).
@@ -108,19 +109,12 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, data: dict) -> SweepSpec:
         data = dict(data)
-        data["base"] = run_config_from_dict(data["base"])
+        data["base"] = from_dict(data["base"])
         data["params"] = {k: ParamSpec(**p) for k, p in data["params"].items()}
         return cls(**data)
 
 
 TOP_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec) if f.name != "base") + ("base",)
-
-
-def run_config_from_dict(data: dict) -> RunConfig:
-    """The inverse of ``RunConfig.to_dict``."""
-    sections = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig, "train": TrainConfig,
-                "tracking": TrackingConfig}
-    return RunConfig(**{k: sections[k](**v) if k in sections else v for k, v in data.items()})
 
 
 def load_space(path: str, smoke: bool = False) -> SweepSpec:
@@ -165,8 +159,6 @@ class _RaisingParser(argparse.ArgumentParser):
 
 def _base_config(base: Any, smoke: bool, problems: list[str]) -> RunConfig:
     """The trials' common run config from ``base.flags`` (+ ``base.overrides``), as `dist-robust train`."""
-    from dist_robust.cli import add_run_arguments, config_from_args
-
     if not isinstance(base, dict) or set(base) - {"flags", "overrides"}:
         problems.append(f"base = {base!r}: expected a mapping with 'flags' (list or string) and/or "
                         "'overrides' (mapping or list of section.key=value)")
@@ -223,7 +215,8 @@ def _param(key: str, dist: Any, problems: list[str]) -> ParamSpec | None:
     if shape:  # the type check reads the values: only when they have the right shape
         return None
     field_type = str(fields[key].type) if key in fields else "int"
-    problems.extend(_check_type(key, kind, args, field_type))
+    value_kind = field_kind(fields[key]) if key in fields else "int"
+    problems.extend(_check_type(key, kind, args, field_type, value_kind))
     return ParamSpec(key, kind, args)
 
 
@@ -247,12 +240,12 @@ def _check_distribution(key: str, kind: str, args: dict) -> list[str]:
     return out
 
 
-def _check_type(key: str, kind: str, args: dict, field_type: str) -> list[str]:
-    if field_type.startswith("int"):
+def _check_type(key: str, kind: str, args: dict, field_type: str, value_kind: str) -> list[str]:
+    if value_kind == "int":
         ok = kind in INT_TYPES or (kind in LISTED_TYPES and all(isinstance(v, int) for v in args.get("values", [])))
         return [] if ok else [f"params.{key} ({field_type}) = {kind}: gives non-integers; use "
                               f"{', '.join(INT_TYPES)}, or choice/grid over integers"]
-    if not field_type.startswith("float") and kind not in LISTED_TYPES:
+    if value_kind != "float" and kind not in LISTED_TYPES:
         return [f"params.{key} ({field_type}) = {kind}: a non-numeric key takes choice or grid"]
     return []
 
@@ -319,10 +312,10 @@ def _get(cfg: RunConfig, key: str) -> Any:
 def set_key(cfg: RunConfig, key: str, value: Any) -> None:
     """Set a dotted key to a sampled value, converted to the field's type (ints stay ints)."""
     section, name = key.split(".", 1)
-    field_type = next(str(f.type) for s, f in iter_fields() if s == section and f.name == name)
-    if field_type.startswith("int") and isinstance(value, float) and value.is_integer():
+    kind = next(field_kind(f) for s, f in iter_fields() if s == section and f.name == name)
+    if kind == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)
-    elif field_type.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+    elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     setattr(getattr(cfg, section), name, value)
 

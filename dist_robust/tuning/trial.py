@@ -28,6 +28,7 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
+from dist_robust import storage
 from dist_robust.config import RunConfig
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.cleanup import RUN_KEY
@@ -186,7 +187,7 @@ class _Pointer:
             return
         pointer = {"trial_id": self.trial_id, "segment": self.segment.name, "generation": self.segment.generation,
                    "config": self.config, "mlflow_run_id": self.run_id,
-                   "checkpoint": join_uri(self.plan.train_storage, self.segment.name, checkpoint_name)}
+                   "checkpoint": storage.join(self.plan.train_storage, self.segment.name, checkpoint_name)}
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, POINTER), "w", encoding="utf-8") as f:
                 json.dump(pointer, f)
@@ -238,8 +239,3 @@ def read_pointer(checkpoint: tune.Checkpoint | None) -> dict | None:
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, POINTER), encoding="utf-8") as f:
             return json.load(f)
-
-
-def join_uri(root: str, *parts: str) -> str:
-    """``root/part/...`` for a local path or a URI."""
-    return "/".join([root.rstrip("/"), *parts]) if "://" in root else os.path.join(root, *parts)
