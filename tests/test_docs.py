@@ -72,7 +72,7 @@ def _parser_for(tokens: list[str]):
     if tokens[0] != "dist-robust" or len(tokens) < 2:
         return None
     sub, args = tokens[1], tokens[2:]
-    if sub in ("train", "eval", "config"):
+    if sub in ("train", "eval", "certify", "config"):
         parser = run_parser()
         parser.add_argument("--world-size", type=int)
         return parser, args
