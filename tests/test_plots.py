@@ -167,3 +167,21 @@ def test_long_curves_are_smoothed_over_a_faint_raw_line():
     assert np.abs(smooth.get_ydata()[20:] - 1.5).max() < 0.1
     short = plots.curves_figure({"dev": {"erm": [[(10, 80.0), (20, 85.0)]]}})
     assert len(short.axes[0].lines) == 1  # a handful of evaluations is drawn as is
+
+
+def test_certified_accuracy_plot_has_a_line_per_language(tmp_path):
+    """A certified run's own figure: certified accuracy against the radius, one line per language,
+    logged beside the heatmap and curves."""
+    cell = lambda acc, levels: {"examples": 20, "accuracy": acc, "abstain": 0.05,  # noqa: E731
+                                "certified": dict(zip(["r0", "r0.05", "r0.1"], levels))}
+    certify = {"method": "gaussian", "samples": 100, "alpha": 0.001, "relative": True, "radii": [0.0, 0.05, 0.1],
+               "thresholds": ["r0", "r0.05", "r0.1"], "reference": "r0.1",
+               "per_language": {"en": cell(0.9, [0.9, 0.7, 0.4]), "de": cell(0.8, [0.8, 0.5, 0.2]),
+                                "ja": cell(0.6, [0.6, 0.3, 0.1])}}
+    fig = plots.certified_figure(certify, "pawsx / gaussian")
+    ax = fig.axes[0]
+    assert [line.get_label().split(" ")[0] for line in ax.get_lines()] == ["en", "de", "ja"]
+    assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([80, 50, 20])
+    check_image(saved(fig, tmp_path, "certified")[0])
+    logged = plots.log_run_plots(RecordingTracker(), {**RESULTS, "certify": certify})
+    assert "plots/certified.png" in logged
