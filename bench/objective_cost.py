@@ -1,10 +1,19 @@
 """What a robust objective costs per optimizer step, relative to plain fine-tuning (ERM).
 
-    python bench/objective_cost.py [--model tiny|xlmr-base-random] [--rounds 5] [--steps 10]
+    python bench/objective_cost.py [--model tiny|xlmr-base-random|PATH] [--task synthetic|xnli]
+                                   [--rounds 5] [--steps 10]
 
 One process, one DeepSpeed engine (ZeRO-2, fp32) per objective, all on the same batches.
 Objectives take turns in rounds so machine noise hits them alike; the report is the median
-seconds per step and its ratio to ERM measured in the same run.
+seconds per step, its ratio to ERM measured in the same run, and that ratio against the
+objective's pass-count floor: how many batch-sized forward+backward passes it needs at least
+(PGD-K: K input-gradient passes plus one clean+adversarial pass of twice the batch, K + 2;
+FreeLB-K: K; Gaussian with n draws: one pass of n times the batch, n; SMART-K: a forward
+without gradients, about a third of a pass, K input-gradient passes and one double pass;
+on-the-fly synonym substitution: 1, the substitution and tokenization being the overhead).
+``--task xnli`` takes English XNLI pairs (``--data-dir``, the offline files) and a pretrained
+model's own tokenizer (``--model PATH``), so the synonym row substitutes real words from the
+counter-fitted map.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ def _engines(model_name: str, tokenizer, objectives: dict):
         ds = resolve_ds_config(cfg, 1)
         model = build_model(model_name, LABELS, tokenizer, seed=0)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        engine.train()  # dropout on, as in training (a pretrained model arrives in eval mode)
         out[name] = (engine, build_objective(obj_cfg), EmbeddingPerturbation(word_embeddings(engine.module)))
     return out
 
@@ -43,6 +53,9 @@ def _engines(model_name: str, tokenizer, objectives: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--task", default="synthetic", choices=("synthetic", "xnli"))
+    parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.dirname(__file__)), "..", "shared",
+                                                           "data"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
@@ -53,48 +66,68 @@ def main() -> None:
     import deepspeed
 
     from dist_robust.config import DataConfig, ObjectiveConfig
+    from dist_robust.data.augment import SynonymAugmenter, load_neighbors
     from dist_robust.data.pipeline import Collator, encode, to_device, train_batch_indices
     from dist_robust.data.tasks import get_task
     from dist_robust import distributed as D
-    from dist_robust.models import train_tokenizer
+    from dist_robust.models import is_builtin, load_tokenizer, train_tokenizer
     from dist_robust.objectives import StepContext
 
     deepspeed.init_distributed()
     D.release_shm_buffer()
     torch.set_num_threads(os.cpu_count() or 1)
-    data = get_task(DataConfig(synthetic_train_size=2000, synthetic_eval_size=8))
-    tokenizer = train_tokenizer(data.tokenizer_corpus(), 4000, tempfile.mkdtemp(prefix="bench-tokenizer-"))
+    if args.task == "xnli":
+        data = get_task(DataConfig(task="xnli", data_dir=args.data_dir, languages=["en"],
+                                   train_file=os.path.join(args.data_dir, "xnli", "en", "test.tsv"),
+                                   max_eval_examples=8))
+        neighbors = load_neighbors(os.path.join(args.data_dir, "synonyms", "counterfitted_neighbors.json"))
+    else:
+        data = get_task(DataConfig(synthetic_train_size=2000, synthetic_eval_size=8))
+        neighbors = data.synonyms
+    tokenizer = train_tokenizer(data.tokenizer_corpus(), 4000, tempfile.mkdtemp(prefix="bench-tokenizer-")) \
+        if is_builtin(args.model) else load_tokenizer(args.model)
     train = encode(data.train, tokenizer, 128)
     collate = Collator(tokenizer)
+    augmenter = SynonymAugmenter(neighbors or {}, 1.0, 0)
+    # name: (objective, passes of the floor, on-the-fly synonym substitution)
     objectives = {
-        "erm": ObjectiveConfig(name="erm"),
-        "gaussian n=1": ObjectiveConfig(name="gaussian", sigma=0.01, noise_samples=1),
-        "gaussian n=4": ObjectiveConfig(name="gaussian", sigma=0.01, noise_samples=4),
-        "pgd K=1": ObjectiveConfig(name="pgd", adv_steps=1),
-        "pgd K=3": ObjectiveConfig(name="pgd", adv_steps=3),
-        "freelb K=3": ObjectiveConfig(name="freelb", adv_steps=3),
+        "erm": (ObjectiveConfig(name="erm"), 1.0, False),
+        "synonym (on the fly)": (ObjectiveConfig(name="erm"), 1.0, True),
+        "gaussian n=1": (ObjectiveConfig(name="gaussian", sigma=0.01, noise_samples=1), 1.0, False),
+        "gaussian n=4": (ObjectiveConfig(name="gaussian", sigma=0.01, noise_samples=4), 4.0, False),
+        "pgd K=1": (ObjectiveConfig(name="pgd", adv_steps=1), 3.0, False),
+        "pgd K=3": (ObjectiveConfig(name="pgd", adv_steps=3), 5.0, False),
+        "freelb K=3": (ObjectiveConfig(name="freelb", adv_steps=3), 3.0, False),
+        "smart K=1": (ObjectiveConfig(name="smart", adv_steps=1), 3.0 + 1 / 3, False),
     }
-    engines = _engines(args.model, tokenizer, objectives)
+    engines = _engines(args.model, tokenizer, {name: cfg for name, (cfg, _, _) in objectives.items()})
     times: dict[str, list[float]] = {name: [] for name in objectives}
     batch_no = 0
     for _ in range(args.rounds):
         for name, (engine, objective, perturbation) in engines.items():
             hidden = engine.module.config.hidden_size
+            on_the_fly = objectives[name][2]
             start = time.perf_counter()
             for i in range(args.steps):
-                batch = to_device(collate(train, train_batch_indices(len(train), args.batch, 1, 0, 0, batch_no + i)),
-                                  engine.device)
+                idx = train_batch_indices(len(train), args.batch, 1, 0, 0, batch_no + i)
+                if on_the_fly:  # what the trainer does with --augment synonym: substitute, encode, collate
+                    rows = augmenter.batch([data.train[j] for j in idx], batch_no + i)
+                    batch = collate(encode(rows, tokenizer, 128), list(range(len(rows))))
+                else:
+                    batch = collate(train, idx)
                 ctx = StepContext(perturbation, hidden, torch.Generator().manual_seed(i))
-                objective.train_step(engine, batch, ctx)
+                objective.train_step(engine, to_device(batch, engine.device), ctx)
             times[name].append((time.perf_counter() - start) / args.steps)
         batch_no += args.steps
     base = statistics.median(times["erm"])
-    print(f"\nmodel {args.model}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'objective':<14} {'s/step':>8} {'x ERM':>7}")
+    lengths = [len(r) for r in train.input_ids]
+    print(f"\nmodel {args.model}, task {args.task} (mean {sum(lengths) / len(lengths):.1f} tokens), batch {args.batch}, "
+          f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads")
+    print(f"{'objective':<22} {'s/step':>8} {'x ERM':>7} {'floor':>6} {'x floor':>8}")
     for name, t in times.items():
         med = statistics.median(t)
-        print(f"{name:<14} {med:8.4f} {med / base:7.2f}")
+        floor = objectives[name][1]
+        print(f"{name:<22} {med:8.4f} {med / base:7.2f} {floor:6.2f} {med / base / floor:8.2f}")
 
 
 if __name__ == "__main__":
