@@ -41,6 +41,7 @@ from dist_robust import distributed as D
 from dist_robust.data.augment import Neighbors, SynonymAugmenter
 from dist_robust.data.examples import PairExample
 from dist_robust.data.pipeline import Collator, encode, eval_shard, to_device
+from dist_robust.evaluate import device_of
 from dist_robust.objectives.base import draw, model_inputs
 
 SUBSTITUTIONS = (1, 2, 4)  # synonym: certified accuracy against at most d substituted words (and all of them)
@@ -134,14 +135,13 @@ class Certifier:
         self.collator, self.max_length, self.s = collator, max_length, smoothing
         self.num_labels = engine.module.config.num_labels
         self.hidden = engine.module.config.hidden_size
-        device = getattr(engine, "device", None)
-        self.device = torch.device(device) if device is not None else next(engine.parameters()).device
+        self.device = device_of(engine)
 
     @torch.no_grad()
     def votes(self, example: PairExample, key: str, stream: int, copies: int) -> torch.Tensor:
         """Counts (num_labels,) of the base classifier's predictions on ``copies`` smoothed copies, on the device."""
         counts = torch.zeros(self.num_labels, dtype=torch.long, device=self.device)
-        gen = example_generator(self.s.seed, key, example.id, stream)
+        gen = example_generator(self.s.seed, key, example.id, stream) if self.s.method == "gaussian" else None
         if self.s.method == "synonym":
             augmenter = SynonymAugmenter(self.s.neighbors or {}, 1.0, int.from_bytes(
                 hashlib.sha256(f"{self.s.seed}\x1f{key}\x1f{stream}".encode()).digest()[:4], "big"))

@@ -77,7 +77,7 @@ def accuracy(engine, groups: EvalGroups, collator: Collator, batch_size: int, pr
     Every rank runs the same number of forward passes (shards are padded), which ZeRO-3's
     collective parameter gathering requires.
     """
-    correct, total = count_correct(engine, groups, collator, batch_size, _device_of(engine), progress)
+    correct, total = count_correct(engine, groups, collator, batch_size, device_of(engine), progress)
     correct, total = D.all_reduce_sum(correct), D.all_reduce_sum(total)
     correct, total = correct.tolist(), total.tolist()  # the one host read of the evaluation
     return {key: correct[i] / total[i] if total[i] > 0 else float("nan") for i, key in enumerate(groups.keys)}
@@ -117,7 +117,7 @@ def count_correct(model, groups: EvalGroups, collator: Collator, batch_size: int
     return correct, total
 
 
-def _device_of(engine) -> torch.device:
+def device_of(engine) -> torch.device:
     device = getattr(engine, "device", None)
     return torch.device(device) if device is not None else next(engine.parameters()).device
 

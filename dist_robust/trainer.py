@@ -512,12 +512,10 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
     cfg = setup.cfg
     if state.best_step != state.step:
         _load_best(setup, state)
-    split = final_split(cfg, setup.data)
-    sets = setup.data.test if split == "test" else setup.data.dev
+    split, cells = _final_cells(setup)
     # The diagonal cells are the per-language sets: every distinct pair is run once, and on dev
     # the per-language accuracies of the selected model were measured when it was selected.
     known = setup.dev_measured.get(state.best_step) if split == "dev" else None
-    cells = E.generalized_sets(sets) if cfg.train.generalized else {(lang, lang): rows for lang, rows in sets.items()}
     k = cfg.train.generalized_examples
     all_sets = {("gen", a, b): rows if a == b else E.spaced_subset(rows, k) for (a, b), rows in cells.items()
                 if not (a == b and known is not None)}
@@ -547,12 +545,20 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
     }
 
 
+def _final_cells(setup: Setup) -> tuple[str, dict]:
+    """The final split, and its sets as (sentence1 language, sentence2 language) cells: the
+    generalized matrix, or the per-language diagonal alone with --no-generalized."""
+    split = final_split(setup.cfg, setup.data)
+    sets = setup.data.test if split == "test" else setup.data.dev
+    if setup.cfg.train.generalized:
+        return split, E.generalized_sets(sets)
+    return split, {(lang, lang): rows for lang, rows in sets.items()}
+
+
 def _certify(setup: Setup) -> dict:
     """Certified accuracy of the smoothed model on the final evaluation's sets (dist_robust.certify)."""
     cfg, c = setup.cfg, setup.cfg.certify
-    split = final_split(cfg, setup.data)
-    sets = setup.data.test if split == "test" else setup.data.dev
-    cells = E.generalized_sets(sets) if cfg.train.generalized else {(lang, lang): rows for lang, rows in sets.items()}
+    split, cells = _final_cells(setup)
     cells = {key: E.spaced_subset(rows, c.examples) for key, rows in cells.items()}
     sigma = c.sigma if c.sigma is not None else cfg.objective.sigma
     radii = tuple(float(r) for r in c.radii) or tuple(m * sigma for m in (0.0, 0.5, 1.0, 1.5))

@@ -77,6 +77,19 @@ def _erm_loss(model, batch) -> float:
     return cross_entropy(logits_of(model, batch), batch["labels"]).item()
 
 
+def _assert_gradient_matches_finite_differences(value_at, delta, mask, abs_tol):
+    """autograd's d value / d delta against central differences along 3 random directions on the real tokens."""
+    d = delta.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(value_at(d), d)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        v = torch.randn(delta.shape, generator=g) * mask.unsqueeze(-1)
+        h = 1e-5
+        fd = (value_at(delta + h * v) - value_at(delta - h * v)) / (2 * h)
+        assert fd.item() == pytest.approx((grad * v).sum().item(), rel=1e-6, abs=abs_tol)
+    return grad
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_projection_stays_in_ball_and_off_padding(norm):
     mask = _batch()["perturb_mask"]
@@ -139,14 +152,7 @@ def test_pgd_gradient_matches_finite_differences():
         with ctx.perturbation.apply(d):
             return cross_entropy(logits_of(model, batch), batch["labels"])
 
-    d = delta.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_at(d), d)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        v = torch.randn((2, 10, 16), generator=g) * mask.unsqueeze(-1)
-        h = 1e-5
-        fd = (loss_at(delta + h * v) - loss_at(delta - h * v)) / (2 * h)
-        assert fd.item() == pytest.approx((grad * v).sum().item(), rel=1e-6, abs=1e-9)
+    grad = _assert_gradient_matches_finite_differences(loss_at, delta, mask, 1e-9)
     padding = batch["attention_mask"] == 0
     assert (grad[padding] == 0).all()  # attention never reads padding, so it carries no signal
 
@@ -364,14 +370,7 @@ def test_smart_divergence_gradient_matches_finite_differences():
         with ctx.perturbation.apply(d):
             return symmetric_kl(clean, logits_of(model, batch))
 
-    d = delta.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(divergence_at(d), d)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        v = torch.randn((2, 10, 16), generator=g) * mask.unsqueeze(-1)
-        h = 1e-5
-        fd = (divergence_at(delta + h * v) - divergence_at(delta - h * v)) / (2 * h)
-        assert fd.item() == pytest.approx((grad * v).sum().item(), rel=1e-6, abs=1e-12)
+    _assert_gradient_matches_finite_differences(divergence_at, delta, mask, 1e-12)
 
 
 @pytest.mark.parametrize("relative", [False, True])
