@@ -50,13 +50,13 @@ def main() -> None:
     from dist_robust.config import DataConfig, RunConfig
     from dist_robust.data.pipeline import Collator
     from dist_robust.data.tasks import get_task
-    from dist_robust.distributed import release_shm_buffer
+    from dist_robust.distributed import releasing_shm_files
     from dist_robust.ds_config import default_ds_config, resolve_ds_config
     from dist_robust.models import build_model, load_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    deepspeed.init_distributed()
-    release_shm_buffer()
+    with releasing_shm_files():
+        deepspeed.init_distributed()
     train = {"xnli": "xnli/en/test.tsv", "pawsx": "paws_wiki_en/test.tsv"}[args.task]  # read, not used
     data = get_task(DataConfig(task=args.task, data_dir=args.data_dir, languages=args.languages,
                                train_file=os.path.join(args.data_dir, train), max_train_examples=8))

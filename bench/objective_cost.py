@@ -73,8 +73,8 @@ def main() -> None:
     from dist_robust.models import is_builtin, load_tokenizer, train_tokenizer
     from dist_robust.objectives import StepContext
 
-    deepspeed.init_distributed()
-    D.release_shm_buffer()
+    with D.releasing_shm_files():
+        deepspeed.init_distributed()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.task == "xnli":
         data = get_task(DataConfig(task="xnli", data_dir=args.data_dir, languages=["en"],

@@ -95,8 +95,8 @@ def main(argv: list[str]) -> None:
     from dist_robust.models import word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, StepContext, build_objective
 
-    deepspeed.init_distributed()
-    D.release_shm_buffer()
+    with D.releasing_shm_files():
+        deepspeed.init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     data = get_task(DataConfig(synthetic_train_size=2000, synthetic_eval_size=8))

@@ -83,20 +83,42 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def release_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has mapped it.
+def shm_mapped() -> set[str]:
+    """The files in ``/dev/shm`` this process has mapped and that still have a name (none without ``/proc``)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            fields = [line.split(None, 5) for line in f]
+    except OSError:
+        return set()
+    return {f[5].rstrip("\n") for f in fields
+            if len(f) == 6 and f[5].startswith("/dev/shm/") and not f[5].rstrip().endswith("(deleted)")}
+
+
+@contextmanager
+def releasing_shm_files():
+    """Around the process group's start: afterwards, release the shared-memory files it mapped (see below)."""
+    before = shm_mapped()
+    yield
+    release_shm_files(shm_mapped() - before)
+
+
+def release_shm_files(paths: set[str]) -> None:
+    """Unlink shared-memory files the process group mapped while it started, once every rank has mapped them.
 
     With all ranks on one host, DeepSpeed's CPU all-reduce creates a 66 MB file per rank in
-    RAM-backed ``/dev/shm`` while the process group starts, opens its peers' files by name, and
-    never removes them: every run would leave its buffers behind, holding memory until reboot.
-    After the barrier every rank has opened every peer's buffer, and the mappings outlive the name.
+    RAM-backed ``/dev/shm`` while the process group starts, maps its peers' files, and never
+    removes them (nor offers a call that would): every run would leave its buffers behind, holding
+    memory until reboot. The caller passes the files that appeared among this process's mappings
+    while the group started (:func:`shm_mapped` before and after), so no file name is guessed and
+    no other program's file is touched. After the barrier every rank has mapped every peer's file,
+    and the mappings outlive the names.
     """
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not (addr and port and dist.is_initialized()):
+    if not dist.is_initialized():
         return
-    barrier()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}")
+    barrier()  # on every rank, whether or not it has files to release
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -136,9 +136,9 @@ def _init_distributed(timeout_s: int) -> None:
     if not on_cpu:
         # Before any collective: an NCCL barrier with no current device guesses one from the rank.
         get_accelerator().set_device(D.local_rank())
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    with D.releasing_shm_files():  # DeepSpeed's CPU all-reduce buffers (none on GPU hosts)
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     if on_cpu:
-        D.release_shm_buffer()  # DeepSpeed's CPU all-reduce buffers exist only on CPU hosts
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", D.world_size())))
         # Ranks on one CPU host share its cores; oversubscription slows every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -36,16 +35,24 @@ def deepspeed(script_args: list[str], nproc: int = 2, env: dict | None = None, t
 
     Runs from the repository root unless ``cwd`` is given; output is captured.
     """
-    cmd, port = deepspeed_command(script_args, nproc, script)
+    cmd, _ = deepspeed_command(script_args, nproc, script)
+    shm_before = _shm_files()
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
-    # Every launch, crashed ones included, must leave no DeepSpeed all-reduce buffer in /dev/shm.
-    leftover = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
-    assert not leftover, f"{' '.join(cmd)} left shared-memory buffers behind: {leftover}"
+    # Every launch, crashed ones included, must leave nothing in /dev/shm (DeepSpeed's CPU all-reduce
+    # makes a 66 MB file per rank there); checked by what appeared, not by DeepSpeed's naming scheme.
+    leftover = sorted(_shm_files() - shm_before)
+    assert not leftover, f"{' '.join(cmd)} left shared-memory files behind: {leftover}"
     return proc
+
+
+def _shm_files() -> set[str]:
+    """This user's plain files in /dev/shm."""
+    with os.scandir("/dev/shm") as entries:
+        return {e.path for e in entries if e.is_file(follow_symlinks=False) and e.stat().st_uid == os.getuid()}
 
 
 def torchrun(script_args: list[str], nproc: int = 2, env: dict | None = None,
@@ -53,10 +60,13 @@ def torchrun(script_args: list[str], nproc: int = 2, env: dict | None = None,
     """``torchrun --nproc_per_node N train.py ...`` from the repository root."""
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     cmd = [exe, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "train.py", *script_args]
+    shm_before = _shm_files()
     proc = subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    leftover = sorted(_shm_files() - shm_before)
+    assert not leftover, f"{' '.join(cmd)} left shared-memory files behind: {leftover}"
     return proc
 
 
