@@ -10,7 +10,7 @@ import pytest
 
 from dist_robust.tuning.space import SpaceError, load_space, set_key
 from dist_robust.tuning.trial import choose_segment
-from dist_robust.tuning.worker import RESTORED, owner_rank, restore_checkpoint, stage_rank_files
+from dist_robust.tuning.worker import RESTORED, assign_uploads, checkpoint_files, restore_checkpoint, stage_node_files
 from tests.launch import REPO
 
 
@@ -152,30 +152,47 @@ def _fake_run(root: Path, files: list[str]) -> Path:
     return root / "checkpoints" / "step-00000004"
 
 
-def test_owner_rank_follows_deepspeed_file_names():
-    assert [owner_rank(f) for f in ZERO2_FILES] == [0, 0, 1, 1]
-    assert owner_rank("zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
-
-
 @pytest.mark.parametrize("files", [ZERO2_FILES, ZERO3_FILES], ids=["zero2", "zero3"])
-def test_each_rank_stages_exactly_its_own_files(tmp_path, files):
+def test_the_ranks_of_a_node_upload_every_file_once_between_them(tmp_path, files):
     tag = _fake_run(tmp_path, files)
-    staged = {}
-    for rank in (0, 1):
-        d = stage_rank_files(str(tag), str(tmp_path), rank)
-        staged[rank] = sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
-        os.rename(d, tmp_path / f"kept-{rank}")
-    assert "tokenizer/tokenizer.json" in staged[0] and not any("tokenizer" in f for f in staged[1])
-    both = sorted(staged[0] + staged[1])
+    listing = checkpoint_files(str(tag), str(tmp_path))
+    shares = assign_uploads([("node0", listing), ("node0", listing)])
     expected = sorted([f"{t}/{f}" for t in ("step-00000004", "best-00000002") for f in files]
                       + ["tokenizer/tokenizer.json", "best"])
-    assert both == expected  # every shard once: nothing lost, nothing uploaded twice, no stale best
-    assert all("pp_rank_1_" in f for f in staged[1])
+    assert sorted([*shares[0], *shares[1]]) == expected  # every file once: nothing lost, no stale best
+    assert shares[0] and shares[1]  # both ranks upload, in parallel
+    sizes = [sum(os.path.getsize(p) for p in share.values()) for share in shares]
+    assert abs(sizes[0] - sizes[1]) <= max(os.path.getsize(p) for p in listing.values())  # balanced by bytes
 
 
-def test_a_rank_without_files_reports_no_checkpoint(tmp_path):
-    tag = _fake_run(tmp_path, ["mp_rank_00_model_states.pt"])  # ZeRO-0: rank 0 writes everything
-    assert stage_rank_files(str(tag), str(tmp_path), 1) is None
+def test_with_node_local_disks_files_both_nodes_hold_are_uploaded_by_the_first(tmp_path):
+    """Two nodes, one rank each, each with its own disk: both hold rank 0's model states and the manifest."""
+    shared = ["mp_rank_00_model_states.pt", "manifest.json"]
+    node0 = checkpoint_files(str(_fake_run(tmp_path / "a", [*shared, "zero_pp_rank_0_mp_rank_00_optim_states.pt"])),
+                             str(tmp_path / "a"))
+    node1 = checkpoint_files(str(_fake_run(tmp_path / "b", [*shared, "zero_pp_rank_1_mp_rank_00_optim_states.pt"])),
+                             str(tmp_path / "b"))
+    shares = assign_uploads([("a", node0), ("b", node1)])
+    assert shares[0] == node0  # node 0 uploads all it holds
+    assert sorted(shares[1]) == ["best-00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                 "step-00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert all(path.startswith(str(tmp_path / "b")) for path in shares[1].values())
+
+
+def test_a_rank_with_nothing_to_upload_reports_no_checkpoint(tmp_path):
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt").write_text("x")
+    listing = checkpoint_files(str(tmp_path / "checkpoints" / "step-00000002"), str(tmp_path))
+    assert [len(share) for share in assign_uploads([("n", listing), ("n", listing)])] == [1, 0]
+
+
+def test_a_single_rank_stages_the_whole_checkpoint(tmp_path):
+    tag = _fake_run(tmp_path, ZERO2_FILES)
+    d = Path(stage_node_files(str(tag), str(tmp_path)))
+    staged = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+    assert staged == sorted([f"{t}/{f}" for t in ("step-00000004", "best-00000002") for f in ZERO2_FILES]
+                            + ["tokenizer/tokenizer.json", "best"])
+    assert (d / "best").read_text() == "best-00000002"
 
 
 def test_restore_rebuilds_checkpoints_latest_best_and_tokenizer(tmp_path):
@@ -255,9 +272,11 @@ def test_not_zero_shot_selection_is_labelled_in_summary_and_mlflow(tmp_path, cap
     from dist_robust.tuning.sweep_runs import start_parent
 
     spec = load_space(_space(tmp_path, GOOD + "metric: dev_standard_avg\nzero_shot: false\n"))
-    row = {"trial_id": "t1", "status": "finished", "step": 6, "config": {"objective.epsilon": 0.1},
-           "metrics": {"dev_standard_avg": 0.5}, "mlflow_run_id": None, "error": None}
-    _print_summary([row], row, spec)
+    import pandas as pd
+
+    table = pd.DataFrame([{"trial_id": "t1", "status": "finished", "step": 6, "config/objective.epsilon": 0.1,
+                           "dev_standard_avg": 0.5, "error": None}])
+    _print_summary(table, table.iloc[0], spec)
     assert "selection: NOT zero-shot (dev_standard_avg: target-language dev labels)" in capsys.readouterr().out
     uri = f"sqlite:///{tmp_path}/m.db"
     tags = MlflowClient(uri).get_run(start_parent(uri, "sweeps", spec).parent_run_id).data.tags

@@ -13,11 +13,14 @@ import argparse
 import json
 import logging
 import math
+import numbers
 import os
 import signal
 import sys
 import tempfile
 from typing import Any
+
+import numpy as np
 
 from dist_robust import storage
 from dist_robust.argparsing import Parser
@@ -231,83 +234,91 @@ def _trial_name(trial) -> str:
     return trial.trial_id
 
 
-def trial_rows(grid) -> list[dict[str, Any]]:
-    """One plain record per trial: id, outcome (finished / stopped_early / error), config, last metrics."""
+def trial_table(grid, spec: SweepSpec):
+    """Tune's table of the trials' last results (``ResultGrid.get_dataframe``), with each trial's outcome.
+
+    ``status``: finished (its final evaluation reported), stopped_early (by the scheduler) or error.
+    """
+    import pandas as pd
+
+    table = grid.get_dataframe()
+    if table.empty:  # no trial reported anything
+        table = pd.DataFrame(columns=["trial_id", "step"])
+    errors = {(r.metrics or {}).get("trial_id") or os.path.basename(r.path): r.error for r in grid}
+    finished = table["standard_avg"].notna() if "standard_avg" in table else False  # only the end reports it
+    table["status"] = "stopped_early"
+    table.loc[finished, "status"] = "finished"
+    table.loc[table["trial_id"].map(lambda t: errors.get(t) is not None), "status"] = "error"
+    table["error"] = table["trial_id"].map(lambda t: _cause(errors.get(t)))
+    if spec.metric not in table:
+        table[spec.metric] = math.nan
+    return table
+
+
+def _cause(error: BaseException | None) -> str | None:
+    """What went wrong in a trial, in words: the original exception, not Ray's wrapper around it."""
+    if error is None:
+        return None
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}"[:2000]
+
+
+def best_row(table, spec: SweepSpec):
+    """The trial whose last reported ``metric`` is best; errored trials and missing values left out."""
+    scored = table[(table["status"] != "error") & table[spec.metric].map(_finite)]
+    if scored.empty:
+        return None
+    return scored.loc[scored[spec.metric].idxmax() if spec.mode == "max" else scored[spec.metric].idxmin()]
+
+
+def trial_record(row, spec: SweepSpec) -> dict[str, Any]:
+    """One trial as plain data (trials.json, best_trial.json on the sweep's MLflow run)."""
     from dist_robust.tuning.trial import plain
 
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        if result.error is not None:
-            status = "error"
-        elif "standard_avg" in metrics:  # only the final evaluation reports it
-            status = "finished"
-        else:
-            status = "stopped_early"
-        rows.append({"trial_id": metrics.get("trial_id") or os.path.basename(result.path), "status": status,
-                     "config": plain(result.config),
-                     "step": metrics.get("step"), "mlflow_run_id": metrics.get("mlflow_run_id") or None,
-                     "metrics": {k: v for k, v in metrics.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                     "error": str(result.error)[:2000] if result.error is not None else None})
-    return rows
-
-
-def best_trial(rows: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any] | None:
-    """The trial whose last reported ``metric`` is best (errored trials and missing values left out)."""
-    scored = [r for r in rows if r["status"] != "error" and _finite(r["metrics"].get(spec.metric))]
-    if not scored:
-        return None
-    pick = max if spec.mode == "max" else min
-    best = pick(scored, key=lambda r: r["metrics"][spec.metric])
-    return {**best, "metrics": {**best["metrics"], "mlflow_run_id": best["mlflow_run_id"]}}
+    config = {k: row.get(f"config/{k}") for k in spec.params}
+    metrics = {k: v for k, v in row.items() if not k.startswith("config/") and _finite(v)}
+    return {"trial_id": row["trial_id"], "status": row["status"], "config": plain(config),
+            "step": int(row["step"]) if _finite(row.get("step")) else None,
+            "mlflow_run_id": row.get("mlflow_run_id") or None, "metrics": plain(metrics), "error": row["error"]}
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    """A finite number (numpy's included), not a flag."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
 def _finish(grid, spec: SweepSpec, tracking: sweep_runs.SweepTracking | None, experiment_path: str,
             interrupted: bool) -> int:
-    rows = trial_rows(grid)
-    best = best_trial(rows, spec)
-    _print_summary(rows, best, spec)
+    table = trial_table(grid, spec)
+    best = best_row(table, spec)
+    _print_summary(table, best, spec)
     if interrupted:
         if tracking is not None:
             sweep_runs.set_status(tracking, tracking.parent_run_id, "KILLED")
         print(f"interrupted: continue with  dist-robust tune --resume --name {spec.name} "
               f"--storage {os.path.dirname(experiment_path.rstrip('/'))}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    errors = sum(r["status"] == "error" for r in rows)
+    errors = int((table["status"] == "error").sum())
     if tracking is not None:
-        status = "FAILED" if rows and errors == len(rows) else "FINISHED"
-        sweep_runs.log_summary(tracking, spec, rows, best, status)
+        status = "FAILED" if len(table) and errors == len(table) else "FINISHED"
+        sweep_runs.log_summary(tracking, spec, [trial_record(row, spec) for _, row in table.iterrows()],
+                               None if best is None else trial_record(best, spec), status)
     return 1 if errors else 0
 
 
-def _print_summary(rows: list[dict[str, Any]], best: dict | None, spec: SweepSpec) -> None:
-    keys = list(spec.params)
-    header = ["trial", "status", "step", spec.metric, *keys]
-    table = [[r["trial_id"], r["status"], str(r["step"]), _fmt(r["metrics"].get(spec.metric)),
-              *(_fmt(r["config"].get(k)) for k in keys)] for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
+def _print_summary(table, best, spec: SweepSpec) -> None:
+    columns = ["trial_id", "status", "step", spec.metric, *(f"config/{k}" for k in spec.params)]
+    shown = table[[c for c in columns if c in table]].rename(columns=lambda c: c.removeprefix("config/"))
     print()
-    for line in [header, *table]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+    print(shown.to_string(index=False, na_rep="-", float_format="{:.4g}".format))
     print(f"\n{selection_note(spec.metric)}")
     if best is not None:
-        print(f"best trial {best['trial_id']}: {spec.metric} = {_fmt(best['metrics'][spec.metric])}, "
-              f"config {json.dumps(best['config'])}" +
-              (f", MLflow run {best['mlflow_run_id']}" if best["mlflow_run_id"] else ""))
-    for r in rows:
-        if r["error"]:
-            print(f"trial {r['trial_id']} failed: {r['error'].splitlines()[0]}", file=sys.stderr)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
+        record = trial_record(best, spec)
+        print(f"best trial {record['trial_id']}: {spec.metric} = {best[spec.metric]:.4g}, "
+              f"config {json.dumps(record['config'])}" +
+              (f", MLflow run {record['mlflow_run_id']}" if record["mlflow_run_id"] else ""))
+    for _, row in table[table["status"] == "error"].iterrows():
+        print(f"trial {row['trial_id']} failed: {row['error'].splitlines()[0]}", file=sys.stderr)
 
 
 def main() -> None:

@@ -138,7 +138,7 @@ def log_summary(tracking: SweepTracking, spec: SweepSpec, trials: list[dict], be
             if isinstance(best["metrics"].get(key), (int, float)):
                 client.log_metric(parent, f"best.{key}", best["metrics"][key])
         client.set_tag(parent, "best.trial_id", best["trial_id"])
-        client.set_tag(parent, "best.run_id", best["metrics"].get("mlflow_run_id") or "")
+        client.set_tag(parent, "best.run_id", best["mlflow_run_id"] or "")
         for key, value in best["config"].items():
             client.set_tag(parent, f"best.{key}", str(value))
         client.log_dict(parent, best, "best_trial.json")

@@ -9,6 +9,12 @@ and persists every rank's checkpoint files. This module adds what Tune's schedul
   segment (Train resumes it from its own latest checkpoint), while a trial that PBT restarts
   from another trial's checkpoint, or with mutated hyperparameters, starts a new segment from
   that checkpoint, logged to a new MLflow child run (so no param value ever changes in a run).
+
+Why not Ray's ``ray.tune.integration.ray_train.TuneReportCallback``: it hands Tune each report's
+metrics with the Train checkpoint's *path* as a metric, never a Tune checkpoint (Ray 2.60), and
+PBT exploits only trials that have Tune checkpoints; ``Tuner.restore`` of a PBT clone also needs
+to know which segment it was in. Hence ``ForwardToTune``: the same hand-over from the Train
+controller, plus the pointer checkpoint, reported from the trial's own thread as Tune requires.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Inside a Ray Train worker: restore the trial's checkpoint, run ``trainer.run``, report through Ray.
 
 Ray Train has already created the process group; the trainer's ``deepspeed.init_distributed()``
-reuses it. Every rank reports every checkpoint with the files *it* wrote (its ZeRO shards; rank 0
-also the model states and the tokenizer), and Ray merges the ranks' uploads into one checkpoint
-directory, so a checkpoint holds every shard and any later attempt, node or PBT clone can resume.
+reuses it. Every rank reports every checkpoint with a share of the files its node holds and no
+earlier node uploads (its ranks' ZeRO shards; node 0 also the model states and the tokenizer), and
+Ray merges the uploads into one checkpoint directory, so a checkpoint holds every shard and any
+later attempt, node or PBT clone can resume.
 
 Layout of a reported checkpoint::
 
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
+import socket
 import tempfile
 from typing import Any
 
@@ -33,7 +34,6 @@ RESTORED = ".restored-from"  # names the Ray checkpoint a local checkpoints/ dir
 # Fault injection for retry tests: "<step>:<marker file>" kills the last rank's process (SIGKILL) once the
 # Train controller has committed the checkpoint of that step, once: the marker file records that it happened.
 KILL_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
-_RANK_IN_NAME = re.compile(r"pp_rank_(\d+)_")
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -81,41 +81,73 @@ def _num_nodes() -> int:
     return len(set(nodes))
 
 
-def owner_rank(filename: str) -> int:
-    """The rank that writes a checkpoint file: ``*pp_rank_<r>_*`` are rank r's ZeRO shards, the rest rank 0's."""
-    match = _RANK_IN_NAME.search(filename)
-    return int(match.group(1)) if match else 0
+def checkpoint_files(tag_dir: str, output_dir: str) -> dict[str, str]:
+    """What this node holds of a reported checkpoint: name inside the Ray checkpoint -> local file.
 
-
-def stage_rank_files(tag_dir: str, output_dir: str, rank: int) -> str | None:
-    """Hard-link (or copy) this rank's files of the checkpoint into a staging directory for Ray.
-
-    Returns the directory, or None when this rank wrote nothing (e.g. rank 1 under ZeRO-0).
+    The tag just saved, the best-so-far tag and its pointer (when the run keeps one), and the
+    tokenizer a built-in model's run trained.
     """
-    staging = os.path.join(output_dir, ".ray-upload", f"rank-{rank}")
-    shutil.rmtree(staging, ignore_errors=True)
     root = os.path.dirname(tag_dir.rstrip("/"))
-    sources = {os.path.basename(tag_dir.rstrip("/")): tag_dir}
+    sources = {os.path.basename(tag_dir.rstrip("/")): tag_dir, "tokenizer": os.path.join(output_dir, "tokenizer")}
     best = _read(os.path.join(root, BEST))
     if best:
         sources[best] = os.path.join(root, best)
-    staged = 0
-    if rank == 0:
-        sources["tokenizer"] = os.path.join(output_dir, "tokenizer")
-        if best:
-            _link_or_copy(os.path.join(root, BEST), os.path.join(staging, BEST))
-            staged += 1
+    files = {BEST: os.path.join(root, BEST)} if best else {}
     for name, src in sources.items():
-        if not os.path.isdir(src):
-            continue
-        for root, _, files in os.walk(src):
-            for f in files:
-                if name != "tokenizer" and owner_rank(f) != rank:
-                    continue
-                dest = os.path.join(staging, name, os.path.relpath(os.path.join(root, f), src))
-                _link_or_copy(os.path.join(root, f), dest)
-                staged += 1
-    return staging if staged else None
+        for parent, _, names in os.walk(src):
+            for f in names:
+                path = os.path.join(parent, f)
+                files[os.path.join(name, os.path.relpath(path, src))] = path
+    return files
+
+
+def assign_uploads(listings: list[tuple[str, dict[str, str]]]) -> list[dict[str, str]]:
+    """Which files each rank uploads, from every rank's ``(node, checkpoint_files(...))`` in rank order.
+
+    Every file is uploaded exactly once, by the first node (in rank order) that holds it: nodes with
+    their own disks each hold a copy of rank 0's model states, and node 0 uploads those. A node's
+    share is spread over its ranks, largest files first to the rank with the fewest bytes so far,
+    so the uploads run in parallel as the ranks' own shards did. Which rank wrote which file is
+    never read from DeepSpeed's file names.
+    """
+    ranks_of: dict[str, list[int]] = {}
+    for r, (node, _) in enumerate(listings):
+        ranks_of.setdefault(node, []).append(r)
+    out: list[dict[str, str]] = [{} for _ in listings]
+    seen: set[str] = set()
+    for ranks in ranks_of.values():
+        files = listings[ranks[0]][1]
+        load = dict.fromkeys(ranks, 0)
+        for name in sorted((n for n in files if n not in seen), key=lambda n: (-_size(files[n]), n)):
+            r = min(ranks, key=lambda k: (load[k], k))
+            out[r][name] = files[name]
+            load[r] += _size(files[name])
+        seen.update(files)
+    return out
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def stage_node_files(tag_dir: str, output_dir: str) -> str | None:
+    """Hard-link (or copy) the files this rank uploads for a checkpoint into a staging directory for Ray.
+
+    Collective: every rank reports every checkpoint (see :func:`assign_uploads`). Returns the
+    directory, or None when this rank uploads nothing.
+    """
+    node = f"{socket.gethostname()}:{os.path.realpath(output_dir)}"
+    mine = assign_uploads(D.gather_objects((node, checkpoint_files(tag_dir, output_dir))))[D.rank()]
+    if not mine:
+        return None
+    staging = os.path.join(output_dir, ".ray-upload", f"rank-{D.rank()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name, path in mine.items():
+        _link_or_copy(path, os.path.join(staging, name))
+    return staging
 
 
 def _link_or_copy(src: str, dest: str) -> None:
@@ -135,7 +167,7 @@ class RayReport:
     def __call__(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
 
-        staging = stage_rank_files(checkpoint_dir, self.output_dir, D.rank()) if checkpoint_dir else None
+        staging = stage_node_files(checkpoint_dir, self.output_dir) if checkpoint_dir else None
         try:
             checkpoint = ray.train.Checkpoint.from_directory(staging) if staging else None
             ray.train.report({**metrics, **self.extra}, checkpoint=checkpoint)
