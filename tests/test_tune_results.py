@@ -32,11 +32,14 @@ def grid(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tune")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp / "ray"))
+    def fit(epsilons: list[float]):
+        return tune.Tuner(_trial, param_space={"objective.epsilon": tune.grid_search(epsilons)},
+                          tune_config=tune.TuneConfig(metric="dev_source_acc", mode="max"),
+                          run_config=tune.RunConfig(storage_path=str(tmp / "results"), verbose=0,
+                                                    failure_config=tune.FailureConfig(max_failures=0))).fit()
+
     try:
-        yield tune.Tuner(_trial, param_space={"objective.epsilon": tune.grid_search(list(PLANS))},
-                         tune_config=tune.TuneConfig(metric="dev_source_acc", mode="max"),
-                         run_config=tune.RunConfig(storage_path=str(tmp / "results"), verbose=0,
-                                                   failure_config=tune.FailureConfig(max_failures=0))).fit()
+        yield {"all": fit(list(PLANS)), "none_finished": fit([0.2])}
     finally:
         ray.shutdown()
 
@@ -49,7 +52,7 @@ def _spec(mode: str = "max"):
 
 def test_outcomes_best_trial_and_records(grid):
     spec = _spec()
-    table = trial_table(grid, spec)
+    table = trial_table(grid["all"], spec)
     status = dict(zip(table["config/objective.epsilon"], table["status"]))
     assert status == {0.1: "finished", 0.2: "stopped_early", 0.3: "error"}
     best = trial_record(best_row(table, spec), spec)  # 0.70; the errored trial's 0.90 is never chosen
@@ -62,9 +65,14 @@ def test_outcomes_best_trial_and_records(grid):
     assert worst["config"] == {"objective.epsilon": 0.2} and worst["status"] == "stopped_early"  # 0.65
 
 
+def test_a_sweep_where_no_trial_finished(grid):
+    table = trial_table(grid["none_finished"], _spec())  # (no trial reported standard_avg)
+    assert list(table["status"]) == ["stopped_early"]
+
+
 def test_printed_summary(grid, capsys):
     spec = _spec()
-    table = trial_table(grid, spec)
+    table = trial_table(grid["all"], spec)
     _print_summary(table, best_row(table, spec), spec)
     out, err = capsys.readouterr()
     assert "stopped_early" in out and "finished" in out and "objective.epsilon" in out

@@ -245,7 +245,8 @@ def trial_table(grid, spec: SweepSpec):
     if table.empty:  # no trial reported anything
         table = pd.DataFrame(columns=["trial_id", "step"])
     errors = {(r.metrics or {}).get("trial_id") or os.path.basename(r.path): r.error for r in grid}
-    finished = table["standard_avg"].notna() if "standard_avg" in table else False  # only the end reports it
+    # only the final evaluation reports standard_avg
+    finished = table["standard_avg"].notna() if "standard_avg" in table else pd.Series(False, index=table.index)
     table["status"] = "stopped_early"
     table.loc[finished, "status"] = "finished"
     table.loc[table["trial_id"].map(lambda t: errors.get(t) is not None), "status"] = "error"
