@@ -28,7 +28,8 @@ from dist_robust.redaction import MASK, redact_tree
 from dist_robust.tracking import resolve_experiment
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.console import ray_session_logs, send_ray_logs_to
-from dist_robust.tuning.space import SpaceError, SweepSpec, load_space
+from dist_robust.tuning.space import SpaceError, load_space
+from dist_robust.tuning.spec import SweepSpec
 from dist_robust.tuning.space_checks import selection_note
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""A checked :class:`~dist_robust.tuning.space.SweepSpec` as Ray Tune objects: space, scheduler, search.
+"""A checked :class:`~dist_robust.tuning.spec.SweepSpec` as Ray Tune objects: space, scheduler, search.
 
 Schedulers compare trials on ``step`` (the trainer's optimizer step), so rungs and perturbation
 intervals are in steps whatever the evaluation cadence. Search algorithms: random and grid are
@@ -14,7 +14,7 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
-from dist_robust.tuning.space import ParamSpec, SweepSpec
+from dist_robust.tuning.spec import ParamSpec, SweepSpec
 
 TIME_ATTR = "step"
 

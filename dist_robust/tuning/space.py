@@ -26,15 +26,15 @@ import copy
 import dataclasses
 import os
 import shlex
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from dist_robust.argparsing import add_run_arguments, config_from_args
-from dist_robust.config import ConfigError, RunConfig, field_kind, from_dict, iter_fields
+from dist_robust.config import ConfigError, RunConfig, field_kind, iter_fields
 from dist_robust.validation import validate
 from dist_robust.tuning.space_checks import LISTED_TYPES, check_options
+from dist_robust.tuning.spec import ParamSpec, SweepSpec
 
 # type -> the arguments it takes (randint: high exclusive, as in ray.tune).
 PARAM_TYPES = {
@@ -65,53 +65,6 @@ class SpaceError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid sweep file {origin} ({len(problems)} problem(s)):\n{lines}")
-
-
-@dataclass
-class ParamSpec:
-    """One searched key: a ray.tune distribution and its arguments."""
-
-    key: str
-    type: str
-    args: dict[str, Any]
-
-
-@dataclass
-class SweepSpec:
-    """A parsed, validated sweep: the base run config plus how to search around it."""
-
-    name: str
-    base: RunConfig
-    params: dict[str, ParamSpec]
-    metric: str = "dev_source_acc"
-    mode: str = "max"
-    zero_shot: bool = True  # refuse selection metrics that use target-language (or reported-split) labels
-    num_samples: int = 1
-    workers_per_trial: int = 2
-    cpus_per_worker: float = 1.0
-    max_concurrent_trials: int = 0
-    max_failures: int = 1
-    keep_checkpoints: int | None = 2
-    placement: str = "PACK"
-    use_gpu: bool | str = "auto"  # one GPU per worker: true, false, or auto (if the cluster has GPUs at launch)
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
-    search: dict[str, Any] = field(default_factory=lambda: {"type": "random"})
-    experiment: str | None = None
-    scratch_dir: str | None = None
-    worker_env: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """Plain data (JSON-safe) from which :meth:`from_dict` rebuilds the spec, for ``--resume``."""
-        out = dataclasses.asdict(self)
-        out["base"] = self.base.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SweepSpec:
-        data = dict(data)
-        data["base"] = from_dict(data["base"])
-        data["params"] = {k: ParamSpec(**p) for k, p in data["params"].items()}
-        return cls(**data)
 
 
 TOP_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec) if f.name != "base") + ("base",)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from dist_robust.tuning.space import SweepSpec
+from dist_robust.tuning.spec import SweepSpec
 
 LISTED_TYPES = ("choice", "grid")
 SCHEDULERS = {"asha": ("grace_period", "reduction_factor"),

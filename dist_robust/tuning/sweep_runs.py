@@ -17,7 +17,7 @@ from typing import Any
 from dist_robust.mlflow_runs import PARENT_TAG, quote
 from dist_robust.redaction import redact_tree
 from dist_robust.tracking import MLflowTracker, flatten, resolve_uri
-from dist_robust.tuning.space import SweepSpec
+from dist_robust.tuning.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
