@@ -1,0 +1,203 @@
+"""DeepSpeed ZeRO against plain PyTorch DDP: seconds per step and peak memory per rank, same model and batches.
+
+    python bench/ddp_vs_zero.py [--model xlmr-large-random] [--length 32] [--batch 2] [--steps 4]
+        [--approaches ddp ds_configs/zero2.json ds_configs/zero3.json] [--nproc 2]
+
+Each approach is its own ``torchrun --nproc_per_node N`` launch (so each peak is its own), one
+after another, ERM in fp32 with torch AdamW (lr 1e-5, weight decay 0.01) and gradient clipping 1.0:
+
+* ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` on gloo (``gradient_as_bucket_view=True``,
+  the memory-saving setting), the model built whole on every rank;
+* a ds_config: a DeepSpeed engine built the way the trainer builds it (ZeRO-3 models are created
+  already partitioned), ``engine.backward`` / ``engine.step``.
+
+Dropout is off, so every approach computes the same losses (printed: the largest gap to the
+first). Every rank trains on its own micro-batches of exactly ``--length`` random token ids (the same
+ids for every approach), one thread per core share. Reported by rank 0: the median seconds per
+step after the first, the peak resident memory (``ru_maxrss``, the largest over ranks; also as
+it stood once the model and engine were built), their ratios to the first approach, and the model-state bound
+16 x parameters / ranks that ZeRO-3's partitioning aims at (fp32 weights, gradients, Adam's two
+moments). Run it with nothing else on the machine: at XLM-R-large size a launch peaks near 22 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LABELS = ("entailment", "neutral", "contradiction")
+DEFAULT = ["ddp", "ds_configs/zero2.json", "ds_configs/zero3.json"]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="xlmr-large-random")
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is not timed")
+    p.add_argument("--approaches", nargs="+", default=DEFAULT)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # inside a launch: the approach to run
+    return p.parse_args(argv)
+
+
+def _batches(args, vocab: int, rank: int) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + rank)
+    out = []
+    for _ in range(args.steps):
+        ids = torch.randint(5, vocab, (args.batch, args.length), generator=g)
+        ids[:, 0], ids[:, -1] = 0, 2  # <s> ... </s>
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "labels": torch.randint(0, len(LABELS), (args.batch,), generator=g)})
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from dist_robust import distributed as D
+    from dist_robust.models import BUILTIN_CONFIGS, build_model
+
+    with D.releasing_shm_files():
+        if args.worker == "ddp":
+            dist.init_process_group("gloo")
+        else:
+            import deepspeed
+
+            deepspeed.init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    vocab = BUILTIN_CONFIGS[args.model]["vocab_size"] or 8000  # (a tokenizer-sized vocabulary: tiny)
+    tokenizer = _Tok(vocab)
+    start, keep_alive = time.perf_counter(), []
+    if args.worker == "ddp":
+        model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
+        model.train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+
+        def step(batch):
+            loss = ddp(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+        params = sum(p.numel() for p in model.parameters())
+    else:
+        import deepspeed
+
+        from dist_robust.config import RunConfig
+        from dist_robust.ds_config import load_ds_config, resolve_ds_config
+        from dist_robust.models import zero3_context
+
+        cfg = RunConfig(ds_config=load_ds_config(str(REPO / args.worker)))
+        cfg.train.micro_batch_size, cfg.model.name, cfg.train.lr = args.batch, args.model, 1e-5
+        cfg.train.max_steps = args.steps
+        ds = resolve_ds_config(cfg, world)
+        ds.pop("scheduler", None)  # a constant learning rate, as in the DDP loop, so the losses can be compared
+        keep_alive.append(zero3_context(ds))  # while the engine exists (ZeRO-3)
+        model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        engine.train()
+
+        def step(batch):
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            return loss
+    built = time.perf_counter() - start
+    build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    times, losses = [], []
+    for batch in _batches(args, vocab, rank):
+        dist.barrier()
+        t0 = time.perf_counter()
+        losses.append(step(batch).item())
+        times.append(time.perf_counter() - t0)
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, build_peak])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        print("RESULT " + json.dumps({"approach": args.worker, "times": times, "peak_bytes": peak[0].item(),
+                                      "build_peak_bytes": peak[1].item(),
+                                      "params": params, "world": world, "build_s": built,
+                                      "losses": losses}), flush=True)
+    dist.barrier()  # (no destroy_process_group: ZeRO-3 may still hold prefetch handles, as in the trainer)
+
+
+class _Tok:
+    """What ``build_model`` reads from a tokenizer for a built-in config: special ids and the length."""
+
+    pad_token_id, bos_token_id, eos_token_id = 1, 0, 2
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def driver(args: argparse.Namespace) -> None:
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"}
+    results = []
+    for approach in args.approaches:
+        flags = [f"--{k}={v}" for k, v in (("model", args.model), ("length", args.length), ("batch", args.batch),
+                                            ("steps", args.steps))]
+        cmd = [exe, "--nproc_per_node", str(args.nproc), "--master_port", str(_free_port()), __file__, *flags,
+               "--worker", approach]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"{approach} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["wall_s"] = time.perf_counter() - t0
+        results.append(result)
+        print(f"{approach}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    base = results[0]
+    step0 = statistics.median(base["times"][1:])
+    params, world = base["params"], base["world"]
+    print(f"\n{args.model} ({params / 1e6:.1f}M parameters), {world} ranks x micro-batch {args.batch} x "
+          f"{args.length} tokens, fp32, {args.steps} steps (the first not timed)")
+    print(f"model-state bound 16 x params / ranks = {16 * params / world / 2 ** 30:.2f} GiB per rank\n")
+    print(f"| approach | s/step | x {base['approach']} | peak RSS/rank GiB | x {base['approach']} | "
+          "of which by the end of model and engine set-up | launch s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        med = statistics.median(r["times"][1:])
+        print(f"| {r['approach']} | {med:.2f} | {med / step0:.2f} | {r['peak_bytes'] / 2 ** 30:.2f} | "
+              f"{r['peak_bytes'] / base['peak_bytes']:.2f} | {r['build_peak_bytes'] / 2 ** 30:.2f} | {r['wall_s']:.0f} |")
+    gap = max(abs(a - b) for r in results for a, b in zip(r["losses"], base["losses"]))
+    print(f"\nrank 0's losses agree with {base['approach']}'s to {gap:.1e} (dropout off; same weights and batches)")
+
+
+def _free_port() -> int:
+    from dist_robust.distributed import free_port
+
+    return free_port()
+
+
+def main(argv: list[str]) -> None:
+    args = _parse(argv)
+    if args.worker:
+        worker(args)
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main(sys.argv[1:])
