@@ -14,7 +14,7 @@ after another, ERM in fp32 with torch AdamW (lr 1e-5, weight decay 0.01) and gra
 Dropout is off, so every approach computes the same losses (printed: the largest gap to the
 first). Every rank trains on its own micro-batches of exactly ``--length`` random token ids (the same
 ids for every approach), one thread per core share. Reported by rank 0: the median seconds per
-step after the first, the peak resident memory (``ru_maxrss``, the largest over ranks; also as
+step after the first (and its forward, backward and optimizer-step parts, as rank 0 saw them), the peak resident memory (``ru_maxrss``, the largest over ranks; also as
 it stood once the model and engine were built), their ratios to the first approach, and the model-state bound
 16 x parameters / ranks that ZeRO-3's partitioning aims at (fp32 weights, gradients, Adam's two
 moments). Run it with nothing else on the machine: at XLM-R-large size a launch peaks near 22 GB.
@@ -88,9 +88,11 @@ def worker(args: argparse.Namespace) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
 
-        def step(batch):
+        def step(batch, phases):
             loss = ddp(**batch).loss
+            phases.append(time.perf_counter())
             loss.backward()
+            phases.append(time.perf_counter())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -108,32 +110,42 @@ def worker(args: argparse.Namespace) -> None:
         cfg.train.max_steps = args.steps
         ds = resolve_ds_config(cfg, world)
         ds.pop("scheduler", None)  # a constant learning rate, as in the DDP loop, so the losses can be compared
+        if ds["zero_optimization"].get("stage", 0) == 3:
+            D.return_large_frees_to_os()  # as the trainer does on CPU hosts
         keep_alive.append(zero3_context(ds))  # while the engine exists (ZeRO-3)
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
         engine.train()
 
-        def step(batch):
+        def step(batch, phases):
             loss = engine(**batch).loss
+            phases.append(time.perf_counter())
             engine.backward(loss)
+            phases.append(time.perf_counter())
             engine.step()
             return loss
     built = time.perf_counter() - start
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-    times, losses = [], []
+    print(f"rank {rank}: {args.worker} built in {built:.0f} s, peak RSS so far {build_peak / 2 ** 30:.2f} GiB",
+          file=sys.stderr, flush=True)
+    times, losses, split = [], [], []
     for batch in _batches(args, vocab, rank):
         dist.barrier()
-        t0 = time.perf_counter()
-        losses.append(step(batch).item())
-        times.append(time.perf_counter() - t0)
+        phases = [time.perf_counter()]
+        losses.append(step(batch, phases).item())
+        phases.append(time.perf_counter())
+        times.append(phases[-1] - phases[0])
+        print(f"rank {rank}: step {len(times)} {times[-1]:.1f} s, peak RSS so far "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", file=sys.stderr, flush=True)
+        split.append([b - a for a, b in zip(phases, phases[1:])])  # forward, backward, optimizer step
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, build_peak])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
         print("RESULT " + json.dumps({"approach": args.worker, "times": times, "peak_bytes": peak[0].item(),
                                       "build_peak_bytes": peak[1].item(),
                                       "params": params, "world": world, "build_s": built,
-                                      "losses": losses}), flush=True)
+                                      "losses": losses, "phases": split}), flush=True)
     dist.barrier()  # (no destroy_process_group: ZeRO-3 may still hold prefetch handles, as in the trainer)
 
 
@@ -173,12 +185,13 @@ def driver(args: argparse.Namespace) -> None:
     print(f"\n{args.model} ({params / 1e6:.1f}M parameters), {world} ranks x micro-batch {args.batch} x "
           f"{args.length} tokens, fp32, {args.steps} steps (the first not timed)")
     print(f"model-state bound 16 x params / ranks = {16 * params / world / 2 ** 30:.2f} GiB per rank\n")
-    print(f"| approach | s/step | x {base['approach']} | peak RSS/rank GiB | x {base['approach']} | "
-          "of which by the end of model and engine set-up | launch s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| approach | s/step | x {base['approach']} | forward / backward / step s | peak RSS/rank GiB | "
+          f"x {base['approach']} | of which by the end of model and engine set-up | launch s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         med = statistics.median(r["times"][1:])
-        print(f"| {r['approach']} | {med:.2f} | {med / step0:.2f} | {r['peak_bytes'] / 2 ** 30:.2f} | "
+        phases = " / ".join(f"{statistics.median(p[i] for p in r['phases'][1:]):.2f}" for i in range(3))
+        print(f"| {r['approach']} | {med:.2f} | {med / step0:.2f} | {phases} | {r['peak_bytes'] / 2 ** 30:.2f} | "
               f"{r['peak_bytes'] / base['peak_bytes']:.2f} | {r['build_peak_bytes'] / 2 ** 30:.2f} | {r['wall_s']:.0f} |")
     gap = max(abs(a - b) for r in results for a, b in zip(r["losses"], base["losses"]))
     print(f"\nrank 0's losses agree with {base['approach']}'s to {gap:.1e} (dropout off; same weights and batches)")

@@ -36,3 +36,13 @@ def test_several_slurm_tasks_without_a_launcher_is_an_error(bare_env):
     bare_env.setenv("SLURM_NTASKS", "4")
     with pytest.raises(RuntimeError, match="SLURM started 4 tasks"):
         D.default_single_process_env()
+
+
+def test_large_frees_go_back_to_the_os_on_linux():
+    import subprocess
+    import sys
+
+    # in a fresh process: the setting is process-wide
+    out = subprocess.run([sys.executable, "-c", "from dist_robust.distributed import return_large_frees_to_os as f; "
+                          "print(f())"], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("True" if sys.platform.startswith("linux") else "False")
