@@ -10,7 +10,8 @@ from dist_robust.tuning.space import parse_space
 # per epsilon: the dev accuracies a trial reports, whether it reaches its final evaluation, whether it then fails
 PLANS = {0.1: ([0.50, 0.70], True, False),
          0.2: ([0.60, 0.65], False, False),  # stopped before its final evaluation
-         0.3: ([0.80, 0.90], False, True)}  # the highest value, then an error: never the best
+         0.3: ([0.80, 0.90], False, True),  # the highest value, then an error: never the best
+         0.4: ([], False, True)}  # fails before its first report
 
 
 def _trial(config):
@@ -54,13 +55,14 @@ def test_outcomes_best_trial_and_records(grid):
     spec = _spec()
     table = trial_table(grid["all"], spec)
     status = dict(zip(table["config/objective.epsilon"], table["status"]))
-    assert status == {0.1: "finished", 0.2: "stopped_early", 0.3: "error"}
+    assert status == {0.1: "finished", 0.2: "stopped_early", 0.3: "error", 0.4: "error"}
     best = trial_record(best_row(table, spec), spec)  # 0.70; the errored trial's 0.90 is never chosen
     assert best["config"] == {"objective.epsilon": 0.1} and best["metrics"]["dev_source_acc"] == 0.70
     assert best["status"] == "finished" and best["step"] == 2
     assert best["mlflow_run_id"] == "r1" and best["metrics"]["standard_avg"] == 0.4
-    failed = trial_record(table[table["status"] == "error"].iloc[0], spec)
-    assert "worker lost" in failed["error"]
+    failed = [trial_record(row, spec) for _, row in table[table["status"] == "error"].iterrows()]
+    assert all("RuntimeError: worker lost" in f["error"] for f in failed)
+    assert sorted(f["config"]["objective.epsilon"] for f in failed) == [0.3, 0.4]
     worst = trial_record(best_row(table, _spec("min")), _spec("min"))
     assert worst["config"] == {"objective.epsilon": 0.2} and worst["status"] == "stopped_early"  # 0.65
 

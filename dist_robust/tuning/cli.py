@@ -257,7 +257,11 @@ def trial_table(grid, spec: SweepSpec):
     table = grid.get_dataframe()
     if table.empty:  # no trial reported anything
         table = pd.DataFrame(columns=["trial_id", "step"])
-    errors = {(r.metrics or {}).get("trial_id") or os.path.basename(r.path): r.error for r in grid}
+    errors = {_trial_id(r): r.error for r in grid}
+    silent = [{"trial_id": _trial_id(r), **{f"config/{k}": v for k, v in r.config.items()}}
+              for r in grid if _trial_id(r) not in set(table["trial_id"])]  # failed before any report
+    if silent:
+        table = pd.concat([table, pd.DataFrame(silent)], ignore_index=True)
     # only the final evaluation reports standard_avg
     finished = table["standard_avg"].notna() if "standard_avg" in table else pd.Series(False, index=table.index)
     table["status"] = "stopped_early"
@@ -267,6 +271,11 @@ def trial_table(grid, spec: SweepSpec):
     if spec.metric not in table:
         table[spec.metric] = math.nan
     return table
+
+
+def _trial_id(result) -> str:
+    """A result's trial id (its directory is named after it, see ``_trial_name``)."""
+    return (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
 
 
 def _cause(error: BaseException | None) -> str | None:
