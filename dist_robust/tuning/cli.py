@@ -140,8 +140,9 @@ def _init_ray(args: argparse.Namespace) -> None:
     if not ray.is_initialized():
         local = args.address is None and not os.environ.get("RAY_ADDRESS")
         # Trial processes' output (every rank's log, Ray Train's own warnings) stays in Ray's session logs.
+        env = train_controller_env()
         ray.init(address=args.address, num_cpus=args.num_cpus if local else None, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": train_controller_env()})
+                 log_to_driver=False, runtime_env={"env_vars": env} if env else None)
 
 
 def train_controller_env() -> dict[str, str]:
@@ -150,9 +151,11 @@ def train_controller_env() -> dict[str, str]:
     Ray Train's controller collects the workers' reports (and learns that they finished) when it
     polls them, every 2 s by default: each evaluation, checkpoint and the end of a trial waited
     for the next poll, about 7 s per smoke trial (bench/tune_overhead.py). Polling every 0.5 s
-    costs one small call per worker each time. A value set in this shell wins.
+    costs one small call per worker each time. Where this shell (or the Ray job it runs in)
+    already sets the variable, that value stands and nothing is added: Ray refuses a job whose
+    runtime environments set the same variable twice.
     """
-    return {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, "0.5")}
+    return {} if HEALTH_CHECK_ENV in os.environ else {HEALTH_CHECK_ENV: "0.5"}
 
 
 def _start_tracking(args: argparse.Namespace, spec: SweepSpec,
