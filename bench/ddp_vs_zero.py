@@ -162,13 +162,15 @@ class _Tok:
 
 
 def driver(args: argparse.Namespace) -> None:
+    from dist_robust.distributed import free_port
+
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"}
     results = []
     for approach in args.approaches:
         flags = [f"--{k}={v}" for k, v in (("model", args.model), ("length", args.length), ("batch", args.batch),
                                             ("steps", args.steps))]
-        cmd = [exe, "--nproc_per_node", str(args.nproc), "--master_port", str(_free_port()), __file__, *flags,
+        cmd = [exe, "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()), __file__, *flags,
                "--worker", approach]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -195,12 +197,6 @@ def driver(args: argparse.Namespace) -> None:
               f"{r['peak_bytes'] / base['peak_bytes']:.2f} | {r['build_peak_bytes'] / 2 ** 30:.2f} | {r['wall_s']:.0f} |")
     gap = max(abs(a - b) for r in results for a, b in zip(r["losses"], base["losses"]))
     print(f"\nrank 0's losses agree with {base['approach']}'s to {gap:.1e} (dropout off; same weights and batches)")
-
-
-def _free_port() -> int:
-    from dist_robust.distributed import free_port
-
-    return free_port()
 
 
 def main(argv: list[str]) -> None:

@@ -83,23 +83,37 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def shm_mapped() -> set[str]:
+def _shm_mapped() -> set[str]:
     """The files in ``/dev/shm`` this process has mapped and that still have a name (none without ``/proc``)."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
-            fields = [line.split(None, 5) for line in f]
+            paths = [line.split(None, 5)[5].rstrip("\n") for line in f if len(line.split(None, 5)) == 6]
     except OSError:
         return set()
-    return {f[5].rstrip("\n") for f in fields
-            if len(f) == 6 and f[5].startswith("/dev/shm/") and not f[5].rstrip().endswith("(deleted)")}
+    return {p for p in paths if p.startswith("/dev/shm/") and not p.endswith("(deleted)")}
 
 
 @contextmanager
 def releasing_shm_files():
-    """Around the process group's start: afterwards, release the shared-memory files it mapped (see below)."""
-    before = shm_mapped()
+    """Around the process group's start: afterwards, unlink the shared-memory files it mapped.
+
+    With all ranks on one host, DeepSpeed's CPU all-reduce creates a 66 MB file per rank in
+    RAM-backed ``/dev/shm`` while the process group starts, maps its peers' files, and never
+    removes them (nor offers a call that would): every run would leave its buffers behind, holding
+    memory until reboot. The files released are those that appeared among this process's own
+    mappings meanwhile, so no file name is guessed and no other program's file is touched. They
+    are unlinked after a barrier, when every rank has mapped every peer's file (the mappings
+    outlive the names); the barrier runs on every rank, whether or not it has files to release.
+    """
+    before = _shm_mapped()
     yield
-    release_shm_files(shm_mapped() - before)
+    started = _shm_mapped() - before
+    if not dist.is_initialized():
+        return
+    barrier()
+    for path in started:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def return_large_frees_to_os(threshold: int = 4 << 20) -> bool:
@@ -121,25 +135,6 @@ def return_large_frees_to_os(threshold: int = 4 << 20) -> bool:
         return ctypes.CDLL(name).mallopt(-3, threshold) == 1  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         return False
-
-
-def release_shm_files(paths: set[str]) -> None:
-    """Unlink shared-memory files the process group mapped while it started, once every rank has mapped them.
-
-    With all ranks on one host, DeepSpeed's CPU all-reduce creates a 66 MB file per rank in
-    RAM-backed ``/dev/shm`` while the process group starts, maps its peers' files, and never
-    removes them (nor offers a call that would): every run would leave its buffers behind, holding
-    memory until reboot. The caller passes the files that appeared among this process's mappings
-    while the group started (:func:`shm_mapped` before and after), so no file name is guessed and
-    no other program's file is touched. After the barrier every rank has mapped every peer's file,
-    and the mappings outlive the names.
-    """
-    if not dist.is_initialized():
-        return
-    barrier()  # on every rank, whether or not it has files to release
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,6 @@ import sys
 import tempfile
 from typing import Any
 
-import numpy as np
-
 from dist_robust import storage
 from dist_robust.argparsing import Parser
 from dist_robust.redaction import MASK, redact_tree
@@ -261,8 +259,9 @@ def trial_table(grid, spec: SweepSpec):
     if table.empty:  # no trial reported anything
         table = pd.DataFrame(columns=["trial_id", "step"])
     errors = {_trial_id(r): r.error for r in grid}
+    reported = set(table["trial_id"])
     silent = [{"trial_id": _trial_id(r), **{f"config/{k}": v for k, v in r.config.items()}}
-              for r in grid if _trial_id(r) not in set(table["trial_id"])]  # failed before any report
+              for r in grid if _trial_id(r) not in reported]  # failed before any report
     if silent:
         table = pd.concat([table, pd.DataFrame(silent)], ignore_index=True)
     # only the final evaluation reports standard_avg
@@ -309,8 +308,8 @@ def trial_record(row, spec: SweepSpec) -> dict[str, Any]:
 
 
 def _finite(value: Any) -> bool:
-    """A finite number (numpy's included), not a flag."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    """A finite number (numpy's included; numpy's bools are not Real), not a flag."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _finish(grid, spec: SweepSpec, tracking: sweep_runs.SweepTracking | None, experiment_path: str,

@@ -117,11 +117,12 @@ def assign_uploads(listings: list[tuple[str, dict[str, str]]]) -> list[dict[str,
     seen: set[str] = set()
     for ranks in ranks_of.values():
         files = listings[ranks[0]][1]
+        sizes = {n: _size(files[n]) for n in files if n not in seen}
         load = dict.fromkeys(ranks, 0)
-        for name in sorted((n for n in files if n not in seen), key=lambda n: (-_size(files[n]), n)):
+        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
             r = min(ranks, key=lambda k: (load[k], k))
             out[r][name] = files[name]
-            load[r] += _size(files[name])
+            load[r] += sizes[name]
         seen.update(files)
     return out
 
