@@ -35,6 +35,7 @@ test-all: setup
 bench: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" python bench/objective_cost.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" deepspeed --num_gpus 2 bench/zero_stages.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" python bench/adamw_kernel.py
 
 compare: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" dist-robust compare

@@ -7,7 +7,9 @@ Each approach is its own ``torchrun --nproc_per_node N`` launch (so each peak is
 after another, ERM in fp32 with torch AdamW (lr 1e-5, weight decay 0.01) and gradient clipping 1.0:
 
 * ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` on gloo (``gradient_as_bucket_view=True``,
-  the memory-saving setting), the model built whole on every rank;
+  the memory-saving setting), the model built whole on every rank, torch AdamW as constructed by
+  default (what a plain script writes); ``ddp-fused``: the same with ``fused=True``, the kernel
+  the shipped ds_configs select;
 * a ds_config: a DeepSpeed engine built the way the trainer builds it (ZeRO-3 models are created
   already partitioned), ``engine.backward`` / ``engine.step``.
 
@@ -36,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ("entailment", "neutral", "contradiction")
 DEFAULT = ["ddp", "ds_configs/zero2.json", "ds_configs/zero3.json"]
+DDP = {"ddp": False, "ddp-fused": True}  # plain DDP, with torch AdamW's default or its fused kernel
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -71,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     from dist_robust.models import BUILTIN_CONFIGS, build_model
 
     with D.releasing_shm_files():
-        if args.worker == "ddp":
+        if args.worker in DDP:
             dist.init_process_group("gloo")
         else:
             import deepspeed
@@ -82,11 +85,11 @@ def worker(args: argparse.Namespace) -> None:
     vocab = BUILTIN_CONFIGS[args.model]["vocab_size"] or 8000  # (a tokenizer-sized vocabulary: tiny)
     tokenizer = _Tok(vocab)
     start, keep_alive = time.perf_counter(), []
-    if args.worker == "ddp":
+    if args.worker in DDP:
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
         model.train()
         ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=DDP[args.worker])
 
         def step(batch, phases):
             loss = ddp(**batch).loss

@@ -29,14 +29,14 @@ def load_ds_config(path: str | None) -> dict:
 
 
 def default_ds_config() -> dict:
-    """``ds_configs/zero2.json``: ZeRO-2, fp32, torch AdamW, warm-up then linear decay (CPU and GPU alike)."""
+    """``ds_configs/zero2.json``: ZeRO-2, fp32, torch's fused AdamW, warm-up then linear decay (CPU and GPU)."""
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": 1.0,
         "zero_allow_untested_optimizer": True,
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": 0.01, "torch_adam": True}},
+                                                  "weight_decay": 0.01, "torch_adam": True, "fused": True}},
         "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
                                                           "warmup_num_steps": "auto",
                                                           "total_num_steps": "auto"}},
@@ -107,6 +107,10 @@ def ds_config_problems(cfg: RunConfig, world_size: int) -> list[str]:
           if isinstance(ds.get(key), dict) and "params" in ds[key] and not isinstance(ds[key]["params"], dict)]
     if p:
         return p
+    opt = ds.get("optimizer", {}).get("params", {})
+    if "fused" in opt and not (opt["fused"] in (True, False) and opt.get("torch_adam")):
+        p.append(f"{src}: optimizer.params.fused = {opt['fused']!r}: only torch's AdamW takes it, as true or "
+                 "false; set optimizer.params.torch_adam to true as well, or remove fused")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         p.append(f"{src}: zero_optimization.stage = {stage!r}: accepted stages: 0, 1, 2, 3")

@@ -211,12 +211,23 @@ def _setup(cfg: RunConfig) -> Setup:
     # Training mode (dropout on): from_pretrained hands a model over in eval mode, and nothing
     # else would switch it; evaluation restores whichever mode it found.
     engine.train()
-    log.info("%s: %.1fM parameters, %d rank(s), ZeRO stage %d, objective %s, %d training pairs",
+    log.info("%s: %.1fM parameters, %d rank(s), ZeRO stage %d, optimizer %s, objective %s, %d training pairs",
              cfg.model.name, count_parameters(engine.module) / 1e6, D.world_size(),
-             engine.zero_optimization_stage(), cfg.objective.name, len(train_set))
+             engine.zero_optimization_stage(), optimizer_name(engine), cfg.objective.name, len(train_set))
     perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
     return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
                  perturbation, store, zero3, augmenter, resume)
+
+
+def optimizer_name(engine) -> str:
+    """The torch optimizer that updates the weights, under DeepSpeed's wrappers: "AdamW (fused)".
+
+    Read from its parameter groups, which a resumed checkpoint's settings replace."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    fused = isinstance(opt, torch.optim.Optimizer) and any(g.get("fused") for g in opt.param_groups)
+    return type(opt).__name__ + (" (fused)" if fused else "")
 
 
 def _pretrained_lexicon(cfg: RunConfig, data: TaskData, tokenizer, model) -> None:
@@ -368,6 +379,7 @@ def _start_tracking(setup: Setup, state: State) -> None:
     params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})
     params.update(flatten(setup.ds_config, "ds."))
     params["world_size"] = D.world_size()
+    params["optimizer"] = optimizer_name(setup.engine)
     setup.tracker.log_params(redact_tree(params))
 
 
@@ -545,7 +557,8 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         **E.summarize(per_language, matrix, cfg.data.source_language),
         "train_losses": state.train_losses,
         "dev_history": state.dev_history,
-        "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size()}),
+        "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size(),
+                               "optimizer": optimizer_name(setup.engine)}),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -118,6 +119,11 @@ def test_ds_config_problems_name_the_file_and_key(tmp_path):
     ds["zero_optimization"]["stage"] = 3
     path.write_text(json.dumps(ds))
     validate(_cfg("--deepspeed", str(path)), world_size=1)  # bf16 alone at ZeRO-3: fine
+    del ds["optimizer"]["params"]["torch_adam"]  # DeepSpeed's own Adam would get an argument it refuses
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: optimizer.params.fused = True: only torch's AdamW "
+                                                    "takes it, as true or false; set optimizer.params.torch_adam")):
+        validate(_cfg("--deepspeed", str(path)), world_size=1)
 
 
 def test_unknown_keys_list_what_is_accepted(tmp_path):
