@@ -115,8 +115,8 @@ def run(cfg: RunConfig, report=None) -> dict | None:
         _save_outputs(setup, state, results)
         if report is not None:
             report(final_metrics(results, state.step), None)
-    except BaseException:
-        setup.tracker.finish("FAILED")
+    except BaseException as err:  # a stop (Ctrl+C; SIGTERM, see cli.Stopped) is KILLED, the rest FAILED
+        setup.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         setup.zero3.close()

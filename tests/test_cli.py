@@ -119,3 +119,39 @@ def test_a_port_in_use_is_an_error_that_says_what_to_do(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"port {port} on this host is already in use" in proc.stderr
     assert "--master_port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.launcher
+def test_sigterm_closes_the_run_and_says_how_to_resume(tmp_path):
+    """A scheduler's stop (SIGTERM to the job's processes, here the launch's process group) ends
+    the MLflow run as KILLED rather than leaving it RUNNING for ever, and says how to continue.
+    (The ``deepspeed`` command itself, on one node, dies of SIGTERM without passing it on; its
+    per-node ``deepspeed.launcher.launch`` does pass it to the ranks.)"""
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.launch import deepspeed_command
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd, _ = deepspeed_command([*TINY, "--max-steps", "100000", "--no-progress", "--mlflow-uri", uri,
+                                "--experiment", "stop", "--output-dir", str(tmp_path / "run")])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "first step done" in line:
+                break
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = "".join(seen) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "rank 0: stopped by SIGTERM. Rerun the same command with --resume auto" in out, out[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
