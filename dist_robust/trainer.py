@@ -188,8 +188,9 @@ def _setup(cfg: RunConfig) -> Setup:
     if node_local:  # DeepSpeed then writes the model states on every node, not on rank 0 alone
         ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
     if ds.get("zero_optimization", {}).get("stage", 0) == 3 and D.comm_device().type == "cpu" and D.world_size() > 1:
-        # Gathered parameters would otherwise pile up in the heap. On one rank ZeRO-3 partitions
-        # nothing, and every large activation paying fresh pages each step cost 1.4x (bench/vs_hf.py).
+        # Gathered parameters would otherwise pile up in the heap. On one rank ZeRO-3 saves no
+        # memory anyway, and every large activation taking fresh pages each step cost 1.4x there
+        # (bench/vs_hf.py).
         D.return_large_frees_to_os()
     clock.mark("process group and checkpoint store")
     tokenizer = _tokenizer(cfg, data, store)
