@@ -113,8 +113,7 @@ def worker(args: argparse.Namespace) -> None:
         cfg.train.max_steps = args.steps
         ds = resolve_ds_config(cfg, world)
         ds.pop("scheduler", None)  # a constant learning rate, as in the DDP loop, so the losses can be compared
-        if ds["zero_optimization"].get("stage", 0) == 3 and world > 1:
-            D.return_large_frees_to_os()  # as the trainer does on CPU hosts
+        D.settle_zero3_host_memory(ds)  # as the trainer does
         keep_alive.append(zero3_context(ds))  # while the engine exists (ZeRO-3)
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -137,6 +137,17 @@ def return_large_frees_to_os(threshold: int = 4 << 20) -> bool:
         return False
 
 
+def settle_zero3_host_memory(ds_config: dict) -> bool:
+    """For ZeRO-3 on a CPU host with more than one rank, ``return_large_frees_to_os``; True if applied.
+
+    On one rank ZeRO-3 saves no memory anyway, and every large activation taking fresh pages
+    each step cost 1.4x there (bench/vs_hf.py); DDP-like stages would pay it too (10%).
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3 or comm_device().type != "cpu":
+        return False
+    return world_size() > 1 and return_large_frees_to_os()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks, in float64 on the backend's device (a copy; the input is left as it was)."""
     out = t.detach().to(device=comm_device(), dtype=torch.float64, copy=True)

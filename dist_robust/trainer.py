@@ -187,11 +187,7 @@ def _setup(cfg: RunConfig) -> Setup:
     ds = _resolve_ds_config_for(cfg, resume)
     if node_local:  # DeepSpeed then writes the model states on every node, not on rank 0 alone
         ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and D.comm_device().type == "cpu" and D.world_size() > 1:
-        # Gathered parameters would otherwise pile up in the heap. On one rank ZeRO-3 saves no
-        # memory anyway, and every large activation taking fresh pages each step cost 1.4x there
-        # (bench/vs_hf.py).
-        D.return_large_frees_to_os()
+    D.settle_zero3_host_memory(ds)  # gathered parameters would otherwise pile up in the heap
     clock.mark("process group and checkpoint store")
     tokenizer = _tokenizer(cfg, data, store)
     collator = Collator(tokenizer)
