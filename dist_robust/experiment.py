@@ -109,7 +109,9 @@ class Runner:
         print(f"{prefix}: {' '.join(cmd[3:])}", flush=True)
         start = time.monotonic()
         log_path = os.path.join(self.args.log_dir, f"{label}-s{seed}.log")
-        with open(log_path, "w") as log:
+        with open(log_path, "a") as log:  # a resumed run's log keeps what its earlier launches wrote
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} dist-robust {' '.join(cmd[3:])}\n")
+            log.flush()
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         if code != 0:
             raise RuntimeError(f"{label} seed {seed} failed (exit {code}); its log: {log_path}. Rerunning the "

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
+from mlflow import MlflowClient
 
+from dist_robust.config import ObjectiveConfig
 from dist_robust.experiment import choose, parse_select, run_flags
 from dist_robust.paired import paired, paired_against
+from tests.launch import REPO, TINY, launcher_env, results
 
 
 def test_selection_takes_best_source_dev_and_ties_go_to_the_smaller_value():
@@ -57,3 +63,42 @@ def test_runs_pair_by_seed_not_by_order():
     baseline = [_Run(3, 0.85), _Run(4, 0.10), _Run(1, 0.75), _Run(2, 0.72)]
     p = paired_against(method, baseline, ["acc.de"])["acc.de"]
     assert p.n == 3 and p.mean == pytest.approx((0.05 - 0.02 + 0.05) / 3) and p.wins == 2
+
+
+def test_experiment_command_selects_on_source_dev_runs_resumes_and_compares(tmp_path):
+    """The real command, end to end on the tiny config: selection, the runs, a resumed run, the summary."""
+    root, uri = tmp_path / "runs", f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "dist_robust.cli", "experiment", "--experiment", "e2e", "--methods", "erm", "pgd",
+           "--seeds", "1", "--select", "epsilon=0.03,0.3", "--select-seeds", "101", "--output-root", str(root),
+           "--mlflow-uri", uri, "--", *TINY, "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2",
+           "--no-export-model"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    # The choice, recomputed from the selection runs' own results: best English dev, ties to the smaller value.
+    dev = {eps: results(root / f"select-epsilon-{eps:g}-s101")["best_dev_source_acc"] for eps in (0.03, 0.3)}
+    expected = min(eps for eps, acc in dev.items() if acc >= max(dev.values()) - 1e-9)
+    assert json.loads((root / "selection.json").read_text())["chosen"] == {"epsilon": expected}
+    pgd = results(root / "pgd-s1")
+    assert (pgd["config"]["objective"]["epsilon"], pgd["config"]["objective"]["alpha"]) == (expected, expected / 2)
+    assert results(root / "erm-s1")["config"]["objective"]["epsilon"] == ObjectiveConfig().epsilon  # no --epsilon
+    # Selection runs skip the generalized matrix (they only read source dev); the compared runs have it.
+    assert not results(root / "select-epsilon-0.3-s101")["generalized"]
+    assert set(results(root / "erm-s1")["generalized"]) == set(results(root / "erm-s1")["per_language"])
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    phases = sorted((r.data.tags["method"], r.data.tags["phase"]) for r in runs)
+    assert phases == [("erm", "main"), ("pgd", "main"), ("select-epsilon-0.03", "select"),
+                      ("select-epsilon-0.3", "select")]
+    assert "erm (baseline)" in first.stdout and "\npgd " in first.stdout  # compare's table of the main runs
+
+    # An interrupted run (its results never written) continues from its last checkpoint, and its
+    # log keeps the first launch's output; finished runs are not trained again.
+    (root / "pgd-s1" / "results.json").unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "erm seed 1: done before, kept" in again.stdout and "select-" not in again.stdout  # selection.json reused
+    log = (root / "logs" / "pgd-s1.log").read_text()
+    assert log.count("=== ") == 2 and "resumed from" in log
+    assert results(root / "pgd-s1")["per_language"] == pgd["per_language"]
