@@ -185,6 +185,9 @@ class TrainConfig:
     export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors.",
                             "--export-model")
     progress: bool = _f(True, "Show a progress bar on rank 0.", "--progress")
+    log_interval: float = _f(60.0, "Without a progress bar (--no-progress: log files, cluster jobs), rank 0 logs "
+                             "the step, the loss, s/step and the time left every this many seconds (0: every "
+                             "step).", "--log-interval")
     eval_only: bool = _f(False, "Skip training: evaluate the model as loaded (or as resumed) and write "
                          "results (what `dist-robust eval` does).", "--eval-only")
 
@@ -505,6 +508,8 @@ def config_problems(cfg: RunConfig, world_size: int) -> list[str]:
         bad("train.generalized_examples", t.generalized_examples, "must be >= 1 (or unset: all)")
     if t.lr is not None and t.lr <= 0:
         bad("train.lr", t.lr, "must be > 0")
+    if not t.log_interval >= 0:
+        bad("train.log_interval", t.log_interval, "must be >= 0 seconds (0: a line every step)")
     if not 0.0 <= t.warmup_ratio < 1.0:
         bad("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     if not t.output_dir:

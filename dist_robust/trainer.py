@@ -427,6 +427,7 @@ def _fit(setup: Setup, state: State, report) -> None:
     cfg = setup.cfg.train
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _bar(cfg, cfg.max_steps, "train", "step", initial=state.step)
+    lines = ProgressLines(cfg.log_interval, cfg.max_steps) if bar is None and D.is_main() else None
     times: list[float] = []
     while state.step < cfg.max_steps:
         faults.before_step(state.step + 1)
@@ -446,6 +447,8 @@ def _fit(setup: Setup, state: State, report) -> None:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        if lines is not None:
+            lines.step(state.step, stats["loss"], elapsed)
         last = state.step == cfg.max_steps
         metrics, checkpoint = {}, None
         if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or last:
@@ -473,6 +476,37 @@ def _injected_nan(setup: Setup, step: int):
         yield
     finally:
         handle.remove()
+
+
+class ProgressLines:
+    """What the bar shows, as a log line every ``seconds`` (and at the last step), for runs without one."""
+
+    def __init__(self, seconds: float, max_steps: int):
+        self.seconds, self.max_steps = seconds, max_steps
+        self.last = time.monotonic()
+        self.losses: list[float] = []
+        self.times: list[float] = []
+
+    def step(self, step: int, loss: float, elapsed: float) -> None:
+        self.losses.append(loss)
+        self.times.append(elapsed)
+        now = time.monotonic()
+        if now - self.last < self.seconds and step < self.max_steps:
+            return
+        per_step = statistics.median(self.times)
+        log.info("step %d/%d: loss %.4f (mean of %d step(s)), %.2f s/step, about %s left", step, self.max_steps,
+                 statistics.fmean(self.losses), len(self.losses), per_step,
+                 duration((self.max_steps - step) * per_step))
+        self.last, self.losses, self.times = now, [], []
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``2.3 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _bar(cfg, total: int, desc: str, unit: str, initial: int = 0):

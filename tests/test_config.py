@@ -83,11 +83,12 @@ def test_zero_warmup_ratio_gives_a_schedule_deepspeed_accepts():
 
 
 def test_all_problems_reported_at_once_with_key_value_and_accepted():
-    cfg = _cfg("objective.name=adversarial", "--epsilon", "-0.5", "--noise-samples", "0")
+    cfg = _cfg("objective.name=adversarial", "--epsilon", "-0.5", "--noise-samples", "0", "--log-interval", "-1")
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=1)
     text = str(err.value)
-    assert "3 problem(s)" in text
+    assert "4 problem(s)" in text
+    assert "train.log_interval (--log-interval) = -1.0: must be >= 0 seconds" in text
     assert "objective.name (--objective) = 'adversarial': accepted objectives: erm, pgd, freelb, gaussian" in text
     assert "objective.epsilon (--epsilon) = -0.5: must be >= 0" in text
     assert "objective.noise_samples (--noise-samples) = 0: must be >= 1" in text

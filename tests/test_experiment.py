@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -71,7 +72,7 @@ def test_experiment_command_selects_on_source_dev_runs_resumes_and_compares(tmp_
     cmd = [sys.executable, "-m", "dist_robust.cli", "experiment", "--experiment", "e2e", "--methods", "erm", "pgd",
            "--seeds", "1", "--select", "epsilon=0.03,0.3", "--select-seeds", "101", "--output-root", str(root),
            "--mlflow-uri", uri, "--", *TINY, "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2",
-           "--no-export-model"]
+           "--no-export-model", "--log-interval", "0"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
@@ -85,6 +86,13 @@ def test_experiment_command_selects_on_source_dev_runs_resumes_and_compares(tmp_
     # Selection runs skip the generalized matrix (they only read source dev); the compared runs have it.
     assert not results(root / "select-epsilon-0.3-s101")["generalized"]
     assert set(results(root / "erm-s1")["generalized"]) == set(results(root / "erm-s1")["per_language"])
+
+    # Without a bar, the run's log has a progress line per step (--log-interval 0), with the step's own loss.
+    erm = results(root / "erm-s1")
+    lines = re.findall(r"step (\d+)/4: loss (\S+) \(mean of 1 step\(s\)\), \S+ s/step, about \d+ s left",
+                       (root / "logs" / "erm-s1.log").read_text())
+    assert [int(step) for step, _ in lines] == [1, 2, 3, 4]
+    assert [float(loss) for _, loss in lines] == [round(x, 4) for x in erm["train_losses"]]
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
