@@ -31,6 +31,7 @@ import sys
 import time
 
 from dist_robust import storage
+from dist_robust.clock import duration
 
 METHODS: dict[str, list[str]] = {
     "erm": ["--objective", "erm"],
@@ -88,15 +89,21 @@ class Runner:
     def __init__(self, args: argparse.Namespace, extra: list[str]):
         self.args, self.extra = args, extra
         self.done = 0
+        self.seconds: dict[str, list[float]] = {}  # wall time of the runs trained here, by method
+
+    def finished(self, label: str, seed: int) -> bool:
+        return storage.exists(storage.join(self.args.output_root, f"{label}-s{seed}", "results.json"))
 
     def results(self, label: str, seed: int) -> dict:
         return json.loads(storage.read_text(storage.join(self.args.output_root, f"{label}-s{seed}", "results.json")))
 
-    def train(self, label: str, seed: int, flags: list[str], total: int, phase: str = "main") -> dict:
+    def train(self, label: str, seed: int, flags: list[str], total: int, phase: str = "main", method: str = "",
+              after: list[tuple[str, int, str]] = ()) -> dict:
+        """Train (or keep) one run; ``after``: the (label, seed, method) runs still to come, for the time left."""
         out = storage.join(self.args.output_root, f"{label}-s{seed}")
         self.done += 1
         prefix = f"[{self.done}/{total}] {label} seed {seed}"
-        if storage.exists(storage.join(out, "results.json")):
+        if self.finished(label, seed):
             print(f"{prefix}: done before, kept", flush=True)
             return self.results(label, seed)
         cmd = [sys.executable, "-m", "dist_robust.cli", "train", *flags, "--seed", str(seed), "--output-dir", out,
@@ -117,13 +124,28 @@ class Runner:
             raise RuntimeError(f"{label} seed {seed} failed (exit {code}); its log: {log_path}. Rerunning the "
                                "same command continues from its last checkpoint")
         result = self.results(label, seed)
-        print(f"{prefix}: {time.monotonic() - start:.0f} s, {self.args.source_language} dev "
-              f"{100 * result['best_dev_source_acc']:.2f}", flush=True)
+        seconds = time.monotonic() - start
+        self.seconds.setdefault(method or label, []).append(seconds)
+        print(f"{prefix}: {seconds:.0f} s, {self.args.source_language} dev "
+              f"{100 * result['best_dev_source_acc']:.2f}{self.time_left(after)}", flush=True)
         return result
 
+    def time_left(self, after: list[tuple[str, int, str]]) -> str:
+        """``; about 2.3 h left (7 runs)``: each run to come at its method's mean time so far (else all runs')."""
+        todo = [method for label, seed, method in after if not self.finished(label, seed)]
+        if not todo:
+            return ""
+        every = [s for times in self.seconds.values() for s in times]
+        left = sum(statistics.fmean(self.seconds.get(method) or every) for method in todo)
+        return f"; about {duration(left)} left ({len(todo)} run(s))"
 
-def select(runner: Runner, grid: dict[str, list[float]], seeds: list[int]) -> dict[str, float]:
-    """The selection sweep (source dev only, no generalized evaluation); reuses selection.json."""
+
+def select(runner: Runner, grid: dict[str, list[float]], seeds: list[int],
+           then: list[tuple[str, int, str]] = ()) -> dict[str, float]:
+    """The selection sweep (source dev only, no generalized evaluation); reuses selection.json.
+
+    ``then``: the (label, seed, method) runs that follow it, counted in the time left.
+    """
     path = storage.join(runner.args.output_root, "selection.json")
     saved = json.loads(storage.read_text(path)) if storage.exists(path) else {}
     if saved and saved.get("grid") != grid:
@@ -131,17 +153,17 @@ def select(runner: Runner, grid: dict[str, list[float]], seeds: list[int]) -> di
                          "--output-root, or delete it to select again")
     if saved:
         return saved["chosen"]
-    total = sum(len(v) for v in grid.values()) * len(seeds)
+    plan = [(f"select-{key}-{value:g}", s, SELECTABLE[key][0], key, value)
+            for key, values in grid.items() for value in values for s in seeds]
+    accs: dict[tuple[str, float], list[float]] = {}
+    for i, (label, s, method, key, value) in enumerate(plan):
+        after = [run[:3] for run in plan[i + 1:]] + list(then)
+        result = runner.train(label, s, run_flags(method, {key: value}) + ["--no-generalized"], len(plan), "select",
+                              method, after)
+        accs.setdefault((key, value), []).append(result["best_dev_source_acc"])
     chosen, table = {}, {}
     for key, values in grid.items():
-        method = SELECTABLE[key][0]
-        mean_dev = {}
-        for value in values:
-            label = f"select-{key}-{value:g}"
-            accs = [runner.train(label, s, run_flags(method, {key: value}) + ["--no-generalized"], total,
-                                 "select")
-                    ["best_dev_source_acc"] for s in seeds]
-            mean_dev[value] = statistics.fmean(accs)
+        mean_dev = {value: statistics.fmean(accs[key, value]) for value in values}
         chosen[key] = choose(mean_dev)
         table[key] = {f"{v:g}": round(100 * acc, 2) for v, acc in mean_dev.items()}
         print(f"selected {key} = {chosen[key]:g} on {runner.args.source_language} dev: {table[key]}", flush=True)
@@ -188,14 +210,13 @@ def experiment_main(argv: list[str] | None = None) -> int:
     runner = Runner(args, extra)
     start = time.monotonic()
     try:
-        chosen = select(runner, grid, args.select_seeds)
-        runner.done = 0
-        total = len(args.methods) * len(args.seeds)
         # Seed by seed, every method within a seed: an experiment stopped early still holds
         # complete seeds, each a paired comparison against ERM.
-        for seed in args.seeds:
-            for method in args.methods:
-                runner.train(method, seed, run_flags(method, chosen), total)
+        plan = [(method, seed, method) for seed in args.seeds for method in args.methods]
+        chosen = select(runner, grid, args.select_seeds, plan)
+        runner.done = 0
+        for i, (method, seed, _) in enumerate(plan):
+            runner.train(method, seed, run_flags(method, chosen), len(plan), method=method, after=plan[i + 1:])
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -203,8 +224,12 @@ def experiment_main(argv: list[str] | None = None) -> int:
           f"{(time.monotonic() - start) / 60:.1f} min", flush=True)
     from dist_robust.compare import compare_main
 
-    compare = ["--experiment", args.experiment, "--filter", "tags.phase = 'main'",
-               "--group-by", "tags.method", "--baseline", "erm", "--paired"]
+    compare = ["--experiment", args.experiment, "--filter", "tags.phase = 'main'", "--group-by", "tags.method"]
+    if "erm" in args.methods:
+        compare += ["--baseline", "erm", "--paired"]
+    else:
+        print("no erm among --methods: the summary has no baseline (add erm to pair the methods against it; "
+              "finished runs are kept)", flush=True)
     if args.mlflow_uri:
         compare += ["--mlflow-uri", args.mlflow_uri]
     if args.plot_dir:

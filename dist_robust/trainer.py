@@ -20,6 +20,7 @@ from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust import evaluate as E
 from dist_robust import storage
+from dist_robust.clock import duration
 from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, export_model, load_tag, read_layout,
                                       resolve_resume, step_tag)
 from dist_robust.config import ConfigError, RunConfig
@@ -498,15 +499,6 @@ class ProgressLines:
                  statistics.fmean(self.losses), len(self.losses), per_step,
                  duration((self.max_steps - step) * per_step))
         self.last, self.losses, self.times = now, [], []
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``12 min``, ``2.3 h``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _bar(cfg, total: int, desc: str, unit: str, initial: int = 0):

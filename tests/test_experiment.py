@@ -107,6 +107,11 @@ def test_experiment_command_selects_on_source_dev_runs_resumes_and_compares(tmp_
     again = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "erm seed 1: done before, kept" in again.stdout and "select-" not in again.stdout  # selection.json reused
+    # The time left after each run: the first selection run has the second and the 2 main runs after it.
+    left = r": \d+ s, en dev [\d.]+; about [\d.]+ (s|min) left \({} run\(s\)\)"
+    assert re.search(r"\[1/2\] select-epsilon-0.03 seed 101" + left.format(3), first.stdout), first.stdout
+    assert re.search(r"\[1/2\] erm seed 1" + left.format(1), first.stdout), first.stdout
+    assert re.search(r"\[2/2\] pgd seed 1: \d+ s, en dev [\d.]+\n", again.stdout), again.stdout  # nothing left
     log = (root / "logs" / "pgd-s1.log").read_text()
     assert log.count("=== ") == 2 and "resumed from" in log
     assert results(root / "pgd-s1")["per_language"] == pgd["per_language"]
