@@ -31,8 +31,9 @@ if TYPE_CHECKING:
     from mlflow.entities import Experiment
 
 # Params that differ between two runs of the same experiment setting (where it ran, what it was called).
-RUN_LOCAL_PARAMS = {"train.output_dir", "train.staging_dir", "train.resume", "train.progress", "train.log_interval", "data.cache_dir",
-                    "tracking.run_name", "tracking.run_id", "tracking.mlflow_uri", "tracking.experiment"}
+RUN_LOCAL_PARAMS = {"train.output_dir", "train.staging_dir", "train.resume", "train.progress", "train.log_interval",
+                    "data.cache_dir", "tracking.run_name", "tracking.run_id", "tracking.mlflow_uri",
+                    "tracking.experiment"}
 _FILTER_OPERATOR = re.compile(r"(=|<|>|\bLIKE\b|\bILIKE\b|\bIN\b)", re.IGNORECASE)
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -131,7 +131,7 @@ class Runner:
         return result
 
     def time_left(self, after: list[tuple[str, int, str]]) -> str:
-        """``; about 2.3 h left (7 runs)``: each run to come at its method's mean time so far (else all runs')."""
+        """``; about 2.3 h left (7 run(s))``: each run to come at its method's mean time so far (else all runs')."""
         todo = [method for label, seed, method in after if not self.finished(label, seed)]
         if not todo:
             return ""
