@@ -335,7 +335,7 @@ OBJECTIVE_KNOBS = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": (
 def describe_run(cfg, ds_config: dict, world_size: int) -> tuple[str, str]:
     """A run name a person can scan in a list, and a one-paragraph description (MLflow's run note).
 
-    Name: ``<objective>[ <size>] <task> <model> s<seed>``, e.g. ``pgd epsilon=0.1 synthetic tiny s42``.
+    Name: ``<objective>[ <size>] <task> <model> s<seed>``, e.g. ``pgd epsilon=0.01 synthetic tiny s42``.
     """
     o = cfg.objective
     knobs = [f"{k}={getattr(o, k)}" for k in OBJECTIVE_KNOBS.get(o.name, ()) if k in ("epsilon", "sigma")]

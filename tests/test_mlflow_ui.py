@@ -72,7 +72,7 @@ def test_experiment_page_shows_the_run_on_the_training_view(ui, tmp_path):
     url, cwd = ui
     page = f"{url}/#/experiments/{_experiment_id(cwd)}/runs?workflowType=machine_learning"  # the link training prints
     dom = _render(["--dump-dom", page], tmp_path).stdout
-    assert "pgd epsilon=0.1 synthetic tiny s42" in dom  # the run, by its readable name
+    assert "pgd epsilon=0.01 synthetic tiny s42" in dom  # the run, by its readable name
     assert "Model registry" in dom  # the model-training view's navigation, not the GenAI one
     shot = Path(os.environ.get("DIST_ROBUST_SCREENSHOT") or tmp_path / "ui.png")
     _render([f"--screenshot={shot}", page], tmp_path)
