@@ -112,3 +112,14 @@ def test_experiment_command_selects_on_source_dev_runs_resumes_and_summarises(tm
     log = (root / "logs" / "pgd-s1.log").read_text()
     assert log.count("=== ") == 2 and "resumed from" in log
     assert results(root / "pgd-s1")["per_language"] == pgd["per_language"]
+
+
+def test_progress_lines_wait_for_the_interval_then_average_the_window(caplog):
+    from dist_robust.trainer import ProgressLines
+
+    lines = ProgressLines(seconds=3600, max_steps=4)
+    with caplog.at_level("INFO", logger="dist_robust.trainer"):
+        for step, loss in enumerate([1.0, 2.0, 3.0, 6.0], start=1):
+            lines.step(step, loss, elapsed=0.5 * step)
+    assert [r.getMessage() for r in caplog.records] == [  # only the last step, within the hour
+        "step 4/4: loss 3.0000 (mean of 4 step(s)), 1.25 s/step, about 0 s left"]
