@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 
 from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
 from dist_robust.config import ConfigError, world_size_from_env
 from dist_robust.ds_config import resolve_ds_config
+from dist_robust.stopping import Stopped, stops_as_exceptions
 from dist_robust.validation import validate
 
 
@@ -63,7 +62,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from dist_robust.trainer import run
 
     try:
-        with _sigterm_as_stop():
+        with stops_as_exceptions():
             run(cfg)
     except Stopped:
         print(f"rank {os.environ.get('RANK', '0')}: stopped by SIGTERM. Rerun the same command with --resume auto "
@@ -92,31 +91,6 @@ def train_main(argv: list[str] | None = None) -> int:
               f"({str(err).strip().splitlines()[-1][:200]})", file=sys.stderr)
         return 1
     return 0
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl+C: the run is closed (MLflow status KILLED), not torn off."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_stop():
-    """While training, SIGTERM (a scheduler's stop, the launcher passing one on) raises ``Stopped``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        # Once is enough: a scheduler signals every process, and the launcher then passes the
-        # same stop on again, which must not cut the run's closing short (it escalates to
-        # SIGKILL after 30 s by itself).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Stopped
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:

@@ -12,6 +12,7 @@ import time
 from typing import Any, Protocol
 
 from dist_robust.redaction import redact
+from dist_robust.stopping import shielded
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +185,10 @@ class ResilientTracker:
             self._spec["run_id"] = self._spec["run_id"] or header.get("run_id")
             log.info("%d tracking call(s) kept by an earlier attempt of this run will be sent first",
                      len(self._pending))
-        if self._connect() and self._pending:
-            self._write_journal()
-            self._flush(force=True)
+        with shielded():
+            if self._connect() and self._pending:
+                self._write_journal()
+                self._flush(force=True)
 
     @property
     def run_id(self) -> str | None:
@@ -212,7 +214,9 @@ class ResilientTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("finish", status)
-        if self._pending and not self._flush(force=True):
+        with shielded():
+            sent = not self._pending or self._flush(force=True)
+        if not sent:
             log.warning("MLflow at %s is still unreachable: %d tracking call(s) are kept in %s; send them with: "
                         "dist-robust replay-tracking %s", redact(self._spec["uri"]), len(self._pending),
                         self._journal, self._dir)
@@ -231,14 +235,16 @@ class ResilientTracker:
             return False
 
     def _call(self, method: str, *args) -> None:
-        if self._inner is not None and not self._pending:
-            try:
-                getattr(self._inner, method)(*args)
-                return
-            except Exception as err:  # noqa: BLE001
-                self._outage(err)
-        self._keep(method, list(args))
-        self._flush()
+        # Shielded: a stop landing inside a store write would leave the store locked (dist_robust.stopping).
+        with shielded():
+            if self._inner is not None and not self._pending:
+                try:
+                    getattr(self._inner, method)(*args)
+                    return
+                except Exception as err:  # noqa: BLE001
+                    self._outage(err)
+            self._keep(method, list(args))
+            self._flush()
 
     def _keep(self, method: str, args: list) -> None:
         if method == "log_artifact":  # the file may be temporary: keep a copy
