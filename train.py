@@ -11,7 +11,7 @@ DeepSpeed's own ``--deepspeed --deepspeed_config PATH`` spelling works too. Ever
 
 import sys
 
-from dist_robust.cli import train_main
+from dist_robust.cli import leave, train_main
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(leave(train_main()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -235,5 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[argv[0]](argv[1:])
 
 
+def leave(status: int) -> int:
+    """``status``, for a command that is about to end its process.
+
+    Interpreter shutdown runs the garbage collector over every object the command created,
+    several times while it clears the modules: 2.5 s per process after a training run, paid by
+    every rank, eval and certify. Those objects are about to go anyway: frozen, the collector
+    skips them (files are closed and flushed by ``with`` blocks, logging by its own exit hook).
+    """
+    gc.freeze()
+    return status
+
+
+def console_main() -> int:
+    """The ``dist-robust`` console script."""
+    return leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
