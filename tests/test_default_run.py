@@ -94,6 +94,7 @@ def test_default_run_is_tracked_in_local_mlflow(default_run):
     assert {"results.json", "run_config.json", "generalized.csv"} <= artifacts
 
 
+@pytest.mark.slow  # make test-all: ZeRO-3 loading a model directory is also tests/test_pretrained.py (CI)
 def test_exported_model_fine_tunes_from_its_directory_under_zero3(default_run, tmp_path):
     """``--model DIR`` loads real weights (partitioned under ZeRO-3): the trained model's first
     loss is far below a random initialization's ~ln(3)."""
@@ -126,7 +127,8 @@ CERTIFY = ["--certify-examples", "12", "--certify-samples", "40", "--certify-sel
            "--no-progress", "--mlflow-uri", "none"]
 
 
-@pytest.mark.parametrize("method", ["gaussian", "synonym"])
+# synonym smoothing shards its votes with the same code as gaussian: make test-all, not CI
+@pytest.mark.parametrize("method", ["gaussian", pytest.param("synonym", marks=pytest.mark.slow)])
 def test_certification_of_the_default_model_is_the_same_on_1_and_2_ranks(default_run, tmp_path, method):
     """``dist-robust certify`` on the embedded default's model: every draw is seeded per
     (set, example), so 1 and 2 ranks (``--nproc-per-node 2``, the deepspeed launcher) count the
