@@ -27,7 +27,16 @@ def _metric(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
 
 
+@pytest.fixture
+def ctrl_c_handled():
+    """SIGINT as in a terminal: a job started in the background (CI's, say) inherits it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, Stopped), (signal.SIGINT, KeyboardInterrupt)])
+@pytest.mark.usefixtures("ctrl_c_handled")
 def test_a_stop_inside_a_tracking_call_is_raised_after_it(tmp_path, signum, raised):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = ResilientTracker(str(tmp_path / "run"), uri, "stop", "r")
@@ -75,3 +84,16 @@ def test_nested_shields_hold_the_stop_until_the_outermost_ends():
         order.append("after")
     assert order == ["inner", "outer"]
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """``nohup``/``&`` jobs ignore SIGINT; training must not start obeying it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stops_as_exceptions():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
