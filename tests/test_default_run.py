@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -114,11 +116,13 @@ def test_a_pretrained_directory_trains_with_dropout(default_run, tmp_path):
     dropout rate changes the first loss (in eval mode both runs would compute the same one)."""
     cwd, _ = default_run
     losses = {}
-    for rate in ("0", "0.3"):
+    for rate in ("0", "0.3"):  # one process without a launcher: dropout, not launching, is the point
         out = tmp_path / f"dropout{rate}"
-        deepspeed([*TINY, "--model", str(cwd / "runs" / "default" / "model"), "--dropout", rate, "--max-steps", "1",
-                   "--output-dir", str(out), "--no-export-model", "--max-length", "128", "--no-generalized",
-                   "--max-eval-examples", "8"], nproc=0)
+        proc = subprocess.run([sys.executable, "train.py", *TINY, "--model", str(cwd / "runs" / "default" / "model"),
+                               "--dropout", rate, "--max-steps", "1", "--output-dir", str(out), "--no-export-model",
+                               "--max-length", "128", "--no-generalized", "--max-eval-examples", "8"],
+                              cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
         losses[rate] = json.loads((out / "results.json").read_text())["train_losses"][0]
     assert abs(losses["0.3"] - losses["0"]) > 1e-3, losses
 
@@ -133,8 +137,6 @@ def test_certification_of_the_default_model_is_the_same_on_1_and_2_ranks(default
     """``dist-robust certify`` on the embedded default's model: every draw is seeded per
     (set, example), so 1 and 2 ranks (``--nproc-per-node 2``, the deepspeed launcher) count the
     same votes; certified accuracy never rises with the radius (the number of substituted words)."""
-    import subprocess
-    import sys
 
     cwd, _ = default_run
     model = str(cwd / "runs" / "default" / "model")
@@ -163,8 +165,6 @@ def test_certification_of_the_default_model_is_the_same_on_1_and_2_ranks(default
 def test_eval_of_exported_model_reproduces_final_accuracies(default_run, tmp_path):
     """``dist-robust eval`` on the exported model gives the training run's own numbers: the
     export holds the selected weights and the tokenizer, and evaluation is deterministic."""
-    import subprocess
-    import sys
 
     from dist_robust.distributed import free_port
 

@@ -150,6 +150,7 @@ def _launch_two_nodes(tmp_path, flags: list[str], crash_at: int | None = None, t
     return logs
 
 
+@pytest.mark.slow  # make test-all; not in CI
 @needs_loopback
 def test_deepspeed_launch_script_on_two_loopback_nodes_with_node_local_dirs(tmp_path):
     """Each node trains in its own directory, as on machines with local disks; a crash at step 5

@@ -89,6 +89,7 @@ def _train(env: dict, flags: list[str], events: dict[str, callable]) -> tuple[in
     return code, "".join(lines)
 
 
+@pytest.mark.slow  # make test-all; CI writes to S3 (moto) through tests/test_redaction.py
 def test_store_lost_mid_run_then_back_then_resume_from_it_then_lost_for_good(store, tmp_path):
     gate, env = store
     out = "s3://runs/a"
