@@ -54,8 +54,8 @@ def test_readme_shows_what_the_default_run_prints(default_run):
     """The quick start's table and matrix are this run's output: the same lines, labels and layout,
     and the same numbers to within what the CPU changes. Bit for bit they depend on the vector unit
     (kernels for AVX2 and for AVX-512 sum in different orders, and 600 steps carry the difference
-    on), so a machine with another CPU may select another step and land a few points away; a wrong table, a swapped
-    matrix or a model that did not learn is much further off than that."""
+    on), so a machine with another CPU may select another step and land a few points away; a wrong
+    table, a swapped matrix or a model that did not learn is much further off than that."""
     _, proc = default_run
     readme = (REPO / "README.md").read_text()
     start = readme.index("synthetic / erm: test accuracy of the model selected at step ")
