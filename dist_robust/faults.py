@@ -9,10 +9,15 @@ SIGKILL in the middle of writing a checkpoint.
     DIST_ROBUST_KILL_IN_SAVE=step-00000006
                                        rank 0 is SIGKILLed after DeepSpeed wrote that tag's files,
                                        before its manifest and pointer
+    DIST_ROBUST_KILL_WORKER_AT_STEP=4:/tmp/marker
+                                       in a Ray Tune trial, the last rank is SIGKILLed once Ray Train
+                                       has committed step 4's checkpoint, once (the marker file
+                                       records that it happened, so the retried worker lives)
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -22,6 +27,9 @@ from dist_robust import distributed as D
 CRASH_ENV = "DIST_ROBUST_CRASH_AT_STEP"
 HANG_ENV = "DIST_ROBUST_HANG_AT_STEP"
 KILL_IN_SAVE_ENV = "DIST_ROBUST_KILL_IN_SAVE"
+KILL_WORKER_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
+
+log = logging.getLogger(__name__)
 
 
 def before_step(step: int) -> None:
@@ -40,4 +48,22 @@ def before_step(step: int) -> None:
 def inside_save(tag: str) -> None:
     """Called after DeepSpeed wrote ``tag``'s files and before the manifest is written."""
     if os.environ.get(KILL_IN_SAVE_ENV) == tag and D.is_main():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_ray_checkpoint(step: int) -> None:
+    """Called in a Ray Train worker after it reported the checkpoint of ``step``."""
+    spec = os.environ.get(KILL_WORKER_ENV)
+    if not spec or D.rank() != D.world_size() - 1:
+        return
+    at, _, marker = spec.partition(":")
+    if int(at) == step and not os.path.exists(marker):
+        import ray.train
+
+        # A report is only registered once the controller has polled it from every worker; without this
+        # wait a loaded machine can kill the worker first and the retry goes back further than `step`.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=300)
+        open(marker, "w").close()
+        log.warning("%s: killing this worker (rank %d) after step %d", KILL_WORKER_ENV, D.rank(), step)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -19,21 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 from typing import Any
 
 from dist_robust import distributed as D
+from dist_robust import faults
 from dist_robust.checkpointing import BEST, BEST_PREFIX, LATEST
 from dist_robust.config import RunConfig
 
 log = logging.getLogger(__name__)
 
 RESTORED = ".restored-from"  # names the Ray checkpoint a local checkpoints/ dir was rebuilt from
-# Fault injection for retry tests: "<step>:<marker file>" kills the last rank's process (SIGKILL) once the
-# Train controller has committed the checkpoint of that step, once: the marker file records that it happened.
-KILL_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -176,24 +173,7 @@ class RayReport:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
         if checkpoint_dir:
-            _maybe_kill(int(metrics["step"]))
-
-
-def _maybe_kill(step: int) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec or D.rank() != D.world_size() - 1:
-        return
-    at, _, marker = spec.partition(":")
-    if int(at) == step and not os.path.exists(marker):
-        import ray.train
-
-        # A report is only registered once the controller has polled it from every worker; without this
-        # wait a loaded machine can kill the worker first and the retry goes back further than `step`.
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
-                                               timeout_s=300)
-        open(marker, "w").close()
-        log.warning("%s: killing this worker (rank %d) after step %d", KILL_ENV, D.rank(), step)
-        os.kill(os.getpid(), signal.SIGKILL)
+            faults.after_ray_checkpoint(int(metrics["step"]))
 
 
 def restore_checkpoint(checkpoint, output_dir: str) -> None:
