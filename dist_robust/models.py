@@ -244,6 +244,31 @@ class zero3_context:
             self.handle = None
 
 
+def forget_zero3_module(module: torch.nn.Module) -> None:
+    """Drop what DeepSpeed's ZeRO-3 keeps of a destroyed engine's model at module level.
+
+    ``engine.destroy()`` removes ZeRO-3's hooks but leaves the model in two process-wide places
+    (DeepSpeed 0.19, issue deepspeedai/DeepSpeed#7204): the forward-module stack, to which every
+    ZeRO-3 engine pushes its top module for good, and an unbounded ``lru_cache`` on a method of
+    the parameter coordinator, keyed by submodule. Either keeps the whole model, its gradients
+    and optimizer states alive after the run. Clearing the cache only costs other live ZeRO-3
+    engines a recomputation of what it held. Where a later DeepSpeed moves these, nothing is done.
+    """
+    try:
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+    except ImportError:
+        return
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not module]
+    coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", None)
+    method = getattr(coordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    # The cache sits under DeepSpeed's nvtx decorator, which keeps it in its closure.
+    for cached in [method, *(c.cell_contents for c in getattr(method, "__closure__", None) or ())]:
+        if callable(getattr(cached, "cache_clear", None)):
+            cached.cache_clear()
+
+
 def word_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     """The token-embedding module whose *output* the objectives perturb."""
     return model.get_input_embeddings()

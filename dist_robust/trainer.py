@@ -31,8 +31,8 @@ from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
                                        to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
-from dist_robust.models import (align_word_embeddings, build_model, count_parameters, is_builtin, load_tokenizer, train_tokenizer,
-                                word_embeddings, zero3_context)
+from dist_robust.models import (align_word_embeddings, build_model, count_parameters, forget_zero3_module, is_builtin,
+                                load_tokenizer, train_tokenizer, word_embeddings, zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.outputs import final_metrics, write_outputs
 from dist_robust.redaction import redact_tree
@@ -103,26 +103,41 @@ def run(cfg: RunConfig, report=None) -> dict | None:
     saved, and once more with the final metrics (Ray Tune reports through it).
     """
     setup = _setup(cfg)
-    state = _resume(setup)
-    _start_tracking(setup, state)
     try:
-        if cfg.train.eval_only:
-            state.best_step = state.step  # evaluate the weights as they are
-        else:
-            _fit(setup, state, report)
-        results = _final_evaluation(setup, state)
-        if cfg.certify.method != "none":
-            results["certify"] = _certify(setup)
-        _save_outputs(setup, state, results)
-        if report is not None:
-            report(final_metrics(results, state.step), None)
-    except BaseException as err:  # a stop (Ctrl+C; SIGTERM, see cli.Stopped) is KILLED, the rest FAILED
-        setup.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
+        state = _resume(setup)
+        _start_tracking(setup, state)
+        try:
+            if cfg.train.eval_only:
+                state.best_step = state.step  # evaluate the weights as they are
+            else:
+                _fit(setup, state, report)
+            results = _final_evaluation(setup, state)
+            if cfg.certify.method != "none":
+                results["certify"] = _certify(setup)
+            _save_outputs(setup, state, results)
+            if report is not None:
+                report(final_metrics(results, state.step), None)
+        except BaseException as err:  # a stop (Ctrl+C; SIGTERM, see cli.Stopped) is KILLED, the rest FAILED
+            setup.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
     finally:
-        setup.zero3.close()
+        _release(setup)
     setup.tracker.finish()
     return results if D.is_main() else None
+
+
+def _release(setup: Setup) -> None:
+    """Give back what the run holds, so a later run in this process starts from nothing.
+
+    DeepSpeed's gradient hooks live on autograd's C++ nodes and point back at the engine: a
+    reference cycle Python's collector cannot see, so without ``destroy()`` every engine (its
+    model, gradients and optimizer states, on the host or the GPU) outlives its run.
+    """
+    setup.perturbation.remove()
+    setup.engine.destroy()
+    if setup.zero3.handle is not None:
+        forget_zero3_module(setup.engine.module)
+    setup.zero3.close()
 
 
 def _init_distributed(timeout_s: int) -> None:
