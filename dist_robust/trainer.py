@@ -71,6 +71,7 @@ class Setup:
     perturbation: EmbeddingPerturbation
     store: CheckpointStore
     zero3: zero3_context
+    clock: _StartupClock
     augmenter: SynonymAugmenter | None = None
     resume: ResumePoint | None = None
     tracker: Tracker = field(default_factory=NullTracker)
@@ -168,12 +169,24 @@ def seconds_since_launch() -> float:
 
 
 class _StartupClock:
-    """Where start-up time goes: the phases of setup, logged as one line."""
+    """Where start-up time goes: the phases of setup, logged as one line.
+
+    Counted from the process's launch for its first run (imports included), from the start of
+    the run for later runs in the same process (a notebook, the GPU check).
+    """
+
+    runs = 0  # runs this process has set up
 
     def __init__(self):
-        self.before = seconds_since_launch()  # interpreter, imports, CLI
+        first = _StartupClock.runs == 0
+        _StartupClock.runs += 1
+        self.since = "launch" if first else "the run started"
+        self.origin = time.time() - (seconds_since_launch() if first else 0.0)
+        self.phases: list[tuple[str, float]] = [("imports", self.elapsed())] if first else []  # and the CLI
         self.last = time.perf_counter()
-        self.phases: list[tuple[str, float]] = []
+
+    def elapsed(self) -> float:
+        return time.time() - self.origin
 
     def mark(self, name: str) -> None:
         now = time.perf_counter()
@@ -181,8 +194,8 @@ class _StartupClock:
         self.last = now
 
     def line(self) -> str:
-        parts = ", ".join(f"{name} {sec:.1f}" for name, sec in [("imports", self.before), *self.phases])
-        return f"start-up {seconds_since_launch():.1f} s since launch ({parts})"
+        parts = ", ".join(f"{name} {sec:.1f}" for name, sec in self.phases)
+        return f"start-up {self.elapsed():.1f} s since {self.since} ({parts})"
 
 
 def _setup(cfg: RunConfig) -> Setup:
@@ -229,7 +242,7 @@ def _setup(cfg: RunConfig) -> Setup:
              engine.zero_optimization_stage(), optimizer_name(engine), cfg.objective.name, len(train_set))
     perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
     return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
-                 perturbation, store, zero3, augmenter, resume)
+                 perturbation, store, zero3, clock, augmenter, resume)
 
 
 def optimizer_name(engine) -> str:
@@ -452,7 +465,8 @@ def _fit(setup: Setup, state: State, report) -> None:
             stats = _train_step(setup, state)
         elapsed = time.perf_counter() - t0
         if not times:
-            log.info("first step done %.1f s after launch (the step itself %.2f s)", seconds_since_launch(), elapsed)
+            log.info("first step done %.1f s after %s (the step itself %.2f s)", setup.clock.elapsed(),
+                     setup.clock.since, elapsed)
         times.append(elapsed)
         state.train_losses.append(stats["loss"])
         state.max_delta_norm = max(state.max_delta_norm, stats.get("delta_norm", 0.0))
