@@ -44,10 +44,17 @@ STEPS = 20
 FLAGS = ["--synthetic-train-size", "512", "--synthetic-eval-size", "16", "--micro-batch-size", "8",
          "--eval-batch-size", "64", "--max-length", "64", "--max-steps", str(STEPS), "--eval-steps", "0",
          "--save-steps", "0", "--no-generalized", "--no-export-model", "--no-progress", "--mlflow-uri", "none",
-         "--dropout", "0", "--lr", "1e-3", "--seed", "7", "--epsilon", str(EPSILON), "--alpha", "0.2",
+         "--dropout", "0", "--seed", "7", "--epsilon", str(EPSILON), "--alpha", "0.2",
          "--adv-steps", "2", "--sigma", "1.0", "--noise-samples", "2", "--noise-scale", "0.1",
          # the word-embedding gradient (dense, 250k rows for the XLM-R shapes) is part of what is checked
          "--no-freeze-embeddings"]
+
+
+# At lr 1e-3 xlmr-base-random's fp32 trajectory is chaotic: trained with 1 CPU thread instead of 2
+# (another summation order, nothing else), its step-20 ERM loss moved by 6.3e-4, growing about
+# tenfold every three steps, so any GPU would fail the 1e-3 tolerance by chance. At 1e-4 the same
+# comparison moved no step by more than 1.2e-7. tiny stays stable at 1e-3 (two CPUs: 2.4e-7).
+LR = {"tiny": "1e-3", "xlmr-base-random": "1e-4"}
 
 
 def ds_config(stage: int, precision: str, root: Path) -> str:
@@ -66,7 +73,7 @@ def train(model: str, tokenizer: str, config: str, objective: str, out: Path) ->
     from dist_robust.cli import train_main
 
     code = train_main(["--model", model, "--tokenizer", tokenizer, "--deepspeed", config, "--objective", objective,
-                       "--output-dir", str(out), *FLAGS])
+                       "--output-dir", str(out), *FLAGS, "--lr", LR.get(model, "1e-4")])
     if code:
         raise RuntimeError(f"training {model}/{objective} with {config} exited {code}")
     res = json.loads((out / "results.json").read_text())
