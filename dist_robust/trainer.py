@@ -134,11 +134,16 @@ def _release(setup: Setup) -> None:
     reference cycle Python's collector cannot see, so without ``destroy()`` every engine (its
     model, gradients and optimizer states, on the host or the GPU) outlives its run.
     """
-    setup.perturbation.remove()
-    setup.engine.destroy()
-    if setup.zero3.handle is not None:
-        forget_zero3_module(setup.engine.module)
-    setup.zero3.close()
+    try:
+        setup.perturbation.remove()
+        setup.engine.destroy()
+        if setup.zero3.handle is not None:
+            forget_zero3_module(setup.engine.module)
+    except Exception as e:  # never in place of the run's own error, or of its results
+        log.warning("the engine was not released (%s: %s); its memory stays taken until this process ends",
+                    type(e).__name__, e)
+    finally:
+        setup.zero3.close()
 
 
 def _init_distributed(timeout_s: int) -> None:
