@@ -264,6 +264,27 @@ def iter_fields():
             yield section, f
 
 
+def get_key(cfg: RunConfig, key: str) -> Any:
+    """The value of a dotted ``section.field`` key."""
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def set_key(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set a dotted key to an already typed value (a sampled one), kept in the field's type.
+
+    A search space gives ``3.0`` for an integer field and ``1`` for a float one; both are stored
+    as the field's own type, so an integer key stays an integer in the run and its logs.
+    """
+    section, name = key.split(".", 1)
+    kind = next(field_kind(f) for s, f in iter_fields() if s == section and f.name == name)
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    setattr(getattr(cfg, section), name, value)
+
+
 def flag_of(section: str, name: str) -> str:
     for s, f in iter_fields():
         if s == section and f.name == name:

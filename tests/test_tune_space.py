@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.tuning.space import SpaceError, load_space, set_key
+from dist_robust.tuning.space import SpaceError, load_space
 from dist_robust.tuning.trial import choose_segment
 from dist_robust.tuning.worker import RESTORED, assign_uploads, checkpoint_files, restore_checkpoint, stage_node_files
 from tests.launch import REPO
@@ -111,7 +111,7 @@ def test_smoke_shrinks_any_space_to_the_tiny_config():
 
 
 def test_set_key_keeps_field_types():
-    from dist_robust.config import RunConfig
+    from dist_robust.config import RunConfig, set_key
 
     cfg = RunConfig()
     set_key(cfg, "objective.adv_steps", 3.0)

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from dist_robust.argparsing import add_run_arguments, config_from_args
-from dist_robust.config import ConfigError, RunConfig, field_kind, iter_fields
+from dist_robust.config import ConfigError, RunConfig, field_kind, get_key, iter_fields, set_key
 from dist_robust.validation import validate
 from dist_robust.tuning.space_checks import LISTED_TYPES, check_options
 from dist_robust.tuning.spec import ParamSpec, SweepSpec
@@ -219,7 +219,7 @@ def _check_base(spec: SweepSpec) -> list[str]:
     base, workers = spec.base, spec.workers_per_trial
     defaults = RunConfig()
     p = [f"base sets {key}: the sweep sets it for every trial; remove it" for key in SWEEP_OWNED
-         if _get(base, key) != _get(defaults, key)]
+         if get_key(base, key) != get_key(defaults, key)]
     try:
         validate(base, workers)
     except ConfigError as e:
@@ -257,25 +257,9 @@ def extremes(param: ParamSpec) -> list[Any]:
     return [a["low"], high]
 
 
-def _get(cfg: RunConfig, key: str) -> Any:
-    section, name = key.split(".", 1)
-    return getattr(getattr(cfg, section), name)
-
-
-def set_key(cfg: RunConfig, key: str, value: Any) -> None:
-    """Set a dotted key to a sampled value, converted to the field's type (ints stay ints)."""
-    section, name = key.split(".", 1)
-    kind = next(field_kind(f) for s, f in iter_fields() if s == section and f.name == name)
-    if kind == "int" and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    setattr(getattr(cfg, section), name, value)
-
-
 def _absolute_paths(cfg: RunConfig) -> None:
     """Local paths in the base, made absolute: trials run in other working directories."""
     for key in PATH_FIELDS:
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         if isinstance(value, str) and "://" not in value and os.path.exists(value):
             set_key(cfg, key, os.path.abspath(value))

@@ -35,10 +35,9 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from dist_robust import storage
-from dist_robust.config import RunConfig
+from dist_robust.config import RunConfig, set_key
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.cleanup import RUN_KEY
-from dist_robust.tuning.space import set_key
 from dist_robust.tuning.spec import SweepSpec
 from dist_robust.tuning.worker import train_worker
 
