@@ -30,15 +30,29 @@ TRAIN_DESCRIPTION = """Fine-tune a multilingual encoder with a robust objective 
 Configuration, lowest to highest precedence: the defaults shown below, a run file (--config),
 section.key=value overrides, then these flags. Without a launcher the run is one process;
 under deepspeed, torchrun, Ray or MPI it joins the launcher's world."""
+EVAL_DESCRIPTION = """Evaluate a model without training: accuracy per language and the generalized matrix.
+
+    dist-robust eval --model runs/default/model --task xnli --data-dir DIR --languages en de fr
+
+Takes the options of `dist-robust train` (the model, task, data, languages and evaluation
+settings are the ones that matter here), with --eval-only --no-export-model added."""
+CERTIFY_DESCRIPTION = """Evaluate a model without training, then certify its smoothed classifier: Gaussian noise
+on the word embeddings (Cohen et al., 2019) or synonym substitution (SAFER, Ye et al., 2020).
+
+    dist-robust certify --model runs/gaussian/model --certify gaussian --sigma 0.1
+
+Takes every option of `dist-robust eval`; --certify defaults to gaussian."""
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
+               description: str = TRAIN_DESCRIPTION) -> int:
     """``train.py`` / ``dist-robust train``: validate, then train in this process.
 
     With ``--nproc-per-node N`` (and not already under a launcher) the validated command is
-    re-launched with N ranks through the ``deepspeed`` launcher.
+    re-launched with N ranks through the ``deepspeed`` launcher. ``eval`` and ``certify`` come
+    through here with their own ``prog`` and ``description`` (their help and errors name them).
     """
-    parser = Parser(prog="dist-robust train", description=TRAIN_DESCRIPTION, usage=RUN_USAGE)
+    parser = Parser(prog=prog, description=description, usage=RUN_USAGE)
     add_run_arguments(parser)
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                         help="Start N ranks with the deepspeed launcher on a free port (CPU: processes over gloo).")
@@ -145,7 +159,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     """``dist-robust eval --model DIR ...``: per-language and generalized accuracy, no training."""
     args = list(sys.argv[1:] if argv is None else argv)
     extra = [flag for flag in ("--eval-only", "--no-export-model") if flag not in args]
-    return train_main([*args, *extra])
+    return train_main([*args, *extra], prog="dist-robust eval", description=EVAL_DESCRIPTION)
 
 
 def certify_main(argv: list[str] | None = None) -> int:
@@ -153,7 +167,8 @@ def certify_main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--certify" or a.startswith("--certify=") or a.startswith("certify.method=") for a in args):
         args += ["--certify", "gaussian"]
-    return eval_main(args)
+    extra = [flag for flag in ("--eval-only", "--no-export-model") if flag not in args]
+    return train_main([*args, *extra], prog="dist-robust certify", description=CERTIFY_DESCRIPTION)
 
 
 def augment_main(argv: list[str] | None = None) -> int:

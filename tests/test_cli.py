@@ -100,6 +100,21 @@ def test_help_is_plain_text_without_contradicting_defaults(capsys):
     assert "(default: 600)" in " ".join(text.split())  # --max-steps still says its default
 
 
+@pytest.mark.parametrize("command", ["eval", "certify"])
+def test_eval_and_certify_name_themselves_in_help_and_errors(command, capsys):
+    from dist_robust.cli import certify_main, eval_main
+
+    main = {"eval": eval_main, "certify": certify_main}[command]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == f"usage: dist-robust {command} [options] [section.key=value ...]"
+    assert "Fine-tune" not in text and "without training" in text
+    with pytest.raises(SystemExit):
+        main(["--epsilonn", "0.1"])
+    assert f"dist-robust {command}: error: unrecognized arguments: --epsilonn" in capsys.readouterr().err
+
+
 def test_nproc_per_node_relaunches_on_a_free_port():
     cmd = relaunch_command(2, ["--objective", "pgd"], 41234)
     assert cmd[1:] == ["--num_gpus", "2", "--master_port", "41234", "--no_local_rank", "--module", "dist_robust.cli",
