@@ -103,8 +103,12 @@ def format_certify(certify: dict) -> str:
 
 def print_report(results: dict) -> None:
     """The per-language table and the generalized matrix, on stdout."""
-    print(f"\n{results['task']} / {results['objective']}: {results['eval_split']} accuracy of the model "
-          f"selected at step {results['best_step']}")
+    cfg = results.get("config") or {}
+    if cfg.get("train", {}).get("eval_only") and not results["best_step"]:  # `dist-robust eval` of a model
+        print(f"\n{results['task']}: {results['eval_split']} accuracy of {cfg['model']['name']} as loaded")
+    else:
+        print(f"\n{results['task']} / {results['objective']}: {results['eval_split']} accuracy of the model "
+              f"selected at step {results['best_step']}")
     summary = {k: results[k] for k in ("standard_avg", "all_avg", "generalized_avg") if k in results}
     print(E.format_table(results["per_language"], summary))
     if results["generalized"]:

@@ -208,7 +208,7 @@ def _setup(cfg: RunConfig) -> Setup:
 
     clock = _StartupClock()
     validate(cfg, D.world_size())
-    data = get_task(cfg.data)  # data errors (bad rows, leakage) surface before any process group
+    data = get_task(cfg.data, train=not cfg.train.eval_only)  # data errors (bad rows, leakage) surface before any process group
     _check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed, data.synonyms)
     clock.mark("data")
@@ -226,7 +226,8 @@ def _setup(cfg: RunConfig) -> Setup:
     tokenizer = _tokenizer(cfg, data, store)
     collator = Collator(tokenizer)
     clock.mark("tokenizer")
-    train_set = encode_cached(data.train, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
+    train_set = encode_cached([] if cfg.train.eval_only else data.train, tokenizer, cfg.model.max_length,
+                              cfg.data.cache_dir)  # collective under a cache_dir: every rank calls it
     dev = E.prepare(data.dev, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
     clock.mark("encoding")
     zero3 = zero3_context(ds)
@@ -378,7 +379,7 @@ def _resume(setup: Setup) -> State:
     client_state = load_tag(setup.engine, point.local_root, point.tag, point.layout)
     state = State(**client_state["dist_robust"])
     old_world = point.layout["world_size"] if point.layout else D.world_size()
-    if old_world != D.world_size():
+    if old_world != D.world_size() and not setup.cfg.train.eval_only:  # (evaluation reads no training data)
         n, micro = len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"]
         state.batch_index, repeated = continue_batch_index(n, micro, old_world, D.world_size(), state.batch_index)
         if repeated:

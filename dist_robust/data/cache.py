@@ -35,6 +35,8 @@ def encode_cached(examples: list[PairExample], tokenizer: Any, max_length: int,
     """
     import datasets
 
+    if not examples:  # (an evaluation-only run's training set) datasets.map would give no columns
+        return Encoded([], [], None)
     ds = _as_dataset(examples)
     key = cache_key(ds._fingerprint, tokenizer, max_length)
     kwargs = dict(function=_tokenize, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},

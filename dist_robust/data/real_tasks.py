@@ -3,7 +3,8 @@
 Files come from ``--data-dir`` (a local directory or any fsspec URL; see
 :mod:`dist_robust.data.layout`) or, without it, from the hub (:mod:`dist_robust.data.hub`).
 English training data is ``--train-file`` when given, else the data directory's (or the
-hub's) ``{source language}/train`` split.
+hub's) ``{source language}/train`` split; an evaluation-only run (``dist-robust eval``) reads
+none unless ``--train-file`` names it.
 
 Which split is reported at the end. ``dev`` is read for every evaluation language and
 selects checkpoints. ``test`` is filled only when *every* evaluation language has a
@@ -52,14 +53,14 @@ XNLI = TaskSpec("xnli", XNLI_LABELS, ("en", "fr", "es", "de", "el", "bg", "ru", 
                                       "hi", "sw", "ur"))
 
 
-def pawsx(cfg: DataConfig) -> TaskData:
+def pawsx(cfg: DataConfig, train: bool = True) -> TaskData:
     """PAWS-X paraphrase identification (labels 0 / 1), 7 languages. See the module doc for splits."""
-    return build(PAWSX, cfg)
+    return build(PAWSX, cfg, train)
 
 
-def xnli(cfg: DataConfig) -> TaskData:
+def xnli(cfg: DataConfig, train: bool = True) -> TaskData:
     """XNLI (entailment / neutral / contradiction), 15 languages. See the module doc for splits."""
-    return build(XNLI, cfg)
+    return build(XNLI, cfg, train)
 
 
 class _Source:
@@ -115,13 +116,20 @@ def evaluation_languages(spec: TaskSpec, cfg: DataConfig) -> list[str]:
     return langs
 
 
-def build(spec: TaskSpec, cfg: DataConfig) -> TaskData:
-    """Training pairs, dev (and maybe test) sets per language, checked for leakage."""
+def build(spec: TaskSpec, cfg: DataConfig, train_needed: bool = True) -> TaskData:
+    """Training pairs, dev (and maybe test) sets per language, checked for leakage.
+
+    ``train_needed=False`` (evaluation only): no training split is read unless ``--train-file``
+    names one, which then still decides the test-split rule and the leakage check.
+    """
     langs = evaluation_languages(spec, cfg)
     source = _Source(spec, cfg)
     # Hub downloads go to one shared cache: let one rank per node fill it first.
     with D.main_first(local=True) if source.root is None else nullcontext():
-        train = _read_train(spec, cfg, source)
+        if train_needed or cfg.train_file:
+            train = _read_train(spec, cfg, source)
+        else:
+            train = ReadResult("", [])
         dev = {lang: source.read(lang, "dev") for lang in langs}
         test = _test_sets(source, langs, train.uri)
     src = cfg.source_language
@@ -129,7 +137,7 @@ def build(spec: TaskSpec, cfg: DataConfig) -> TaskData:
     if test:
         references[test[src].uri] = test[src].examples
     check_leakage(train.examples, train.uri, references, cfg.allow_leakage)
-    parts = {"train": train, **{f"dev.{k}": v for k, v in dev.items()}, **{f"test.{k}": v for k, v in test.items()}}
+    parts = {**({"train": train} if train.uri else {}), **{f"dev.{k}": v for k, v in dev.items()}, **{f"test.{k}": v for k, v in test.items()}}
     return TaskData(spec.name, spec.labels.names, train.examples,
                     {lang: r.examples for lang, r in dev.items()},
                     {lang: r.examples for lang, r in test.items()},
@@ -154,7 +162,7 @@ def _test_sets(source: _Source, langs: list[str], train_uri: str) -> dict[str, R
     located = {lang: source.locate(lang, "test") for lang in langs}
     missing = [lang for lang, uri in located.items() if uri is None]
     src_test = located.get(source.cfg.source_language)
-    if src_test is not None and source.root is not None and \
+    if src_test is not None and source.root is not None and train_uri and \
             storage.canonical(src_test) == storage.canonical(train_uri):
         log.info("the training file is the %s test split: test is not evaluated, reporting dev", src_test)
         return {}

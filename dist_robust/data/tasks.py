@@ -12,7 +12,7 @@ from dist_robust.data.taskdata import TaskData
 __all__ = ["TASK_BUILDERS", "TaskData", "get_task"]
 
 
-def _synthetic(cfg: DataConfig) -> TaskData:
+def _synthetic(cfg: DataConfig, train: bool = True) -> TaskData:  # generated either way: it costs nothing
     langs = tuple(cfg.languages) or synthetic.LANGUAGES
     if cfg.source_language not in langs:
         langs = (cfg.source_language, *langs)
@@ -25,7 +25,8 @@ def _synthetic(cfg: DataConfig) -> TaskData:
                     synonyms=world.neighbors())
 
 
-TASK_BUILDERS: dict[str, Callable[[DataConfig], TaskData]] = {
+# (config, whether the training split is needed) -> the task's data
+TASK_BUILDERS: dict[str, Callable[[DataConfig, bool], TaskData]] = {
     "synthetic": _synthetic,
     "pawsx": pawsx,
     "xnli": xnli,
@@ -47,8 +48,12 @@ def task_num_labels(task: str) -> int | None:
             "xnli": len(XNLI_LABELS.names)}.get(task)
 
 
-def get_task(cfg: DataConfig) -> TaskData:
-    """Build the configured task, trimmed to the configured sizes."""
+def get_task(cfg: DataConfig, train: bool = True) -> TaskData:
+    """Build the configured task, trimmed to the configured sizes.
+
+    ``train=False`` (evaluation only): a real task reads no training split unless
+    ``--train-file`` names one.
+    """
     if cfg.task not in TASK_BUILDERS:
         raise ValueError(f"unknown task {cfg.task!r}; available: {', '.join(sorted(TASK_BUILDERS))}")
     known = task_languages(cfg.task)
@@ -58,7 +63,7 @@ def get_task(cfg: DataConfig) -> TaskData:
             "data.source_language (--source-language)"
         raise ConfigError([f"{key} = {' '.join(unknown)}: {cfg.task} has no such language; accepted: "
                            f"{' '.join(known)}"])
-    data = TASK_BUILDERS[cfg.task](cfg)
+    data = TASK_BUILDERS[cfg.task](cfg, train)
     if cfg.max_train_examples is not None:
         data.train = data.train[: cfg.max_train_examples]
     if cfg.max_eval_examples is not None:
