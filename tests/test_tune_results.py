@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_robust.tuning.cli import _print_summary, best_row, trial_record, trial_table
+from dist_robust.tuning.summary import best_row, print_summary, trial_record, trial_table
 from dist_robust.tuning.space import parse_space
 
 # per epsilon: the dev accuracies a trial reports, whether it reaches its final evaluation, whether it then fails
@@ -75,7 +75,7 @@ def test_a_sweep_where_no_trial_finished(grid):
 def test_printed_summary(grid, capsys):
     spec = _spec()
     table = trial_table(grid["all"], spec)
-    _print_summary(table, best_row(table, spec), spec)
+    print_summary(table, best_row(table, spec), spec)
     out, err = capsys.readouterr()
     assert "stopped_early" in out and "finished" in out and "objective.epsilon" in out
     assert "best trial" in out and '{"objective.epsilon": 0.1}' in out and "MLflow run r1" in out

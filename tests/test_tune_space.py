@@ -268,7 +268,7 @@ def test_target_language_selection_is_refused_unless_asked_for(tmp_path, metric)
 def test_not_zero_shot_selection_is_labelled_in_summary_and_mlflow(tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from dist_robust.tuning.cli import _print_summary
+    from dist_robust.tuning.summary import print_summary
     from dist_robust.tuning.sweep_runs import start_parent
 
     spec = load_space(_space(tmp_path, GOOD + "metric: dev_standard_avg\nzero_shot: false\n"))
@@ -276,7 +276,7 @@ def test_not_zero_shot_selection_is_labelled_in_summary_and_mlflow(tmp_path, cap
 
     table = pd.DataFrame([{"trial_id": "t1", "status": "finished", "step": 6, "config/objective.epsilon": 0.1,
                            "dev_standard_avg": 0.5, "error": None}])
-    _print_summary(table, table.iloc[0], spec)
+    print_summary(table, table.iloc[0], spec)
     assert "selection: NOT zero-shot (dev_standard_avg: target-language dev labels)" in capsys.readouterr().out
     uri = f"sqlite:///{tmp_path}/m.db"
     tags = MlflowClient(uri).get_run(start_parent(uri, "sweeps", spec).parent_run_id).data.tags

@@ -11,7 +11,8 @@
   worker (restore, each node's share of a checkpoint's files);
 * ``sweep_runs``: MLflow parent and child runs; ``cleanup``: what Tune leaves behind when it
   stops a trial (placement groups without a dashboard, RUNNING MLflow runs);
-* ``console``: trial events on the terminal, Ray's own output to files; ``cli``: the command.
+* ``console``: trial events on the terminal, Ray's own output to files; ``summary``: the
+  finished sweep's table of trials and its best trial; ``cli``: the command.
 """
 
 from dist_robust.tuning.cli import tune_main
