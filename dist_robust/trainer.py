@@ -208,7 +208,8 @@ def _setup(cfg: RunConfig) -> Setup:
 
     clock = _StartupClock()
     validate(cfg, D.world_size())
-    data = get_task(cfg.data, train=not cfg.train.eval_only)  # data errors (bad rows, leakage) surface before any process group
+    # Data errors (bad rows, leakage) surface before any process group.
+    data = get_task(cfg.data, train=not cfg.train.eval_only)
     _check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed, data.synonyms)
     clock.mark("data")

@@ -137,7 +137,8 @@ def build(spec: TaskSpec, cfg: DataConfig, train_needed: bool = True) -> TaskDat
     if test:
         references[test[src].uri] = test[src].examples
     check_leakage(train.examples, train.uri, references, cfg.allow_leakage)
-    parts = {**({"train": train} if train.uri else {}), **{f"dev.{k}": v for k, v in dev.items()}, **{f"test.{k}": v for k, v in test.items()}}
+    parts = {**({"train": train} if train.uri else {}), **{f"dev.{k}": v for k, v in dev.items()},
+             **{f"test.{k}": v for k, v in test.items()}}
     return TaskData(spec.name, spec.labels.names, train.examples,
                     {lang: r.examples for lang, r in dev.items()},
                     {lang: r.examples for lang, r in test.items()},
