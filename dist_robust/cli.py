@@ -157,9 +157,13 @@ def config_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``dist-robust eval --model DIR ...``: per-language and generalized accuracy, no training."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    return _evaluate_only(list(sys.argv[1:] if argv is None else argv), "dist-robust eval", EVAL_DESCRIPTION)
+
+
+def _evaluate_only(args: list[str], prog: str, description: str) -> int:
+    """``train_main`` with --eval-only --no-export-model added, under the calling command's name."""
     extra = [flag for flag in ("--eval-only", "--no-export-model") if flag not in args]
-    return train_main([*args, *extra], prog="dist-robust eval", description=EVAL_DESCRIPTION)
+    return train_main([*args, *extra], prog=prog, description=description)
 
 
 def certify_main(argv: list[str] | None = None) -> int:
@@ -167,8 +171,7 @@ def certify_main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--certify" or a.startswith("--certify=") or a.startswith("certify.method=") for a in args):
         args += ["--certify", "gaussian"]
-    extra = [flag for flag in ("--eval-only", "--no-export-model") if flag not in args]
-    return train_main([*args, *extra], prog="dist-robust certify", description=CERTIFY_DESCRIPTION)
+    return _evaluate_only(args, "dist-robust certify", CERTIFY_DESCRIPTION)
 
 
 def augment_main(argv: list[str] | None = None) -> int:
