@@ -14,6 +14,11 @@ selected checkpoints (ties: the smaller value, the least departure from ERM). No
 language and no test set is looked at, so the comparison stays zero-shot. The choice is
 written to ``selection.json`` and used by every method that has the hyperparameter.
 
+With ``--extra-languages``, each run's exported model is then evaluated on more languages, per
+language only (the generalized matrix grows with the square of the languages), together with
+the source language, whose accuracy must repeat the run's own: a check that the exported model
+is the one that was evaluated. These runs are tagged ``phase=extra`` and summarised apart.
+
 Resumable: a run whose ``results.json`` exists is skipped, an interrupted one continues from
 its last checkpoint (``--resume auto``), and ``selection.json`` is reused. At the end the
 experiment is summarised by ``dist-robust compare`` (mean +- std per language, the averages,
@@ -90,6 +95,7 @@ class Runner:
         self.args, self.extra = args, extra
         self.done = 0
         self.seconds: dict[str, list[float]] = {}  # wall time of the runs trained here, by method
+        self.extra_seconds: list[float] = []  # wall time of the --extra-languages evaluations made here
 
     def finished(self, label: str, seed: int) -> bool:
         return storage.exists(storage.join(self.args.output_root, f"{label}-s{seed}", "results.json"))
@@ -108,27 +114,55 @@ class Runner:
             return self.results(label, seed)
         cmd = [sys.executable, "-m", "dist_robust.cli", "train", *flags, "--seed", str(seed), "--output-dir", out,
                "--resume", "auto", "--experiment", self.args.experiment, "--run-name", f"{label} s{seed}",
-               "--tags", f"method={label}", f"phase={phase}", "--no-progress", *self.extra]
-        if self.args.nproc_per_node:
-            cmd += ["--nproc-per-node", str(self.args.nproc_per_node)]
-        if self.args.mlflow_uri:
-            cmd += ["--mlflow-uri", self.args.mlflow_uri]
+               "--tags", f"method={label}", f"phase={phase}", "--no-progress", *self.extra, *self._launch_flags()]
         print(f"{prefix}: {' '.join(cmd[3:])}", flush=True)
         start = time.monotonic()
-        log_path = os.path.join(self.args.log_dir, f"{label}-s{seed}.log")
-        with open(log_path, "a") as log:  # a resumed run's log keeps what its earlier launches wrote
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} dist-robust {' '.join(cmd[3:])}\n")
-            log.flush()
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if code != 0:
-            raise RuntimeError(f"{label} seed {seed} failed (exit {code}); its log: {log_path}. Rerunning the "
-                               "same command continues from its last checkpoint")
+        self._call(cmd, f"{label}-s{seed}", f"{label} seed {seed}")
         result = self.results(label, seed)
         seconds = time.monotonic() - start
         self.seconds.setdefault(method or label, []).append(seconds)
         print(f"{prefix}: {seconds:.0f} s, {self.args.source_language} dev "
               f"{100 * result['best_dev_source_acc']:.2f}{self.time_left(after)}", flush=True)
         return result
+
+    def evaluate_more(self, label: str, seed: int, languages: list[str]) -> None:
+        """Evaluate one run's exported model on ``languages`` (per language, plus the source again); kept if done."""
+        out = storage.join(self.args.output_root, "extra", f"{label}-s{seed}")
+        if storage.exists(storage.join(out, "results.json")):
+            return
+        run = self.results(label, seed)
+        if not run.get("model_uri"):
+            raise RuntimeError(f"{label} seed {seed} exported no model (was --no-export-model given?): "
+                               "--extra-languages evaluates each run's exported model")
+        source = self.args.source_language
+        cmd = [sys.executable, "-m", "dist_robust.cli", "eval", *self.extra, "--model", run["model_uri"],
+               "--languages", source, *(lang for lang in languages if lang != source), "--no-generalized",
+               "--eval-split", run["eval_split"], "--seed", str(seed), "--output-dir", out,
+               "--experiment", self.args.experiment, "--run-name", f"{label} s{seed} extra",
+               "--tags", f"method={label}", "phase=extra", "--no-progress", *self._launch_flags()]
+        start = time.monotonic()
+        self._call(cmd, f"{label}-s{seed}-extra", f"{label} seed {seed}, --extra-languages")
+        self.extra_seconds.append(time.monotonic() - start)
+        acc = json.loads(storage.read_text(storage.join(out, "results.json")))["per_language"]
+        again, own = acc[source], run["per_language"][source]
+        check = "as the run's own" if abs(again - own) < 5e-4 else f"the run's own was {100 * own:.2f}: CHECK"
+        print("    " + ", ".join(f"{lang} {100 * a:.2f}" for lang, a in acc.items() if lang != source)
+              + f" ({source} {100 * again:.2f}, {check})", flush=True)
+
+    def _launch_flags(self) -> list[str]:
+        flags = ["--nproc-per-node", str(self.args.nproc_per_node)] if self.args.nproc_per_node else []
+        return flags + (["--mlflow-uri", self.args.mlflow_uri] if self.args.mlflow_uri else [])
+
+    def _call(self, cmd: list[str], log_name: str, what: str) -> None:
+        """Run one ``dist-robust`` command, its output appended to ``logs/<log_name>.log``."""
+        log_path = os.path.join(self.args.log_dir, f"{log_name}.log")
+        with open(log_path, "a") as log:  # a resumed run's log keeps what its earlier launches wrote
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} dist-robust {' '.join(cmd[3:])}\n")
+            log.flush()
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise RuntimeError(f"{what} failed (exit {code}); its log: {log_path}. Rerunning the same command "
+                               "continues where it stopped (a training run from its last checkpoint)")
 
     def time_left(self, after: list[tuple[str, int, str]]) -> str:
         """``; about 2.3 h left (7 run(s))``: each run to come at its method's mean time so far (else all runs')."""
@@ -137,6 +171,7 @@ class Runner:
             return ""
         every = [s for times in self.seconds.values() for s in times]
         left = sum(statistics.fmean(self.seconds.get(method) or every) for method in todo)
+        left += len(todo) * (statistics.fmean(self.extra_seconds) if self.extra_seconds else 0.0)
         return f"; about {duration(left)} left ({len(todo)} run(s))"
 
 
@@ -191,6 +226,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None, help="Tracking URI (default: as dist-robust train).")
     p.add_argument("--source-language", default="en", help="Language whose dev accuracy selects (as in training).")
     p.add_argument("--plot-dir", default=None, help="Also write the comparison plots here.")
+    p.add_argument("--extra-languages", nargs="+", default=[], metavar="LANG",
+                   help="Also evaluate every run's exported model on these languages, per language only "
+                        "(no generalized matrix), tagged phase=extra and summarised apart; e.g. tr vi sw.")
     return p
 
 
@@ -217,6 +255,8 @@ def experiment_main(argv: list[str] | None = None) -> int:
         runner.done = 0
         for i, (method, seed, _) in enumerate(plan):
             runner.train(method, seed, run_flags(method, chosen), len(plan), method=method, after=plan[i + 1:])
+            if args.extra_languages:
+                runner.evaluate_more(method, seed, args.extra_languages)
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -224,14 +264,16 @@ def experiment_main(argv: list[str] | None = None) -> int:
           f"{(time.monotonic() - start) / 60:.1f} min", flush=True)
     from dist_robust.compare import compare_main
 
-    compare = ["--experiment", args.experiment, "--filter", "tags.phase = 'main'", "--group-by", "tags.method"]
-    if "erm" in args.methods:
-        compare += ["--baseline", "erm", "--paired"]
-    else:
+    def summary(phase: str) -> list[str]:
+        flags = ["--experiment", args.experiment, "--filter", f"tags.phase = '{phase}'", "--group-by", "tags.method"]
+        flags += ["--baseline", "erm", "--paired"] if "erm" in args.methods else []
+        return flags + (["--mlflow-uri", args.mlflow_uri] if args.mlflow_uri else [])
+
+    if "erm" not in args.methods:
         print("no erm among --methods: the summary has no baseline (add erm to pair the methods against it; "
               "finished runs are kept)", flush=True)
-    if args.mlflow_uri:
-        compare += ["--mlflow-uri", args.mlflow_uri]
-    if args.plot_dir:
-        compare += ["--plot-dir", args.plot_dir]
-    return compare_main(compare)
+    code = compare_main(summary("main") + (["--plot-dir", args.plot_dir] if args.plot_dir else []))
+    if args.extra_languages:
+        print(f"\n--extra-languages ({', '.join(args.extra_languages)}), per language:", flush=True)
+        code = compare_main(summary("extra")) or code
+    return code

@@ -123,3 +123,35 @@ def test_progress_lines_wait_for_the_interval_then_average_the_window(caplog):
             lines.step(step, loss, elapsed=0.5 * step)
     assert [r.getMessage() for r in caplog.records] == [  # only the last step, within the hour
         "step 4/4: loss 3.0000 (mean of 4 step(s)), 1.25 s/step, about 0 s left"]
+
+
+def test_extra_languages_evaluate_each_exported_model_and_repeat_its_source_accuracy(tmp_path):
+    """--extra-languages: every run's exported model, reloaded in a new process, on more languages.
+
+    The source language is evaluated again from the export: it must give the run's own accuracy,
+    which a wrong model, tokenizer, split or data seed would not.
+    """
+    root, uri = tmp_path / "runs", f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "dist_robust.cli", "experiment", "--experiment", "more", "--methods", "erm",
+           "--seeds", "3", "--extra-languages", "fr", "zh", "--output-root", str(root), "--mlflow-uri", uri,
+           "--", *TINY, "--languages", "en", "de", "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2",
+           "--log-interval", "0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    run, extra = results(root / "erm-s3"), results(root / "extra" / "erm-s3")
+    assert list(run["per_language"]) == ["en", "de"] and list(extra["per_language"]) == ["en", "fr", "zh"]
+    assert extra["per_language"]["en"] == run["per_language"]["en"]
+    assert extra["eval_split"] == run["eval_split"] and not extra["generalized"]
+    assert (extra["config"]["train"]["seed"], extra["config"]["model"]["name"]) == (3, run["model_uri"])
+    assert re.search(r"\n    fr [\d.]+, zh [\d.]+ \(en [\d.]+, as the run's own\)\n", first.stdout), first.stdout
+    assert "--extra-languages (fr, zh), per language:" in first.stdout
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("more").experiment_id])
+    assert sorted((r.data.tags["method"], r.data.tags["phase"]) for r in runs) == [("erm", "extra"), ("erm", "main")]
+
+    # Done evaluations are kept, like done runs.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (root / "logs" / "erm-s3-extra.log").read_text().count("=== ") == 1
