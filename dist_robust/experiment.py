@@ -145,7 +145,8 @@ class Runner:
         self.extra_seconds.append(time.monotonic() - start)
         acc = json.loads(storage.read_text(storage.join(out, "results.json")))["per_language"]
         again, own = acc[source], run["per_language"][source]
-        check = "as the run's own" if abs(again - own) < 5e-4 else f"the run's own was {100 * own:.2f}: CHECK"
+        check = ("as the run's own" if abs(again - own) < 5e-4 else
+                 f"NOT the run's own {100 * own:.2f}: the exported model, data or split differ from the run's")
         print("    " + ", ".join(f"{lang} {100 * a:.2f}" for lang, a in acc.items() if lang != source)
               + f" ({source} {100 * again:.2f}, {check})", flush=True)
 
@@ -239,6 +240,9 @@ def experiment_main(argv: list[str] | None = None) -> int:
     args.output_root = args.output_root or os.path.join("runs", args.experiment)
     try:
         grid = parse_select(args.select)
+        if args.extra_languages and "--no-export-model" in extra:
+            raise ValueError("--extra-languages evaluates every run's exported model: drop --no-export-model "
+                             "from the training options")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

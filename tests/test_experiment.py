@@ -31,6 +31,16 @@ def test_select_specs_and_their_errors():
         parse_select(["sigma=small"])
 
 
+def test_extra_languages_without_an_exported_model_fail_before_any_run(tmp_path, capsys):
+    from dist_robust.experiment import experiment_main
+
+    argv = ["--experiment", "x", "--output-root", str(tmp_path / "runs"), "--extra-languages", "fr", "--",
+            "--no-export-model"]
+    assert experiment_main(argv) == 2
+    assert "--extra-languages evaluates every run's exported model: drop --no-export-model" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_chosen_values_go_to_every_method_that_has_them():
     chosen = {"epsilon": 0.2, "sigma": 0.05, "synonym_prob": 0.5}
     assert run_flags("erm", chosen) == ["--objective", "erm"]
