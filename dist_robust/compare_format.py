@@ -81,8 +81,16 @@ def _text_grid(table: Table, plus_minus: str) -> list[list[str]]:
     return grid
 
 
-PAIRED_NOTE = ("paired by seed against the baseline, in points: mean difference [95% t interval] seeds won/paired "
-               "p=Wilcoxon signed-rank (two-sided; with 5 seeds it cannot go below 0.0625)")
+def paired_note(table: Table) -> str:
+    """The paired table's legend, with the smallest Wilcoxon p its number of seeds allows.
+
+    The exact two-sided signed-rank test over n nonzero pairs cannot go below 2 / 2**n: all
+    signs alike is the most extreme of the 2**n equally likely sign patterns, on either side.
+    """
+    n = max((p.n for cells in table.paired.values() for p in cells.values() if p is not None), default=0)
+    floor = f"; with {n} seeds it cannot go below {2 / 2 ** n:.4g}" if n > 1 else ""
+    return ("paired by seed against the baseline, in points: mean difference [95% t interval] seeds won/paired "
+            f"p=Wilcoxon signed-rank (two-sided{floor})")
 
 
 def _paired_grid(table: Table) -> list[list[str]]:
@@ -109,7 +117,7 @@ def to_text(table: Table) -> str:
     """An aligned plain-ASCII table for the terminal, with its title and footnotes."""
     lines = [title(table), "", *_aligned(_text_grid(table, "+-"))]
     if table.paired:
-        lines += ["", PAIRED_NOTE, "", *_aligned(_paired_grid(table))]
+        lines += ["", paired_note(table), "", *_aligned(_paired_grid(table))]
     return "\n".join(lines + [""] + notes(table)).rstrip() + "\n"
 
 
@@ -122,7 +130,7 @@ def to_markdown(table: Table) -> str:
     lines += ["| " + " | ".join(line) + " |" for line in esc[1:]]
     if table.paired:
         grid = _paired_grid(table)
-        lines += ["", PAIRED_NOTE, "", "| " + " | ".join(grid[0]) + " |",
+        lines += ["", paired_note(table), "", "| " + " | ".join(grid[0]) + " |",
                   "|" + "|".join([":---"] + ["---:"] * (len(grid[0]) - 1)) + "|"]
         lines += ["| " + " | ".join(line) + " |" for line in grid[1:]]
     foot = notes(table)

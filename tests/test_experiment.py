@@ -62,6 +62,17 @@ def test_paired_statistics_against_closed_forms():
     assert one.low is None and one.p is None and one.wins == 1
 
 
+def test_the_paired_legend_states_the_smallest_p_its_seeds_allow():
+    from dist_robust.compare_format import paired_note
+    from dist_robust.compare_table import Table
+
+    for n in (3, 5):
+        diffs = [0.01 * (k + 1) for k in range(n)]  # every seed won: the most extreme sign pattern
+        table = Table("e", ["standard_avg"], [], [], paired={"pgd": {"standard_avg": paired(diffs)}})
+        assert f"with {n} seeds it cannot go below {paired(diffs).p:.4g})" in paired_note(table)
+    assert paired_note(Table("e", [], [], [], paired={"pgd": {"x": paired([0.01])}})).endswith("(two-sided)")
+
+
 class _Run:
     def __init__(self, seed, acc):
         self.params, self.metrics = {"train.seed": str(seed)}, {"acc.de": acc}
