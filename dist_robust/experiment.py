@@ -125,12 +125,12 @@ class Runner:
               f"{100 * result['best_dev_source_acc']:.2f}{self.time_left(after)}", flush=True)
         return result
 
-    def evaluate_more(self, label: str, seed: int, languages: list[str]) -> None:
-        """Evaluate one run's exported model on ``languages`` (per language, plus the source again); kept if done."""
+    def evaluate_more(self, label: str, seed: int, run: dict, languages: list[str]) -> None:
+        """Evaluate a run's exported model (``run``: its results) on ``languages``, per language, plus the
+        source again; kept if done."""
         out = storage.join(self.args.output_root, "extra", f"{label}-s{seed}")
         if storage.exists(storage.join(out, "results.json")):
             return
-        run = self.results(label, seed)
         if not run.get("model_uri"):
             raise RuntimeError(f"{label} seed {seed} exported no model (was --no-export-model given?): "
                                "--extra-languages evaluates each run's exported model")
@@ -258,9 +258,9 @@ def experiment_main(argv: list[str] | None = None) -> int:
         chosen = select(runner, grid, args.select_seeds, plan)
         runner.done = 0
         for i, (method, seed, _) in enumerate(plan):
-            runner.train(method, seed, run_flags(method, chosen), len(plan), method=method, after=plan[i + 1:])
+            run = runner.train(method, seed, run_flags(method, chosen), len(plan), method=method, after=plan[i + 1:])
             if args.extra_languages:
-                runner.evaluate_more(method, seed, args.extra_languages)
+                runner.evaluate_more(method, seed, run, args.extra_languages)
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
