@@ -34,6 +34,7 @@ from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (align_word_embeddings, build_model, count_parameters, forget_zero3_module, is_builtin,
                                 load_tokenizer, train_tokenizer, word_embeddings, zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
+from dist_robust.objectives.smart import precision_caveat
 from dist_robust.outputs import final_metrics, write_outputs
 from dist_robust.redaction import redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
@@ -248,7 +249,11 @@ def _setup(cfg: RunConfig) -> Setup:
              cfg.model.name, count_parameters(engine.module) / 1e6, D.world_size(),
              engine.zero_optimization_stage(), optimizer_name(engine), cfg.objective.name, len(train_set))
     perturbation = EmbeddingPerturbation(word_embeddings(engine.module))
-    return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, build_objective(cfg.objective),
+    objective = build_objective(cfg.objective)
+    caveat = precision_caveat(objective, ds)
+    if caveat and D.is_main():
+        log.warning(caveat)
+    return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, objective,
                  perturbation, store, zero3, clock, augmenter, resume)
 
 

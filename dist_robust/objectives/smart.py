@@ -11,6 +11,15 @@ from dist_robust.objectives import ball
 from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, draw, logits_of
 
 
+# Measured with bench/precision_probe.py (docs/benchmarks.md, "Half precision at the same parameters").
+BF16_CAVEAT = (
+    "smart in bf16: the ascent follows the gradient of a KL between the clean prediction and one at a small random "
+    "start, two predictions closer together than bf16 rounding, so its direction is mostly rounding noise "
+    "(xlmr-base-random, cosine with the fp32 attack: -0.28 to 0.49 at the default --noise-scale 0.001, 0.57 to "
+    "0.92 at 0.1; PGD's 0.9999). Train SMART with bf16 off (fp32), measure fp16 on your GPU with "
+    "bench/precision_probe.py --precisions fp16, or use pgd, whose ascent survives bf16")
+
+
 def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """Mean over examples of KL(p || q) + KL(q || p) between two categorical predictions, in fp32
     at least (bf16/fp16 logits are upcast before the log-softmax)."""
@@ -92,3 +101,9 @@ class SMART:
         norms = ball.l2_norms(delta, batch["perturb_mask"])
         return {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_kl": divergence.detach(),
                 "delta_norm": norms.max(), "delta_ratio": ctx.perturbation.last_ratio}
+
+
+def precision_caveat(objective, ds_config: dict) -> str | None:
+    """A warning for a SMART ascent in bf16 (see ``BF16_CAVEAT``); None for anything else."""
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    return BF16_CAVEAT if isinstance(objective, SMART) and objective.steps > 0 and bf16 else None

@@ -1,0 +1,49 @@
+"""Half precision at the same parameters (bench/precision_probe.py on the tiny config, bf16 on the CPU),
+and the warning SMART's bf16 ascent gets."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_robust.config import ObjectiveConfig
+from dist_robust.objectives import build_objective
+from dist_robust.objectives.smart import BF16_CAVEAT, precision_caveat
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "precision_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("precision_probe", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.probe
+
+
+@pytest.mark.parametrize("objective", ["erm", "pgd", "freelb", "gaussian"])
+def test_bf16_step_matches_fp32_at_the_same_parameters(probe, objective, tmp_path):
+    rows = probe("tiny", objective, "bf16", 2, 0.1, torch.device("cpu"), str(tmp_path / "tok"))
+    for r in rows:
+        assert abs(r["diff"]) < 0.01, r
+        assert r["grad_err"] < 0.1, r  # bf16 carries 8 significant bits: a few percent, not more
+        if objective == "pgd":
+            assert r["delta_cos"] > 0.999, r  # the CE ascent's direction survives rounding
+
+
+def test_smart_bf16_attack_direction_is_rounding_noise(probe, tmp_path):
+    """The premise of BF16_CAVEAT: the loss agrees, the adversary's direction does not. If a change
+    makes SMART's ascent survive bf16, this fails: update the caveat (and the docs) with it."""
+    rows = probe("tiny", "smart", "bf16", 2, 0.1, torch.device("cpu"), str(tmp_path / "tok"))
+    for r in rows:
+        assert abs(r["diff"]) < 0.01, r
+        assert r["delta_cos"] < 0.9, r
+
+
+@pytest.mark.parametrize("name, steps, bf16, warned", [
+    ("smart", 2, True, True), ("smart", 0, True, False), ("smart", 2, False, False), ("pgd", 2, True, False)])
+def test_precision_caveat(name, steps, bf16, warned):
+    objective = build_objective(ObjectiveConfig(name=name, adv_steps=steps))
+    caveat = precision_caveat(objective, {"bf16": {"enabled": bf16}})
+    assert (caveat == BF16_CAVEAT) if warned else caveat is None
