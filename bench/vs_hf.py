@@ -1,6 +1,8 @@
 """dist-robust against what a user would run instead: a plain PyTorch loop and the HF Trainer.
 
     python bench/vs_hf.py [--model PATH_OR_BUILTIN] [--rounds 3] [--steps 8] [--batch 32] [--length 128]
+    python bench/vs_hf.py --device cuda --bf16 --model xlmr-large-random --batch 32 --length 128 \
+        --approaches hf+zero2 ours+zero2 ours+zero2+pgd1 hf+zero3 ours+zero3 ours+zero3+pgd1   # one GPU
 
 ERM fine-tuning of one model on the same batches, one process, by
 
@@ -10,7 +12,16 @@ ERM fine-tuning of one model on the same batches, one process, by
   optimizer is torch AdamW's fused kernel, as in the shipped ds_configs);
 * ``hf+zero2`` / ``hf+zero3``: ``transformers.Trainer`` with ``ds_configs/zero2.json`` / ``zero3.json``;
 * ``ours+zero2`` / ``ours+zero3``: dist-robust's own training step (``dist_robust.trainer``)
-  on a DeepSpeed engine from ``ds_configs/zero2.json`` / ``zero3.json``.
+  on a DeepSpeed engine from ``ds_configs/zero2.json`` / ``zero3.json``;
+* ``ours+zero2+pgd1`` / ``ours+zero3+pgd1``: the same with PGD, one ascent step.
+
+``--device cuda`` runs every approach on the GPU (``--bf16``: the ds_configs with bf16 on, the
+HF Trainer with ``bf16=True``, the plain loop under bf16 autocast) and adds tokens/s, model
+TFLOP/s and model FLOPs utilisation (MFU, against ``--peak-tflops``, by default the dense bf16
+peak of an H100/H200, 989). Model FLOPs per token are the usual count for a training step,
+6 x (non-embedding parameters of the encoder layers) + 12 x layers x hidden x sequence length
+for attention; PGD-1's are 3 times ERM's, its pass-count floor (one input-gradient pass and one
+clean+adversarial pass of twice the batch), so its MFU says how well those passes use the GPU.
 
 Every approach runs in its own process (so peak RSS is its own), in turns over ``--rounds`` so
 machine noise hits all alike. All batches are ``--batch`` rows of exactly ``--length`` tokens
@@ -35,6 +46,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPROACHES = ("plain", "hf", "hf+zero2", "hf+zero3", "ours+zero2", "ours+zero3")
+EXTRA_APPROACHES = ("ours+zero2+pgd1", "ours+zero3+pgd1")  # by name only: --approaches
+PASSES = {"pgd1": 3.0}  # model FLOPs of a step in ERM steps (the pass-count floor)
+H100_BF16_DENSE_TFLOPS = 989.0
 LABELS = ("entailment", "neutral", "contradiction")
 SEED = 0
 
@@ -82,6 +96,8 @@ def worker(args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(SEED)
     _env()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
     stamps: list[float] = []
     if args.worker == "plain":
@@ -89,30 +105,50 @@ def worker(args) -> dict:
     elif args.worker.startswith("hf"):
         stamps = _hf(args, total, zero=args.worker.split("+")[1] if "+" in args.worker else None)
     else:
-        stamps = _ours(args, total, zero=args.worker.split("+")[1])
+        _, zero, *objective = args.worker.split("+")
+        stamps = _ours(args, total, zero, *objective)
     times = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup - 1:]
-    return {"times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if args.device == "cuda" else 0.0
+    return {"times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mib": gpu}
 
 
-def _batches(model, total: int, batch: int, length: int):
+def model_flops_per_step(config, batch: int, length: int, passes: float = 1.0) -> float:
+    """Training FLOPs of one ERM step (forward + backward) on ``batch`` x ``length`` tokens, times ``passes``."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = 4 * h * h + 2 * h * config.intermediate_size  # attention projections + feed-forward
+    per_token = 6 * layers * per_layer + 12 * layers * h * length
+    return per_token * batch * length * passes
+
+
+def _ds(zero: str, bf16: bool) -> dict:
+    with open(os.path.join(REPO, "ds_configs", f"{zero}.json")) as f:
+        ds = json.load(f)
+    ds["bf16"] = {"enabled": bf16}
+    return ds
+
+
+def _batches(model, total: int, batch: int, length: int, device: str = "cpu"):
     import torch
 
     ids, labels = _rows(model.config.vocab_size, total * batch, length)
     for i in range(total):
         sl = slice(i * batch, (i + 1) * batch)
-        yield {"input_ids": ids[sl], "attention_mask": torch.ones_like(ids[sl]), "labels": labels[sl]}
+        b = {"input_ids": ids[sl], "attention_mask": torch.ones_like(ids[sl]), "labels": labels[sl]}
+        yield {k: v.to(device) for k, v in b.items()}
 
 
 def _plain(args, total: int) -> list[float]:
     import torch
 
     model, _ = _model(args.model)
-    model.train()
+    model.to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     stamps = [time.perf_counter()]
-    for batch in _batches(model, total, args.batch, args.length):
-        loss = model(**batch).loss
+    for batch in _batches(model, total, args.batch, args.length, args.device):
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -144,21 +180,21 @@ def _hf(args, total: int, zero: str | None) -> list[float]:
             stamps.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()  # the Trainer reads no loss per step: wait for the GPU's work
             stamps.append(time.perf_counter())
 
-    ds = None
-    if zero:
-        with open(os.path.join(REPO, "ds_configs", f"{zero}.json")) as f:
-            ds = json.load(f)
+    ds = _ds(zero, args.bf16) if zero else None
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-hf-"), per_device_train_batch_size=args.batch,
                               max_steps=total, learning_rate=2e-5, weight_decay=0.01, max_grad_norm=1.0,
                               lr_scheduler_type="linear", save_strategy="no", report_to=[], logging_steps=10**6,
-                              disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, seed=SEED, deepspeed=ds)
+                              disable_tqdm=True, dataloader_num_workers=0, use_cpu=args.device == "cpu", seed=SEED,
+                              deepspeed=ds, bf16=args.bf16)
     Trainer(model=model, args=targs, train_dataset=Rows(), callbacks=[Clock()]).train()
     return stamps
 
 
-def _ours(args, total: int, zero: str) -> list[float]:
+def _ours(args, total: int, zero: str, objective: str = "erm") -> list[float]:
     from dist_robust import trainer as T
     from dist_robust.argparsing import add_run_arguments, config_from_args
     from dist_robust.data.pipeline import Encoded
@@ -166,8 +202,12 @@ def _ours(args, total: int, zero: str) -> list[float]:
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     out = tempfile.mkdtemp(prefix="bench-ours-")
-    cfg = config_from_args(parser.parse_args([
-        "--model", args.model, "--deepspeed", os.path.join(REPO, "ds_configs", f"{zero}.json"),
+    ds_path = os.path.join(out, "ds.json")
+    with open(ds_path, "w") as f:
+        json.dump(_ds(zero, args.bf16), f)
+    flags = ["--objective", "pgd", "--adv-steps", "1"] if objective == "pgd1" else []
+    cfg = config_from_args(parser.parse_args([*flags,
+        "--model", args.model, "--deepspeed", ds_path,
         "--micro-batch-size", str(args.batch), "--max-length", str(args.length), "--lr", "2e-5",
         "--max-steps", str(total), "--warmup-ratio", "0", "--mlflow-uri", "none", "--no-progress",
         "--output-dir", out, "--synthetic-train-size", "64", "--synthetic-eval-size", "8", "--seed", str(SEED)]))
@@ -185,6 +225,19 @@ def _ours(args, total: int, zero: str) -> list[float]:
     return stamps
 
 
+def _shape(name: str):
+    """The model's config (hidden size, layers, intermediate size) without building it."""
+    from types import SimpleNamespace
+
+    from dist_robust.models import BUILTIN_CONFIGS, is_builtin
+
+    if is_builtin(name):
+        return SimpleNamespace(**BUILTIN_CONFIGS[name])
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -193,38 +246,55 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
-    p.add_argument("--approaches", nargs="+", default=list(APPROACHES), choices=APPROACHES)
-    p.add_argument("--worker", choices=APPROACHES, help=argparse.SUPPRESS)
+    p.add_argument("--approaches", nargs="+", default=list(APPROACHES), choices=APPROACHES + EXTRA_APPROACHES)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 everywhere (see above)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help="the device's peak, for MFU (default: H100/H200 dense bf16)")
+    p.add_argument("--worker", choices=APPROACHES + EXTRA_APPROACHES, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model = args.model or default_model()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     times = {a: [] for a in args.approaches}
-    rss = {a: 0.0 for a in args.approaches}
+    peak = {a: 0.0 for a in args.approaches}
     for r in range(args.rounds):
         for a in args.approaches:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", a, "--model", args.model,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                   "--length", str(args.length)]
+                   "--length", str(args.length), "--device", args.device] + (["--bf16"] if args.bf16 else [])
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"{a} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             res = json.loads(lines[-1][len("RESULT "):])
             times[a] += res["times"]
-            rss[a] = max(rss[a], res["peak_rss_mib"])
-            print(f"round {r + 1}/{args.rounds} {a:<11} {statistics.median(res['times']):.3f} s/step", flush=True)
+            peak[a] = max(peak[a], res["peak_gpu_mib"] if args.device == "cuda" else res["peak_rss_mib"])
+            print(f"round {r + 1}/{args.rounds} {a:<16} {statistics.median(res['times']):.3f} s/step", flush=True)
     base = "plain" if "plain" in times else args.approaches[0]
     med = {a: statistics.median(t) for a, t in times.items()}
-    print(f"\nmodel {args.model}, batch {args.batch} x {args.length} tokens, {args.rounds} rounds x {args.steps} "
-          f"steps (after {args.warmup} warm-up), {os.cpu_count()} threads, one process")
+    where = f"{os.cpu_count()} threads" if args.device == "cpu" else "one GPU"
+    print(f"\nmodel {args.model}, batch {args.batch} x {args.length} tokens, {'bf16' if args.bf16 else 'fp32'}, "
+          f"{args.rounds} rounds x {args.steps} steps (after {args.warmup} warm-up), {where}, one process")
     vs_hf = "hf" in med and base != "hf"  # a second ratio column, against the HF Trainer
-    print(f"{'approach':<12} {'s/step':>8} {'samples/s':>10} {f'x {base} speed':>14}" +
-          (f" {'x hf speed':>11}" if vs_hf else "") + f" {'peak RSS MiB':>13}")
+    memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
+    header = f"{'approach':<16} {'s/step':>8} {'samples/s':>10} {'tokens/s':>10} {f'x {base} speed':>14}"
+    header += (f" {'x hf speed':>11}" if vs_hf else "") + f" {memory:>13}"
+    header += f" {'TFLOP/s':>8} {'MFU':>6}" if args.device == "cuda" else ""
+    print(header)
+    erm_flops = model_flops_per_step(_shape(args.model), args.batch, args.length)
     for a in args.approaches:
-        print(f"{a:<12} {med[a]:8.3f} {args.batch / med[a]:10.1f} {med[base] / med[a]:14.2f}" +
-              (f" {med['hf'] / med[a]:11.2f}" if vs_hf else "") + f" {rss[a]:13.0f}")
+        line = (f"{a:<16} {med[a]:8.3f} {args.batch / med[a]:10.1f} {args.batch * args.length / med[a]:10.0f} "
+                f"{med[base] / med[a]:14.2f}" + (f" {med['hf'] / med[a]:11.2f}" if vs_hf else "") + f" {peak[a]:13.0f}")
+        if args.device == "cuda":
+            tflops = erm_flops * PASSES.get(a.split("+")[-1], 1.0) / med[a] / 1e12
+            line += f" {tflops:8.1f} {tflops / args.peak_tflops:6.1%}"
+        print(line)
+    for zero in ("zero2", "zero3"):  # the issue's targets: ours / HF Trainer at the same ds_config
+        if f"hf+{zero}" in med and f"ours+{zero}" in med:
+            print(f"ours+{zero} / hf+{zero} samples/s: {med[f'hf+{zero}'] / med[f'ours+{zero}']:.2f}; peak memory "
+                  f"{peak[f'ours+{zero}'] / max(peak[f'hf+{zero}'], 1):.2f}x")
 
 
 if __name__ == "__main__":
