@@ -66,7 +66,7 @@ class ProbeEngine:
 
 
 def probe(model_name: str, objective: str, precision: str, steps: int, noise_scale: float, device,
-          tokenizer_dir: str) -> list[dict]:
+          tokenizer_dir: str, adv_steps: int = 2) -> list[dict]:
     """Per step: fp32 loss, half - fp32 loss, gradient relative error, attack cosine (None without an attack)."""
     import torch
 
@@ -83,7 +83,7 @@ def probe(model_name: str, objective: str, precision: str, steps: int, noise_sca
     encoded, collate = encode(data.train, tokenizer, 64), Collator(tokenizer)
     model = build_model(model_name, data.label_names, tokenizer, 0.0, 7).to(device).train()
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    obj = build_objective(ObjectiveConfig(name=objective, epsilon=0.5, alpha=0.2, adv_steps=2, sigma=1.0,
+    obj = build_objective(ObjectiveConfig(name=objective, epsilon=0.5, alpha=0.2, adv_steps=adv_steps, sigma=1.0,
                                           noise_samples=2, noise_scale=noise_scale))
     engine = ProbeEngine(model, obj.micro_steps, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0))
     perturbation = EmbeddingPerturbation(word_embeddings(model))
@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=["bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--adv-steps", type=int, default=2, help="ascent steps of pgd, freelb and smart (0: R3F)")
     parser.add_argument("--noise-scales", nargs="+", type=float, default=[0.1],
                         help="SMART's random start, relative (its default is 1e-3)")
     args = parser.parse_args()
@@ -143,7 +144,8 @@ def main() -> int:
         for objective in args.objectives:
             for noise in args.noise_scales if objective == "smart" else [0.1]:
                 label = f"smart (noise {noise:g})" if objective == "smart" else objective
-                for r in probe(args.model, objective, precision, args.steps, noise, device, tokenizer_dir):
+                for r in probe(args.model, objective, precision, args.steps, noise, device, tokenizer_dir,
+                                 args.adv_steps):
                     cos = "" if r["delta_cos"] is None else f"{r['delta_cos']:.4f}"
                     print(f"| {label} | {precision} | {r['step']} | {r['loss']:.4f} | {r['diff']:+.4f} | "
                           f"{r['grad_err']:.3f} | {cos} |", flush=True)
