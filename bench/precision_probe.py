@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import tempfile
@@ -65,23 +66,34 @@ class ProbeEngine:
         self.module.zero_grad(set_to_none=True)
 
 
-def probe(model_name: str, objective: str, precision: str, steps: int, noise_scale: float, device,
-          tokenizer_dir: str, adv_steps: int = 2) -> list[dict]:
-    """Per step: fp32 loss, half - fp32 loss, gradient relative error, attack cosine (None without an attack)."""
-    import torch
-
-    from dist_robust.config import DataConfig, ObjectiveConfig
-    from dist_robust.data.pipeline import Collator, encode, to_device
+@functools.lru_cache(maxsize=2)
+def _start(model_name: str, tokenizer_dir: str):
+    """The task, its encoded training pairs, the collator and the initial fp32 model (built once per model)."""
+    from dist_robust.config import DataConfig
+    from dist_robust.data.pipeline import Collator, encode
     from dist_robust.data.tasks import get_task
-    from dist_robust.models import build_model, load_tokenizer, train_tokenizer, word_embeddings
-    from dist_robust.objectives import EmbeddingPerturbation, StepContext, build_objective
+    from dist_robust.models import build_model, load_tokenizer, train_tokenizer
 
     data = get_task(DataConfig(synthetic_train_size=512, synthetic_eval_size=16))
     if not os.path.isdir(tokenizer_dir):
         train_tokenizer(data.tokenizer_corpus(), 4000, tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    encoded, collate = encode(data.train, tokenizer, 64), Collator(tokenizer)
-    model = build_model(model_name, data.label_names, tokenizer, 0.0, 7).to(device).train()
+    return data, encode(data.train, tokenizer, 64), Collator(tokenizer), build_model(model_name, data.label_names,
+                                                                                    tokenizer, 0.0, 7)
+
+
+def probe(model_name: str, objective: str, precision: str, steps: int, noise_scale: float, device,
+          tokenizer_dir: str, adv_steps: int = 2) -> list[dict]:
+    """Per step: fp32 loss, half - fp32 loss, gradient relative error, attack cosine (None without an attack)."""
+    import torch
+
+    from dist_robust.config import ObjectiveConfig
+    from dist_robust.data.pipeline import to_device
+    from dist_robust.models import word_embeddings
+    from dist_robust.objectives import EmbeddingPerturbation, StepContext, build_objective
+
+    data, encoded, collate, initial = _start(model_name, tokenizer_dir)
+    model = copy.deepcopy(initial).to(device).train()
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     obj = build_objective(ObjectiveConfig(name=objective, epsilon=0.5, alpha=0.2, adv_steps=adv_steps, sigma=1.0,
                                           noise_samples=2, noise_scale=noise_scale))
