@@ -34,7 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("erm", "pgd", "freelb", "gaussian", "smart")
-FP16_LOSS_SCALE = 2.0 ** 16  # what a DeepSpeed fp16 engine starts with (gpu_check's initial_scale_power)
+# A fixed fp16 loss scale (no dynamic scaler here): large enough that small gradients do not
+# underflow, small enough that a loss of about 1 does not overflow them.
+FP16_LOSS_SCALE = 2.0 ** 10
 
 
 class ProbeEngine:
