@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from dist_robust.compare_table import GROUP_ALIASES, Cell, Row, Table, columns_for, short_key
+from dist_robust.compare_table import GROUP_ALIASES, Cell, Row, Table, columns_for, rerun_groups, short_key
 from dist_robust.mlflow_runs import (CompareError, RunRecord, fetch_runs, open_client, quote, resolve_experiment,
                                      search_all)
 
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Experiment
 
-# Params that differ between two runs of the same experiment setting (where it ran, what it was called).
-RUN_LOCAL_PARAMS = {"train.output_dir", "train.staging_dir", "train.resume", "train.progress", "train.log_interval",
-                    "data.cache_dir", "tracking.run_name", "tracking.run_id", "tracking.mlflow_uri",
-                    "tracking.experiment"}
 _FILTER_OPERATOR = re.compile(r"(=|<|>|\bLIKE\b|\bILIKE\b|\bIN\b)", re.IGNORECASE)
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -74,20 +70,15 @@ def make_row(label: str, records: list[RunRecord], columns: list[str]) -> Row:
     averaged into one value (with a warning), so two identical reruns never pass for two seeds.
     """
     row = Row(label, records)
-    distinct: dict[tuple, list[RunRecord]] = {}
-    for r in records:
-        # Without a logged seed two runs cannot be told to be reruns: each counts.
-        key = tuple(sorted((k, v) for k, v in r.params.items() if k not in RUN_LOCAL_PARAMS)) \
-            if "train.seed" in r.params else (r.run_id,)
-        distinct.setdefault(key, []).append(r)
-    reruns = [runs for runs in distinct.values() if len(runs) > 1]
+    distinct = rerun_groups(records)
+    reruns = [runs for runs in distinct if len(runs) > 1]
     if reruns:
         log.warning("%s: %s", label, "; ".join(
             f"{len(runs)} runs with the same config and seed {runs[0].params.get('train.seed', '?')} "
             f"({', '.join(r.name for r in runs)}) are reruns: counted once" for runs in reruns))
     for column in columns:
         values = [statistics.fmean(vs) for vs in
-                  ([r.metrics[column] for r in runs if column in r.metrics] for runs in distinct.values()) if vs]
+                  ([r.metrics[column] for r in runs if column in r.metrics] for runs in distinct) if vs]
         mean = statistics.fmean(values) if values else None
         std = statistics.stdev(values) if len(values) > 1 else None
         row.cells[column] = Cell(mean, std, len(values))

@@ -32,7 +32,7 @@ def cell_text(cell: Cell, row: Row, plus_minus: str = "+-") -> str:
     text = f"{100 * cell.mean:.2f}"
     if cell.std is not None:
         text += f" {plus_minus} {100 * cell.std:.2f}"
-    if cell.n < len(row.records):
+    if cell.n < row.samples:
         text += "*"
     if cell.delta is not None:
         text += f" ({100 * cell.delta:+.2f})"
@@ -63,10 +63,10 @@ def notes(table: Table) -> list[str]:
     cells = [(row, cell) for row in table.rows for cell in row.cells.values()]
     out = []
     if any(cell.std is not None for _, cell in cells):
-        out.append("mean +- sample standard deviation over the row's runs (seeds); n: runs in the row")
+        out.append("mean +- sample standard deviation over the row's runs (seeds); n: runs in the row, reruns of one config and seed counted once")
     if any(cell.mean is None for _, cell in cells):
         out.append(f"{MISSING}: not logged by the run(s) (failed, still running, or evaluated without it)")
-    if any(cell.mean is not None and cell.n < len(row.records) for row, cell in cells):
+    if any(cell.mean is not None and cell.n < row.samples for row, cell in cells):
         out.append("*: mean over fewer runs than the row has (some did not log this metric)")
     if table.parents_left_out:
         out.append(f"{table.parents_left_out} sweep parent run(s) left out; their trials are listed")
@@ -76,7 +76,7 @@ def notes(table: Table) -> list[str]:
 def _text_grid(table: Table, plus_minus: str) -> list[list[str]]:
     grid = [[_label_header(table), "n", *table.headers]]
     for row in table.rows:
-        grid.append([_label(row), str(len(row.records)), *(cell_text(row.cells[c], row, plus_minus)
+        grid.append([_label(row), str(row.samples), *(cell_text(row.cells[c], row, plus_minus)
                                                            for c in table.columns)])
     return grid
 
@@ -139,7 +139,7 @@ def to_markdown(table: Table) -> str:
 
 def _csv_fields(table: Table) -> list[tuple[str, str, str]]:
     """(CSV column, metric key, part) in order: each metric, then its std and delta when present."""
-    with_std = any(len(row.records) > 1 for row in table.rows)
+    with_std = any(row.samples > 1 for row in table.rows)
     fields = []
     for column, head in zip(table.columns, table.headers):
         fields.append((head, column, "mean"))
@@ -160,7 +160,7 @@ def to_csv(table: Table) -> str:
     for row in table.rows:
         flags = (["yes" if row.is_baseline else ""] if extra else [])
         values = [getattr(row.cells[column], part) for _, column, part in fields]
-        writer.writerow([row.label, len(row.records), ";".join(row.run_ids), *flags,
+        writer.writerow([row.label, row.samples, ";".join(row.run_ids), *flags,
                          *("" if v is None else f"{v:.6f}" for v in values)])
     return out.getvalue()
 
@@ -175,7 +175,7 @@ def to_dict(table: Table) -> dict:
         "rows": [{
             "label": row.label,
             "baseline": row.is_baseline,
-            "n": len(row.records),
+            "n": row.samples,
             "run_ids": row.run_ids,
             "seeds": row.seeds,
             "values": {head: {"mean": cell.mean, "std": cell.std, "n": cell.n, "delta": cell.delta}

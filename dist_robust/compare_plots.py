@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 
 from dist_robust import plots
-from dist_robust.compare_table import AVERAGES, Row, Table, columns_for
+from dist_robust.compare_table import AVERAGES, Row, Table, columns_for, rerun_groups
 from dist_robust.data.tasks import task_num_labels
 from dist_robust.mlflow_runs import RunRecord, fetch_children, metric_histories, open_client
 
@@ -60,13 +60,18 @@ def _float(value: str | None) -> float | None:
 
 
 def generalized_matrix(records: list[RunRecord]) -> dict[str, dict[str, float | None]]:
-    """Mean ``gen.<l1>.<l2>`` over the runs, languages in table order; {} when none logged it."""
+    """Mean ``gen.<l1>.<l2>`` over the runs (reruns averaged first, as in the table), languages in
+    table order; {} when none logged it."""
     cells: dict[tuple[str, str], list[float]] = {}
-    for r in records:
-        for key, value in r.metrics.items():
-            parts = key.split(".")
-            if len(parts) == 3 and parts[0] == "gen":
-                cells.setdefault((parts[1], parts[2]), []).append(value)
+    for runs in rerun_groups(records):
+        mine: dict[tuple[str, str], list[float]] = {}
+        for r in runs:
+            for key, value in r.metrics.items():
+                parts = key.split(".")
+                if len(parts) == 3 and parts[0] == "gen":
+                    mine.setdefault((parts[1], parts[2]), []).append(value)
+        for pair, values in mine.items():
+            cells.setdefault(pair, []).append(statistics.fmean(values))
     if not cells:
         return {}
     present = {lang for pair in cells for lang in pair}
@@ -97,7 +102,7 @@ def bars(table: Table) -> Figure:
 
 
 def _series_label(row: Row) -> str:
-    n = len(row.records)
+    n = row.samples
     return row.label if n == 1 else f"{row.label} (n={n})"
 
 
@@ -110,7 +115,7 @@ def heatmaps(table: Table) -> dict[str, Figure]:
         if not matrix:
             continue
         name = _unique(f"generalized_{slug(row.label)}", figures)
-        figures[name] = plots.heatmap_figure(matrix, f"{row.label}: generalized accuracy ({len(row.records)} run(s))")
+        figures[name] = plots.heatmap_figure(matrix, f"{row.label}: generalized accuracy ({row.samples} run(s))")
         if base and not row.is_baseline:
             figures[_unique(f"generalized_diff_{slug(row.label)}", figures)] = plots.heatmap_figure(
                 plots.matrix_difference(matrix, base), f"{row.label} - {table.baseline.label}", diff=True)

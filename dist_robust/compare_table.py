@@ -12,6 +12,10 @@ from dist_robust.mlflow_runs import RunRecord
 AVERAGES = ("standard_avg", "generalized_avg")
 # Logged by `dist-robust certify` (certified accuracy at the certificate's reference radius).
 CERTIFIED_AVERAGES = ("certified_standard_avg", "certified_generalized_avg")
+# Params that differ between two runs of the same experiment setting (where it ran, what it was called).
+RUN_LOCAL_PARAMS = {"train.output_dir", "train.staging_dir", "train.resume", "train.progress", "train.log_interval",
+                    "data.cache_dir", "tracking.run_name", "tracking.run_id", "tracking.mlflow_uri",
+                    "tracking.experiment"}
 GROUP_ALIASES = {
     "objective": "params.objective.name",
     "task": "params.data.task",
@@ -46,6 +50,11 @@ class Row:
         return [r.run_id for r in self.records]
 
     @property
+    def samples(self) -> int:
+        """Independent runs in the row: reruns of one configuration and seed count once."""
+        return len(rerun_groups(self.records))
+
+    @property
     def seeds(self) -> list[str]:
         return [r.params.get("train.seed", "") for r in self.records]
 
@@ -69,6 +78,20 @@ class Table:
     @property
     def run_count(self) -> int:
         return len({run_id for row in self.rows for run_id in row.run_ids})
+
+
+def rerun_groups(records: list[RunRecord]) -> list[list[RunRecord]]:
+    """The runs grouped into reruns: same params (apart from where a run ran) and seed.
+
+    Reruns are one sample, not several: averaged into one value wherever runs are averaged.
+    Without a logged seed two runs cannot be told to be reruns: each is its own group.
+    """
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        key = tuple(sorted((k, v) for k, v in r.params.items() if k not in RUN_LOCAL_PARAMS)) \
+            if "train.seed" in r.params else (r.run_id,)
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
 
 
 def header(column: str) -> str:

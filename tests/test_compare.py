@@ -373,3 +373,30 @@ def test_reruns_count_once_and_float_groups_are_rounded(caplog):
     seeds = [record("a", "1", eps, 0.80, "runs/a"), record("c", "2", eps, 0.84, "runs/c")]
     cell = build_table("e", seeds, ["params.objective.epsilon"]).rows[0].cells["acc.en"]
     assert cell.n == 2 and cell.mean == pytest.approx(0.82) and cell.std == pytest.approx(0.0282842712)
+
+
+def test_reruns_are_one_sample_in_every_output():
+    """Seed 1 run twice and seed 2 once: n is 2 in text, CSV and JSON (no partial-row mark), the
+    mean weights seed 1 once, and the generalized heatmap averages seed 1's reruns before the seeds."""
+    from dist_robust.compare_format import render, to_dict
+    from dist_robust.compare_plots import generalized_matrix
+    from dist_robust.mlflow_runs import RunRecord
+
+    def record(run_id, seed, en, gen_en_de, out):
+        params = {"objective.name": "pgd", "train.seed": seed, "train.output_dir": out}
+        metrics = {"acc.en": en, "gen.en.de": gen_en_de}
+        return RunRecord(run_id * 32, f"r{run_id}", "FINISHED", 0, params, {}, metrics)
+
+    runs = [record("a", "1", 0.80, 0.60, "runs/a"), record("b", "1", 0.80, 0.70, "runs/b"),
+            record("c", "2", 0.90, 0.40, "runs/c")]
+    table = build_table("e", runs, ["objective"])
+    row = table.rows[0]
+    assert len(row.records) == 3 and row.samples == 2
+    assert row.cells["acc.en"].mean == pytest.approx(0.85)  # (0.80 + 0.90) / 2, not (0.80 + 0.80 + 0.90) / 3
+    assert to_dict(table)["rows"][0]["n"] == 2
+    assert next(csv.DictReader(io.StringIO(to_csv(table))))["n"] == "2"
+    text = render(table, "table")
+    line = next(l for l in text.splitlines() if l.startswith("pgd"))
+    assert line.split()[1] == "2" and "*" not in line and "fewer runs" not in text
+    # seed 1: (0.60 + 0.70) / 2 = 0.65; the mean of the seeds (0.65 + 0.40) / 2, not of the runs (0.5667)
+    assert generalized_matrix(runs)["en"]["de"] == pytest.approx(0.525)
