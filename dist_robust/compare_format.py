@@ -63,7 +63,8 @@ def notes(table: Table) -> list[str]:
     cells = [(row, cell) for row in table.rows for cell in row.cells.values()]
     out = []
     if any(cell.std is not None for _, cell in cells):
-        out.append("mean +- sample standard deviation over the row's runs (seeds); n: runs in the row, reruns of one config and seed counted once")
+        out.append("mean +- sample standard deviation over the row's runs (seeds); n: runs in the row "
+                   "(reruns of one config and seed counted once)")
     if any(cell.mean is None for _, cell in cells):
         out.append(f"{MISSING}: not logged by the run(s) (failed, still running, or evaluated without it)")
     if any(cell.mean is not None and cell.n < row.samples for row, cell in cells):
@@ -77,7 +78,7 @@ def _text_grid(table: Table, plus_minus: str) -> list[list[str]]:
     grid = [[_label_header(table), "n", *table.headers]]
     for row in table.rows:
         grid.append([_label(row), str(row.samples), *(cell_text(row.cells[c], row, plus_minus)
-                                                           for c in table.columns)])
+                                                      for c in table.columns)])
     return grid
 
 
