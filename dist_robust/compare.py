@@ -69,8 +69,8 @@ def make_row(label: str, records: list[RunRecord], columns: list[str]) -> Row:
     Runs with the same configuration and seed are reruns, not independent samples: they are
     averaged into one value (with a warning), so two identical reruns never pass for two seeds.
     """
-    row = Row(label, records)
     distinct = rerun_groups(records)
+    row = Row(label, records, len(distinct))
     reruns = [runs for runs in distinct if len(runs) > 1]
     if reruns:
         log.warning("%s: %s", label, "; ".join(

@@ -42,17 +42,13 @@ class Row:
 
     label: str
     records: list[RunRecord]
+    samples: int  # independent runs: reruns of one configuration and seed count once (rerun_groups)
     cells: dict[str, Cell] = field(default_factory=dict)
     is_baseline: bool = False
 
     @property
     def run_ids(self) -> list[str]:
         return [r.run_id for r in self.records]
-
-    @property
-    def samples(self) -> int:
-        """Independent runs in the row: reruns of one configuration and seed count once."""
-        return len(rerun_groups(self.records))
 
     @property
     def seeds(self) -> list[str]:
