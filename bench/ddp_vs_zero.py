@@ -11,7 +11,9 @@ after another, ERM in fp32 with torch AdamW (lr 1e-5, weight decay 0.01) and gra
   default (what a plain script writes); ``ddp-fused``: the same with ``fused=True``, the kernel
   the shipped ds_configs select;
 * a ds_config: a DeepSpeed engine built the way the trainer builds it (ZeRO-3 models are created
-  already partitioned), ``engine.backward`` / ``engine.step``.
+  already partitioned, and in fp32 their parameter partitions serve as the master weights; with
+  ``BENCH_ZERO3_MASTER_COPY=1`` in the environment, DeepSpeed keeps its own second fp32 copy),
+  ``engine.backward`` / ``engine.step``.
 
 Dropout is off, so every approach computes the same losses (printed: the largest gap to the
 first). Every rank trains on its own micro-batches of exactly ``--length`` random token ids (the same
@@ -106,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
 
         from dist_robust.config import RunConfig
         from dist_robust.ds_config import load_ds_config, resolve_ds_config
-        from dist_robust.models import zero3_context
+        from dist_robust.models import share_zero3_master_weights, zero3_context
 
         cfg = RunConfig(ds_config=load_ds_config(str(REPO / args.worker)))
         cfg.train.micro_batch_size, cfg.model.name, cfg.train.lr = args.batch, args.model, 1e-5
@@ -118,6 +120,8 @@ def worker(args: argparse.Namespace) -> None:
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        if not os.environ.get("BENCH_ZERO3_MASTER_COPY"):  # set: DeepSpeed's own second fp32 copy, for comparison
+            share_zero3_master_weights(engine)  # as the trainer does
         engine.train()
 
         def step(batch, phases):

@@ -7,7 +7,8 @@ One launch, one DeepSpeed engine per ds_config in the same ranks, all trained on
 batches with the same objective. The engines take turns in rounds so machine noise hits them
 alike; the report is rank 0's median seconds per step, its ratio to the first ds_config, and
 what each rank holds: parameter elements (ZeRO-3 partitions them) and optimizer-state elements
-(Adam moments plus fp32 master copies, partitioned from ZeRO-1 on).
+(Adam moments plus fp32 master copies, partitioned from ZeRO-1 on; in fp32 a ZeRO-3 rank's
+parameter partition is its master copy).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
 
     from dist_robust.config import ObjectiveConfig, RunConfig
     from dist_robust.ds_config import load_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, zero3_context
+    from dist_robust.models import build_model, share_zero3_master_weights, zero3_context
 
     cfg = RunConfig(ds_config=load_ds_config(ds_path))
     cfg.objective = ObjectiveConfig(name=args.objective)
@@ -68,6 +69,7 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
     handle = zero3_context(ds)
     model = build_model(args.model, LABELS, tokenizer, seed=0)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    share_zero3_master_weights(engine)  # as the trainer does
     return engine, handle
 
 
@@ -77,10 +79,13 @@ def _held_per_rank(engine) -> tuple[int, int]:
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     moments = sum(t.numel() for state in inner.state.values() for t in state.values()
                   if torch.is_tensor(t) and t.dim() > 0)
-    # fp32 master copies: ZeRO-1/2 and ZeRO-3 keep one flat partition per group (ZeRO-0 steps the params)
+    # fp32 master copies: ZeRO-1/2 keep one flat partition per group (ZeRO-0 steps the params), and so
+    # does ZeRO-3 unless the parameter partition itself serves (fp32: models.share_zero3_master_weights)
     flat = (getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
             or getattr(engine.optimizer, "single_partition_of_fp32_groups", None) or [])
-    return params, moments + sum(t.numel() for t in flat)
+    own = getattr(engine.optimizer, "fp16_partitioned_groups_flat", None) or []
+    shared = {t.data_ptr() for t in own if torch.is_tensor(t)}
+    return params, moments + sum(t.numel() for t in flat if t.data_ptr() not in shared)
 
 
 def main(argv: list[str]) -> None:

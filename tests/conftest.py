@@ -38,8 +38,11 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
            "--artifacts-destination", str(root / "artifacts")]
+    # No job runner: MLflow's GenAI jobs are unused here, and each start with it would leave an
+    # empty directory of its job store in /dev/shm that MLflow never removes.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     log.close()
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
