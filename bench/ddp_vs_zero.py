@@ -19,7 +19,9 @@ Dropout is off, so every approach computes the same losses (printed: the largest
 first). Every rank trains on its own micro-batches of exactly ``--length`` random token ids (the same
 ids for every approach), one thread per core share. Reported by rank 0: the median seconds per
 step after the first (and its forward, backward and optimizer-step parts, as rank 0 saw them), the peak resident memory (``ru_maxrss``, the largest over ranks; also as
-it stood once the model and engine were built), their ratios to the first approach, and the model-state bound
+it stood once the model and engine were built), their ratios to the first approach, rank 0's
+resident memory between steps and at the end of the forward pass (medians after the first step),
+and the model-state bound
 16 x parameters / ranks that ZeRO-3's partitioning aims at (fp32 weights, gradients, Adam's two
 moments). Run it with nothing else on the machine: at XLM-R-large size a launch peaks near 22 GB.
 """
@@ -86,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     vocab = BUILTIN_CONFIGS[args.model]["vocab_size"] or 8000  # (a tokenizer-sized vocabulary: tiny)
     tokenizer = _Tok(vocab)
-    start, keep_alive = time.perf_counter(), []
+    start, keep_alive, after_forward = time.perf_counter(), [], []
     if args.worker in DDP:
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
         model.train()
@@ -96,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
         def step(batch, phases):
             loss = ddp(**batch).loss
             phases.append(time.perf_counter())
+            after_forward.append(_resident())
             loss.backward()
             phases.append(time.perf_counter())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -127,6 +130,7 @@ def worker(args: argparse.Namespace) -> None:
         def step(batch, phases):
             loss = engine(**batch).loss
             phases.append(time.perf_counter())
+            after_forward.append(_resident())
             engine.backward(loss)
             phases.append(time.perf_counter())
             engine.step()
@@ -135,13 +139,14 @@ def worker(args: argparse.Namespace) -> None:
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     print(f"rank {rank}: {args.worker} built in {built:.0f} s, peak RSS so far {build_peak / 2 ** 30:.2f} GiB",
           file=sys.stderr, flush=True)
-    times, losses, split = [], [], []
+    times, losses, split, resting = [], [], [], []
     for batch in _batches(args, vocab, rank):
         dist.barrier()
         phases = [time.perf_counter()]
         losses.append(step(batch, phases).item())
         phases.append(time.perf_counter())
         times.append(phases[-1] - phases[0])
+        resting.append(_resident())
         print(f"rank {rank}: step {len(times)} {times[-1]:.1f} s, peak RSS so far "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", file=sys.stderr, flush=True)
         split.append([b - a for a, b in zip(phases, phases[1:])])  # forward, backward, optimizer step
@@ -151,8 +156,18 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"approach": args.worker, "times": times, "peak_bytes": peak[0].item(),
                                       "build_peak_bytes": peak[1].item(),
                                       "params": params, "world": world, "build_s": built,
-                                      "losses": losses, "phases": split}), flush=True)
+                                      "losses": losses, "phases": split, "after_forward": after_forward,
+                                      "resting": resting}), flush=True)
     dist.barrier()  # (no destroy_process_group: ZeRO-3 may still hold prefetch handles, as in the trainer)
+
+
+def _resident() -> float:
+    """This process's resident memory now, in bytes (0 without /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0.0
 
 
 class _Tok:
@@ -194,13 +209,16 @@ def driver(args: argparse.Namespace) -> None:
           f"{args.length} tokens, fp32, {args.steps} steps (the first not timed)")
     print(f"model-state bound 16 x params / ranks = {16 * params / world / 2 ** 30:.2f} GiB per rank\n")
     print(f"| approach | s/step | x {base['approach']} | forward / backward / step s | peak RSS/rank GiB | "
-          f"x {base['approach']} | of which by the end of model and engine set-up | launch s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"x {base['approach']} | of which by the end of model and engine set-up | between steps GiB | "
+          "at the end of the forward GiB | launch s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         med = statistics.median(r["times"][1:])
         phases = " / ".join(f"{statistics.median(p[i] for p in r['phases'][1:]):.2f}" for i in range(3))
         print(f"| {r['approach']} | {med:.2f} | {med / step0:.2f} | {phases} | {r['peak_bytes'] / 2 ** 30:.2f} | "
-              f"{r['peak_bytes'] / base['peak_bytes']:.2f} | {r['build_peak_bytes'] / 2 ** 30:.2f} | {r['wall_s']:.0f} |")
+              f"{r['peak_bytes'] / base['peak_bytes']:.2f} | {r['build_peak_bytes'] / 2 ** 30:.2f} | "
+              f"{statistics.median(r['resting'][1:]) / 2 ** 30:.2f} | "
+              f"{statistics.median(r['after_forward'][1:]) / 2 ** 30:.2f} | {r['wall_s']:.0f} |")
     gap = max(abs(a - b) for r in results for a, b in zip(r["losses"], base["losses"]))
     print(f"\nrank 0's losses agree with {base['approach']}'s to {gap:.1e} (dropout off; same weights and batches)")
 
