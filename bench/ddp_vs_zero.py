@@ -11,12 +11,14 @@ after another, ERM in fp32 with torch AdamW (lr 1e-5, weight decay 0.01) and gra
   default (what a plain script writes); ``ddp-fused``: the same with ``fused=True``, the kernel
   the shipped ds_configs select;
 * a ds_config: a DeepSpeed engine built the way the trainer builds it (ZeRO-3 models are created
-  already partitioned, and in fp32 their parameter partitions serve as the master weights; with
-  ``BENCH_ZERO3_MASTER_COPY=1`` in the environment, DeepSpeed keeps its own second fp32 copy),
-  ``engine.backward`` / ``engine.step``.
+  already partitioned, and in fp32 their parameter partitions serve as the master weights; at
+  ZeRO-1/2 on a CPU host the gradient norm is taken in chunks of float32, not float64 copies),
+  ``engine.backward`` / ``engine.step``; ``CONFIG+as-deepspeed``: the same engine as DeepSpeed
+  alone builds it (its second fp32 copy at ZeRO-3, its float64 gradient norm at ZeRO-1/2).
 
 Dropout is off, so every approach computes the same losses (printed: the largest gap to the
-first). Every rank trains on its own micro-batches of exactly ``--length`` random token ids (the same
+first) and gradient norms before clipping (printed: the largest relative gap to the first; DDP's
+come from ``clip_grad_norm_``, torch's own float32 norm). Every rank trains on its own micro-batches of exactly ``--length`` random token ids (the same
 ids for every approach), one thread per core share. Reported by rank 0: the median seconds per
 step after the first (and its forward, backward and optimizer-step parts, as rank 0 saw them), the peak resident memory (``ru_maxrss``, the largest over ranks; also as
 it stood once the model and engine were built), their ratios to the first approach, rank 0's
@@ -43,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 LABELS = ("entailment", "neutral", "contradiction")
 DEFAULT = ["ddp", "ds_configs/zero2.json", "ds_configs/zero3.json"]
 DDP = {"ddp": False, "ddp-fused": True}  # plain DDP, with torch AdamW's default or its fused kernel
+AS_DEEPSPEED = "as-deepspeed"  # CONFIG+as-deepspeed: without the trainer's adjustments to DeepSpeed's engine
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -88,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     vocab = BUILTIN_CONFIGS[args.model]["vocab_size"] or 8000  # (a tokenizer-sized vocabulary: tiny)
     tokenizer = _Tok(vocab)
-    start, keep_alive, after_forward = time.perf_counter(), [], []
+    start, keep_alive, after_forward, norms = time.perf_counter(), [], [], []
     if args.worker in DDP:
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
         model.train()
@@ -101,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
             after_forward.append(_resident())
             loss.backward()
             phases.append(time.perf_counter())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss
@@ -111,9 +114,13 @@ def worker(args: argparse.Namespace) -> None:
 
         from dist_robust.config import RunConfig
         from dist_robust.ds_config import load_ds_config, resolve_ds_config
-        from dist_robust.models import share_zero3_master_weights, zero3_context
+        from dist_robust.models import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
 
-        cfg = RunConfig(ds_config=load_ds_config(str(REPO / args.worker)))
+        path, _, suffix = args.worker.partition("+")
+        if suffix not in ("", AS_DEEPSPEED):
+            sys.exit(f"approach {args.worker}: the only suffix is +{AS_DEEPSPEED}")
+        as_deepspeed = bool(suffix)
+        cfg = RunConfig(ds_config=load_ds_config(str(REPO / path)))
         cfg.train.micro_batch_size, cfg.model.name, cfg.train.lr = args.batch, args.model, 1e-5
         cfg.train.max_steps = args.steps
         ds = resolve_ds_config(cfg, world)
@@ -123,8 +130,9 @@ def worker(args: argparse.Namespace) -> None:
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-        if not os.environ.get("BENCH_ZERO3_MASTER_COPY"):  # set: DeepSpeed's own second fp32 copy, for comparison
-            share_zero3_master_weights(engine)  # as the trainer does
+        if not as_deepspeed:  # the project's adjustments, as the trainer makes them
+            share_zero3_master_weights(engine)
+            chunked_zero_grad_norm(engine)
         engine.train()
 
         def step(batch, phases):
@@ -134,6 +142,7 @@ def worker(args: argparse.Namespace) -> None:
             engine.backward(loss)
             phases.append(time.perf_counter())
             engine.step()
+            norms.append(float(engine.get_global_grad_norm()))
             return loss
     built = time.perf_counter() - start
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
@@ -156,7 +165,7 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"approach": args.worker, "times": times, "peak_bytes": peak[0].item(),
                                       "build_peak_bytes": peak[1].item(),
                                       "params": params, "world": world, "build_s": built,
-                                      "losses": losses, "phases": split, "after_forward": after_forward,
+                                      "losses": losses, "norms": norms, "phases": split, "after_forward": after_forward,
                                       "resting": resting}), flush=True)
     dist.barrier()  # (no destroy_process_group: ZeRO-3 may still hold prefetch handles, as in the trainer)
 
@@ -220,7 +229,9 @@ def driver(args: argparse.Namespace) -> None:
               f"{statistics.median(r['resting'][1:]) / 2 ** 30:.2f} | "
               f"{statistics.median(r['after_forward'][1:]) / 2 ** 30:.2f} | {r['wall_s']:.0f} |")
     gap = max(abs(a - b) for r in results for a, b in zip(r["losses"], base["losses"]))
-    print(f"\nrank 0's losses agree with {base['approach']}'s to {gap:.1e} (dropout off; same weights and batches)")
+    norm_gap = max(abs(a - b) / b for r in results for a, b in zip(r["norms"], base["norms"]))
+    print(f"\nrank 0's losses agree with {base['approach']}'s to {gap:.1e} (dropout off; same weights and batches), "
+          f"the gradient norms to {norm_gap:.1e} of theirs")
 
 
 def main(argv: list[str]) -> None:

@@ -60,7 +60,7 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
 
     from dist_robust.config import ObjectiveConfig, RunConfig
     from dist_robust.ds_config import load_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, share_zero3_master_weights, zero3_context
+    from dist_robust.models import build_model, chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
 
     cfg = RunConfig(ds_config=load_ds_config(ds_path))
     cfg.objective = ObjectiveConfig(name=args.objective)
@@ -70,6 +70,7 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
     model = build_model(args.model, LABELS, tokenizer, seed=0)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     share_zero3_master_weights(engine)  # as the trainer does
+    chunked_zero_grad_norm(engine)
     return engine, handle
 
 

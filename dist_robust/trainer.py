@@ -31,9 +31,9 @@ from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
                                        to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
-from dist_robust.models import (align_word_embeddings, build_model, count_parameters, forget_zero3_module, is_builtin,
-                                load_tokenizer, share_zero3_master_weights, train_tokenizer, word_embeddings,
-                                zero3_context)
+from dist_robust.models import (align_word_embeddings, build_model, chunked_zero_grad_norm, count_parameters,
+                                forget_zero3_module, is_builtin, load_tokenizer, share_zero3_master_weights,
+                                train_tokenizer, word_embeddings, zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.objectives.smart import precision_caveat
 from dist_robust.outputs import final_metrics, write_outputs
@@ -246,6 +246,8 @@ def _setup(cfg: RunConfig) -> Setup:
     if spared:
         log.info("ZeRO-3 master weights: the fp32 parameter partitions themselves (%.1f MB per rank spared)",
                  spared / 1e6)
+    if chunked_zero_grad_norm(engine):
+        log.debug("ZeRO gradient norm: float32 in chunks instead of float64 copies (CPU host)")
     guard_plain_optimizer(engine)
     # Training mode (dropout on): from_pretrained hands a model over in eval mode, and nothing
     # else would switch it; evaluation restores whichever mode it found.

@@ -100,15 +100,35 @@ def test_bf16_follows_fp32(stage_runs, objective):
         assert effect > 2 * gap, f"bf16 {objective} is no further from bf16 ERM ({effect:.1e}) than from fp32"
 
 
+CLIP = 0.25  # tests/engine_pair.py's gradient clipping
+
+
+def _engine_pair(tmp_path, config: str, adjustment: str) -> dict:
+    out = tmp_path / "pair.json"
+    deepspeed([str(out), str(REPO / "ds_configs" / config), adjustment], script="tests/engine_pair.py")
+    return json.loads(out.read_text())
+
+
 def test_zero3_master_weights_share_the_parameter_partitions(tmp_path):
     """In fp32, ZeRO-3's optimizer updates the parameter partitions in place instead of a second
     fp32 copy (``share_zero3_master_weights``), and trains exactly as DeepSpeed's own copy does:
     the same losses and weights after 4 steps at lr 1e-3, which moved the weights far more."""
-    out = tmp_path / "master.json"
-    deepspeed([str(out), str(REPO / "ds_configs" / "zero3.json")], script="tests/zero3_master.py")
-    runs = json.loads(out.read_text())
-    copy, shared = runs["copy"], runs["shared"]
-    assert not copy["shared"] and copy["spared"] == 0  # DeepSpeed alone keeps a copy (if it stops, drop the helper)
-    assert shared["shared"] and shared["spared"] > 0
+    runs = _engine_pair(tmp_path, "zero3.json", "share_zero3_master_weights")
+    copy, shared = runs["deepspeed"], runs["adjusted"]
+    assert not copy["shares_master"]  # DeepSpeed alone keeps a copy (if it stops, drop the helper)
+    assert shared["shares_master"] and shared["returned"] > 0
     assert shared["losses"] == pytest.approx(copy["losses"], abs=1e-6)
     assert runs["weight_gap"] < 1e-6 < 1e-4 < copy["moved"]
+
+
+def test_zero2_gradient_norm_in_float32_chunks_matches_deepspeeds_float64(tmp_path):
+    """At ZeRO-2 on a CPU host the global gradient norm comes from ``chunked_zero_grad_norm``, not
+    DeepSpeed's float64 copies: every step's norm (the value clipping divides by) agrees
+    with DeepSpeed's own to 1e-6, and so do the losses and the weights after 4 steps."""
+    runs = _engine_pair(tmp_path, "zero2.json", "chunked_zero_grad_norm")
+    ds, chunked = runs["deepspeed"], runs["adjusted"]
+    assert chunked["returned"] is True
+    assert all(n > CLIP for n in ds["norms"])  # clipping acted at every step, so the norm's value mattered
+    assert chunked["norms"] == pytest.approx(ds["norms"], rel=1e-6)
+    assert chunked["losses"] == pytest.approx(ds["losses"], abs=1e-6)
+    assert runs["weight_gap"] < 1e-6 < 1e-4 < ds["moved"]
