@@ -34,7 +34,7 @@ def _engines(model_name: str, tokenizer, objectives: dict):
 
     from dist_robust.config import RunConfig
     from dist_robust.ds_config import default_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, word_embeddings
+    from dist_robust.models import build_model, chunked_zero_grad_norm, word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, build_objective
 
     out = {}
@@ -45,6 +45,7 @@ def _engines(model_name: str, tokenizer, objectives: dict):
         ds = resolve_ds_config(cfg, 1)
         model = build_model(model_name, LABELS, tokenizer, seed=0)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        chunked_zero_grad_norm(engine)  # as the trainer does
         engine.train()  # dropout on, as in training (a pretrained model arrives in eval mode)
         out[name] = (engine, build_objective(obj_cfg), EmbeddingPerturbation(word_embeddings(engine.module)))
     return out
