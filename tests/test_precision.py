@@ -62,5 +62,7 @@ def test_sum_of_squares_keeps_float64_accuracy_where_torchs_cpu_norm_does_not():
     got = sum_of_squares(tensors)
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(exact, rel=1e-6)
+    half = torch.randn(1 << 22, generator=g).bfloat16()  # ZeRO-2 in bf16 reduces bf16 gradients
+    assert sum_of_squares([half]).item() == pytest.approx(half.double().pow(2).sum().item(), rel=1e-4)
     assert sum_of_squares([]).item() == 0.0
     assert torch.isnan(sum_of_squares([torch.tensor([1.0, float("nan")])]))
