@@ -73,12 +73,14 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     from torch.distributed import DistNetworkError
 
     from dist_robust.checkpointing import CheckpointError, PublishError
+    from dist_robust.distributed import end_process_group
     from dist_robust.stability import TrainingDivergedError
     from dist_robust.trainer import run
 
     try:
         with stops_as_exceptions():
             run(cfg)
+            end_process_group()
     except Stopped:
         print(f"rank {os.environ.get('RANK', '0')}: stopped by SIGTERM. Rerun the same command with --resume auto "
               "to continue from the last checkpoint.", file=sys.stderr)

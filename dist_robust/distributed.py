@@ -33,6 +33,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def end_process_group() -> None:
+    """After a run that ended well on every rank: meet at a barrier, then destroy the process group.
+
+    Left to interpreter exit, the group's gloo worker threads can outlive what they use: now and
+    then a rank aborted after its run had finished ("terminate called without an active
+    exception", pytorch/pytorch#190489), and the launcher then killed the other ranks. Never
+    after an error: another rank may still be inside a collective, and destroying would hang.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 MPI_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
