@@ -73,14 +73,12 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     from torch.distributed import DistNetworkError
 
     from dist_robust.checkpointing import CheckpointError, PublishError
-    from dist_robust.distributed import end_process_group
     from dist_robust.stability import TrainingDivergedError
     from dist_robust.trainer import run
 
     try:
         with stops_as_exceptions():
             run(cfg)
-            end_process_group()
     except Stopped:
         print(f"rank {os.environ.get('RANK', '0')}: stopped by SIGTERM. Rerun the same command with --resume auto "
               "to continue from the last checkpoint.", file=sys.stderr)
@@ -263,7 +261,14 @@ def leave(status: int) -> int:
     several times while it clears the modules: 2.5 s per process after a training run, paid by
     every rank, eval and certify. Those objects are about to go anyway: frozen, the collector
     skips them (files are closed and flushed by ``with`` blocks, logging by its own exit hook).
+    After success, a process group the command joined is ended first
+    (:func:`~dist_robust.distributed.end_process_group`), here rather than after each run: a
+    process may train several runs in one group.
     """
+    if status == 0 and "torch" in sys.modules:
+        from dist_robust.distributed import end_process_group
+
+        end_process_group()
     gc.freeze()
     return status
 
