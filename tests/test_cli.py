@@ -170,3 +170,18 @@ def test_sigterm_closes_the_run_and_says_how_to_resume(tmp_path):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_a_command_that_succeeded_ends_its_process_group_before_exit():
+    """``cli.leave`` destroys the process group after success (gloo's threads otherwise outlive the
+    interpreter, pytorch/pytorch#190489) and leaves it alone after an error (other ranks may still be
+    in a collective). One gloo rank in a fresh process, each way."""
+    code = ("import torch.distributed as dist, sys; from dist_robust.cli import leave; "
+            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=1); "
+            "leave(int(sys.argv[1])); print(dist.is_initialized())")
+    from dist_robust.distributed import free_port
+
+    for status, still in ((0, "False"), (1, "True")):
+        out = subprocess.run([sys.executable, "-c", code.format(port=free_port()), str(status)], capture_output=True,
+                             text=True, check=True, cwd=REPO).stdout.strip()
+        assert out == still

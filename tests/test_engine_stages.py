@@ -11,6 +11,7 @@ import json
 import pytest
 
 from dist_robust.data.synthetic import LANGUAGES
+from tests.engine_pair import CLIP
 from tests.launch import REPO, TINY, deepspeed, results
 
 pytestmark = pytest.mark.launcher
@@ -98,9 +99,6 @@ def test_bf16_follows_fp32(stage_runs, objective):
         gap = max(abs(a - b) for a, b in zip(bf16, fp32))
         effect = max(abs(a - b) for a, b in zip(bf16, stage_runs["bf16"]["erm"]["train_losses"]))
         assert effect > 2 * gap, f"bf16 {objective} is no further from bf16 ERM ({effect:.1e}) than from fp32"
-
-
-CLIP = 0.25  # tests/engine_pair.py's gradient clipping
 
 
 def _engine_pair(tmp_path, config: str, adjustment: str) -> dict:
