@@ -191,7 +191,9 @@ def _embedding_in_blocks(model, ds: dict, blocks: int) -> None:
     import deepspeed
     import torch
 
-    embedding = model.get_input_embeddings()
+    from dist_robust.models import word_embeddings
+
+    embedding = word_embeddings(model)
     with deepspeed.zero.GatheredParameters([embedding.weight]):
         full = embedding.weight.detach().clone()
     bounds = [round(i * full.shape[0] / blocks) for i in range(blocks + 1)]

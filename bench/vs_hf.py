@@ -59,7 +59,6 @@ H100_BF16_DENSE_TFLOPS = 989.0
 LABELS = ("entailment", "neutral", "contradiction")
 SEED = 0
 _TICKS: list = []  # called after every step's time stamp (the profiler's step, with --profile)
-_TRAINED: list = []  # the model each approach trains, to count its trainable parameters
 
 
 def default_model() -> str:
@@ -118,20 +117,19 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
     prof = _profiler(args) if args.profile else None
-    stamps: list[float] = []
     if args.worker == "plain":
-        stamps = _plain(args, total)
+        stamps, model = _plain(args, total)
     elif args.worker.startswith("hf"):
-        stamps = _hf(args, total, zero=args.worker.split("+")[1] if "+" in args.worker else None)
+        stamps, model = _hf(args, total, zero=args.worker.split("+")[1] if "+" in args.worker else None)
     else:
         _, zero, *objective = args.worker.split("+")
-        stamps = _ours(args, total, zero, *objective)
+        stamps, model = _ours(args, total, zero, *objective)
     times = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup - 1:]
     if prof is not None:
         prof.stop()
         _write_profile(prof, args)
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if args.device == "cuda" else 0.0
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in _TRAINED[0].parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return {"times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mib": gpu, "trainable": trainable}
 
@@ -201,11 +199,11 @@ def _batches(model, total: int, batch: int, length: int, device: str = "cpu"):
         yield {k: v.to(device) for k, v in b.items()}
 
 
-def _plain(args, total: int) -> list[float]:
+def _plain(args, total: int):
+    """(step time stamps, the model trained)."""
     import torch
 
     model, _ = _model(args.model)
-    _TRAINED.append(model)
     model.to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
@@ -220,15 +218,14 @@ def _plain(args, total: int) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.item()  # what any loop that prints or logs its loss pays
         _stamp(stamps)
-    return stamps
+    return stamps, model
 
 
-def _hf(args, total: int, zero: str | None) -> list[float]:
+def _hf(args, total: int, zero: str | None):
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model, _ = _model(args.model)
-    _TRAINED.append(model)
     ids, labels = _rows(model.config.vocab_size, total * args.batch, args.length)
 
     class Rows(torch.utils.data.Dataset):
@@ -256,10 +253,10 @@ def _hf(args, total: int, zero: str | None) -> list[float]:
                               disable_tqdm=True, dataloader_num_workers=0, use_cpu=args.device == "cpu", seed=SEED,
                               deepspeed=ds, bf16=args.bf16)
     Trainer(model=model, args=targs, train_dataset=Rows(), callbacks=[Clock()]).train()
-    return stamps
+    return stamps, model
 
 
-def _ours(args, total: int, zero: str, objective: str = "erm") -> list[float]:
+def _ours(args, total: int, zero: str, objective: str = "erm"):
     from dist_robust import trainer as T
     from dist_robust.argparsing import add_run_arguments, config_from_args
     from dist_robust.data.pipeline import Encoded
@@ -279,7 +276,6 @@ def _ours(args, total: int, zero: str, objective: str = "erm") -> list[float]:
         "--max-steps", str(total), "--warmup-ratio", "0", "--mlflow-uri", "none", "--no-progress",
         "--output-dir", out, "--synthetic-train-size", "64", "--synthetic-eval-size", "8", "--seed", str(SEED)]))
     setup = T._setup(cfg)
-    _TRAINED.append(setup.engine.module)
     ids, labels = _rows(setup.engine.module.config.vocab_size, total * args.batch, args.length)
     setup.train_set = Encoded([r.tolist() for r in ids], labels.tolist())
     state = T._resume(setup)
@@ -290,7 +286,7 @@ def _ours(args, total: int, zero: str, objective: str = "erm") -> list[float]:
         state.train_losses.append(stats["loss"])
         T._log_step(setup, state, stats, time.perf_counter() - t0)
         _stamp(stamps)
-    return stamps
+    return stamps, setup.engine.module
 
 
 def _shape(name: str):

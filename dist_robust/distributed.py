@@ -42,7 +42,7 @@ def end_process_group() -> None:
     after an error: another rank may still be inside a collective, and destroying would hang.
     """
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
