@@ -13,10 +13,11 @@ after another, ERM in fp32 with torch AdamW (lr 1e-5, weight decay 0.01) and gra
 * a ds_config: a DeepSpeed engine built the way the trainer builds it (ZeRO-3 models are created
   already partitioned, and in fp32 their parameter partitions serve as the master weights; at
   ZeRO-1/2 on a CPU host the gradient norm is taken in chunks of float32, not float64 copies),
-  ``engine.backward`` / ``engine.step``; ``CONFIG+as-deepspeed``: the same engine as DeepSpeed
-  alone builds it (its second fp32 copy at ZeRO-3, its float64 gradient norm at ZeRO-1/2);
-  ``CONFIG+embedding-blocks`` (ZeRO-3 only): a probe with the word embedding split into 8 blocks
-  of rows, each gathered and reduced on its own (see ``_embedding_in_blocks``).
+  ``engine.backward`` / ``engine.step``, with the word embedding in 8 row blocks where the trainer
+  splits it (a ZeRO-3 config that releases layers after use, as ``zero3.json``);
+  ``CONFIG+as-deepspeed``: the same engine as DeepSpeed alone builds it (its second fp32 copy at
+  ZeRO-3, its float64 gradient norm at ZeRO-1/2, one embedding matrix); ``CONFIG+one-matrix``: the
+  trainer's engine with ``--embedding-blocks 1``.
 
 Dropout is off, so every approach computes the same losses (printed: the largest gap to the
 first) and gradient norms before clipping (printed: the largest relative gap to the first; DDP's
@@ -48,8 +49,7 @@ LABELS = ("entailment", "neutral", "contradiction")
 DEFAULT = ["ddp", "ds_configs/zero2.json", "ds_configs/zero3.json"]
 DDP = {"ddp": False, "ddp-fused": True}  # plain DDP, with torch AdamW's default or its fused kernel
 AS_DEEPSPEED = "as-deepspeed"  # CONFIG+as-deepspeed: without the trainer's adjustments to DeepSpeed's engine
-EMBEDDING_BLOCKS = "embedding-blocks"  # ZeRO-3 CONFIG+embedding-blocks: a probe, the word embedding in row blocks
-BLOCKS = 8
+ONE_MATRIX = "one-matrix"  # CONFIG+one-matrix: the trainer's engine with the word embedding not in blocks
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -117,12 +117,13 @@ def worker(args: argparse.Namespace) -> None:
         import deepspeed
 
         from dist_robust.config import RunConfig
-        from dist_robust.ds_config import load_ds_config, resolve_ds_config
-        from dist_robust.models import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
+        from dist_robust.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
+        from dist_robust.models import (chunked_zero_grad_norm, share_zero3_master_weights, split_word_embeddings,
+                                        zero3_context)
 
         path, _, suffix = args.worker.partition("+")
-        if suffix not in ("", AS_DEEPSPEED, EMBEDDING_BLOCKS):
-            sys.exit(f"approach {args.worker}: the suffixes are +{AS_DEEPSPEED} and +{EMBEDDING_BLOCKS}")
+        if suffix not in ("", AS_DEEPSPEED, ONE_MATRIX):
+            sys.exit(f"approach {args.worker}: the suffixes are +{AS_DEEPSPEED} and +{ONE_MATRIX}")
         as_deepspeed = suffix == AS_DEEPSPEED
         cfg = RunConfig(ds_config=load_ds_config(str(REPO / path)))
         cfg.train.micro_batch_size, cfg.model.name, cfg.train.lr = args.batch, args.model, 1e-5
@@ -132,10 +133,11 @@ def worker(args: argparse.Namespace) -> None:
         D.settle_zero3_host_memory(ds)  # as the trainer does
         keep_alive.append(zero3_context(ds))  # while the engine exists (ZeRO-3)
         model = build_model(args.model, LABELS, tokenizer, dropout=0.0, seed=0)
-        if suffix == EMBEDDING_BLOCKS:
-            if ds["zero_optimization"].get("stage") != 3:
-                sys.exit(f"approach {args.worker}: +{EMBEDDING_BLOCKS} is a ZeRO-3 probe")
-            _embedding_in_blocks(model, ds, BLOCKS)
+        if suffix == ONE_MATRIX:
+            cfg.model.embedding_blocks = 1
+        if not as_deepspeed:  # as the trainer splits it (every parameter trains here)
+            blocks = split_word_embeddings(model, embedding_blocks(cfg, ds, frozen=False), ds)
+            print(f"rank {rank}: word embedding in {blocks} block(s)", file=sys.stderr, flush=True)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
         if not as_deepspeed:  # the project's adjustments, as the trainer makes them
@@ -176,49 +178,6 @@ def worker(args: argparse.Namespace) -> None:
                                       "losses": losses, "norms": norms, "phases": split, "after_forward": after_forward,
                                       "resting": resting}), flush=True)
     dist.barrier()  # (no destroy_process_group: ZeRO-3 may still hold prefetch handles, as in the trainer)
-
-
-def _embedding_in_blocks(model, ds: dict, blocks: int) -> None:
-    """Replace a ZeRO-3 model's word embedding by ``blocks`` embeddings of consecutive rows.
-
-    A probe of where ZeRO-3's peak goes, not a shipped setting: at XLM-R-large the peak comes in the
-    word embedding's backward, which holds the gathered matrix, its dense gradient and the copy
-    the gradient is reduced from (3 x 0.95 GiB). In blocks, each block is gathered, and its
-    gradient made and reduced, on its own. Every token is looked up in its block and the blocks'
-    outputs added, each masked to its own tokens, so the forward, the gradients and the losses
-    are exactly the unsplit model's (masks of 0 and 1; every sum adds zeros).
-    """
-    import deepspeed
-    import torch
-
-    from dist_robust.models import word_embeddings
-
-    embedding = word_embeddings(model)
-    with deepspeed.zero.GatheredParameters([embedding.weight]):
-        full = embedding.weight.detach().clone()
-    bounds = [round(i * full.shape[0] / blocks) for i in range(blocks + 1)]
-    pad = embedding.padding_idx
-
-    class Blocks(torch.nn.Module):
-        def __init__(self, weight: torch.Tensor, bounds: list[int], pad: int | None):
-            super().__init__()
-            self.bounds = bounds
-            self.blocks = torch.nn.ModuleList(
-                torch.nn.Embedding.from_pretrained(weight[a:b].clone(), freeze=False,
-                                                   padding_idx=pad - a if pad is not None and a <= pad < b else None)
-                for a, b in zip(bounds, bounds[1:]))
-
-        def forward(self, ids):
-            out = 0
-            for a, b, block in zip(self.bounds, self.bounds[1:], self.blocks):
-                inside = (ids >= a) & (ids < b)
-                out = out + block(torch.where(inside, ids - a, 0)) * inside.unsqueeze(-1)
-            return out
-
-    with deepspeed.zero.Init(config_dict_or_path=ds):  # each block partitioned as it is made
-        split = Blocks(full, bounds, pad)
-    del full  # the gathered copy: only the blocks' partitions remain
-    model.set_input_embeddings(split)
 
 
 def _resident() -> float:

@@ -35,6 +35,7 @@ import tempfile
 from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust import storage
+from dist_robust.models import join_word_embedding_blocks
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +521,7 @@ def export_model(engine, tokenizer, store: CheckpointStore) -> str:
     """Write the model (safetensors) and tokenizer with ``save_pretrained`` and publish them; return the URI."""
     state = consolidated_state_dict(engine)
     if D.is_main():
+        state = join_word_embedding_blocks(engine.module, state)  # the names from_pretrained expects
         local = os.path.join(store.mirror, "model")
         engine.module.save_pretrained(local, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(local)

@@ -92,6 +92,27 @@ def user_grad_accum(ds: dict, obj: ObjectiveConfig) -> int:
     return ds["gradient_accumulation_steps"] // micro_steps_per_batch(obj)
 
 
+ZERO3_EMBEDDING_BLOCKS = 8  # the word embedding's row blocks by default under a releasing ZeRO-3
+RELEASING = 1e8  # ZeRO-3 live-parameter and reuse-distance limits at or below which layers are released
+
+
+def embedding_blocks(cfg: RunConfig, ds: dict, frozen: bool) -> int:
+    """Row blocks for the word embedding: as asked; by default 8 when ZeRO-3 releases what it gathers.
+
+    With the layers released after use (``stage3_max_live_parameters`` and
+    ``stage3_max_reuse_distance`` at most 1e8, as in ds_configs/zero3.json), the word embedding's
+    backward is a ZeRO-3 step's memory peak at XLM-R scale, and in blocks it is about an eighth of
+    it, with the same losses (``models.RowBlockEmbedding``). With DeepSpeed's default limits every
+    layer stays gathered into the backward anyway, and 8 lookups only slow the forward
+    (docs/benchmarks.md). Frozen embeddings have no gradient to split."""
+    if cfg.model.embedding_blocks is not None:
+        return cfg.model.embedding_blocks
+    zero = ds.get("zero_optimization", {})
+    releases = all(float(zero.get(key, 1e9)) <= RELEASING
+                   for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"))
+    return ZERO3_EMBEDDING_BLOCKS if zero.get("stage", 0) == 3 and releases and not frozen else 1
+
+
 _SECTIONS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler")
 
 
@@ -114,6 +135,10 @@ def ds_config_problems(cfg: RunConfig, world_size: int) -> list[str]:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         p.append(f"{src}: zero_optimization.stage = {stage!r}: accepted stages: 0, 1, 2, 3")
+    blocks = cfg.model.embedding_blocks
+    if blocks is not None and blocks > 1 and stage != 3:
+        p.append(f"model.embedding_blocks (--embedding-blocks) = {blocks}: only ZeRO-3 holds the word embedding in "
+                 f"blocks ({src} is stage {stage}); leave it unset or 1, or use a stage-3 ds_config")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         p.append(f"{src}: fp16.enabled and bf16.enabled are both true: enable at most one")
     sizes = {k: ds.get(k, "auto") for k in

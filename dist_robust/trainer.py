@@ -24,7 +24,7 @@ from dist_robust.clock import duration
 from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, export_model, load_tag, read_layout,
                                       resolve_resume, step_tag)
 from dist_robust.config import ConfigError, RunConfig
-from dist_robust.ds_config import resolve_ds_config, user_grad_accum
+from dist_robust.ds_config import embedding_blocks, resolve_ds_config, user_grad_accum
 from dist_robust.validation import validate
 from dist_robust.data.augment import SynonymAugmenter, load_neighbors
 from dist_robust.data.cache import encode_cached
@@ -32,8 +32,9 @@ from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per
                                        to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
 from dist_robust.models import (align_word_embeddings, build_model, chunked_zero_grad_norm, count_parameters,
-                                forget_zero3_module, is_builtin, load_tokenizer, share_zero3_master_weights,
-                                train_tokenizer, word_embeddings, zero3_context)
+                                embedding_block_count, forget_zero3_module, is_builtin, load_tokenizer,
+                                share_zero3_master_weights, split_word_embeddings, train_tokenizer, word_embeddings,
+                                zero3_context)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.objectives.smart import precision_caveat
 from dist_robust.outputs import final_metrics, write_outputs
@@ -236,7 +237,12 @@ def _setup(cfg: RunConfig) -> Setup:
     zero3 = zero3_context(ds)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.label_names, tokenizer, cfg.model.dropout, cfg.train.seed)
-    _pretrained_lexicon(cfg, data, tokenizer, model)
+    frozen = _pretrained_lexicon(cfg, data, tokenizer, model)
+    blocks = split_word_embeddings(model, embedding_blocks(cfg, ds, frozen), ds)
+    _check_resume_blocks(resume, blocks)
+    if blocks > 1:
+        log.info("word embedding: %d blocks of rows, each gathered and reduced on its own (ZeRO-3; "
+                 "--embedding-blocks 1 keeps one matrix)", blocks)
     clock.mark("model")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds)
@@ -275,9 +281,10 @@ def optimizer_name(engine) -> str:
     return type(opt).__name__ + (" (fused)" if fused else "")
 
 
-def _pretrained_lexicon(cfg: RunConfig, data: TaskData, tokenizer, model) -> None:
+def _pretrained_lexicon(cfg: RunConfig, data: TaskData, tokenizer, model) -> bool:
     """Built-in models on a task with anchors (the synthetic one) start from its aligned lexicon,
-    frozen unless ``--no-freeze-embeddings``; ``--freeze-embeddings`` freezes any model's."""
+    frozen unless ``--no-freeze-embeddings``; ``--freeze-embeddings`` freezes any model's.
+    Returns whether the embeddings are frozen."""
     builtin = is_builtin(cfg.model.name)
     if builtin and data.anchors:
         aligned, skipped = align_word_embeddings(model, tokenizer, data.anchors, cfg.train.seed)
@@ -289,6 +296,19 @@ def _pretrained_lexicon(cfg: RunConfig, data: TaskData, tokenizer, model) -> Non
         freeze = builtin and bool(data.anchors)
     if freeze:  # the whole embedding layer: trainable positions would soon drown fixed word vectors
         getattr(model.base_model, "embeddings", word_embeddings(model)).requires_grad_(False)
+    return bool(freeze)
+
+
+def _check_resume_blocks(resume: ResumePoint | None, blocks: int) -> None:
+    """A checkpoint names its embedding's parameters by its blocks: resume with as many."""
+    if resume is None or resume.layout is None:
+        return
+    held = resume.layout.get("embedding_blocks", 1)  # (checkpoints from before blocks existed: 1)
+    if held != blocks:
+        where = " on a ZeRO-3 ds_config" if held > 1 else ""
+        raise ConfigError([f"model.embedding_blocks (--embedding-blocks) = {blocks}: the checkpoint {resume.root}/"
+                           f"{resume.tag} holds the word embedding in {held} block(s); resume with "
+                           f"--embedding-blocks {held}{where}"])
 
 
 def _find_resume(cfg: RunConfig, store: CheckpointStore) -> ResumePoint | None:
@@ -342,7 +362,8 @@ def _layout(setup: Setup) -> dict:
     """What a resume on another world size needs to know about this run's batches."""
     return {"world_size": D.world_size(), "micro_batch_size": setup.ds_config["train_micro_batch_size_per_gpu"],
             "grad_accum": user_grad_accum(setup.ds_config, setup.cfg.objective),
-            "zero_stage": setup.engine.zero_optimization_stage(), "train_size": len(setup.train_set)}
+            "zero_stage": setup.engine.zero_optimization_stage(), "train_size": len(setup.train_set),
+            "embedding_blocks": embedding_block_count(setup.engine.module)}
 
 
 def _save(setup: Setup, state: State, tag: str, pointer: str = LATEST) -> str:

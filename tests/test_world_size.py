@@ -94,6 +94,7 @@ def world_size_runs(tmp_path_factory):
 def test_layout_is_recorded_with_every_checkpoint(world_size_runs):
     tag = world_size_runs["root"] / "straight" / "zero2" / "pgd" / "checkpoints" / "step-00000004"
     layout = json.loads((tag / "layout.json").read_text())
-    assert layout == {"world_size": 2, "micro_batch_size": 8, "grad_accum": 1, "zero_stage": 2, "train_size": 256}
+    assert layout == {"world_size": 2, "micro_batch_size": 8, "grad_accum": 1, "zero_stage": 2, "train_size": 256,
+                      "embedding_blocks": 1}
     manifest = json.loads((tag / "manifest.json").read_text())
     assert "layout.json" in manifest["files"]
