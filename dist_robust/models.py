@@ -387,7 +387,9 @@ def split_word_embeddings(model: torch.nn.Module, blocks: int, ds_config: dict) 
 
     Under ZeRO-3 (``ds_config``'s stage 3) the matrix is gathered once and each block is made
     partitioned. The blocks keep the embedding's padding row, dtype and ``requires_grad``. Returns
-    the number of blocks made (at most one per row); 1 leaves the model as it is. Checkpoints then
+    the number of blocks made (at most one per row); 1 leaves the model as it is, as does an
+    embedding that is not a plain ``nn.Embedding`` (a subclass may scale or reshape its output,
+    which the blocks would not repeat). Checkpoints then
     name the blocks' parameters (``...word_embeddings.blocks.<i>.weight``);
     :func:`join_word_embedding_blocks` turns a state dict back into the model's own names.
     """
@@ -396,6 +398,12 @@ def split_word_embeddings(model: torch.nn.Module, blocks: int, ds_config: dict) 
     embedding = word_embeddings(model)
     if isinstance(embedding, RowBlockEmbedding):
         raise ValueError("the word embedding is in blocks already")
+    if blocks > 1 and (type(embedding) is not torch.nn.Embedding or embedding.max_norm is not None
+                       or embedding.scale_grad_by_freq or embedding.sparse):
+        log.warning("word embedding kept as one matrix: blocks replace a plain nn.Embedding only, and this "
+                    "model's is a %s%s", type(embedding).__name__,
+                    " with max_norm, scale_grad_by_freq or sparse set" if type(embedding) is torch.nn.Embedding else "")
+        return 1
     rows = embedding.weight.ds_shape[0] if hasattr(embedding.weight, "ds_shape") else embedding.weight.shape[0]
     blocks = max(1, min(blocks, rows))
     if blocks == 1:

@@ -81,6 +81,18 @@ def test_more_blocks_than_rows_and_frozen_embeddings():
     assert all(not p.requires_grad for p in word_embeddings(model).parameters())
 
 
+def test_embeddings_that_are_not_plain_stay_one_matrix():
+    class Scaled(torch.nn.Embedding):  # as some models scale their word embeddings' output
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    model = _classifier()
+    model.set_input_embeddings(Scaled(103, 16, padding_idx=1))
+    assert split_word_embeddings(model, 8, {}) == 1 and type(word_embeddings(model)) is Scaled
+    model.set_input_embeddings(torch.nn.Embedding(103, 16, max_norm=1.0))
+    assert split_word_embeddings(model, 8, {}) == 1 and embedding_block_count(model) == 1
+
+
 def test_blocks_outside_zero3_fail_before_start():
     cfg = RunConfig(ds_config=load_ds_config(str(REPO / "ds_configs" / "zero2.json")))
     cfg.ds_config_path = "ds_configs/zero2.json"
