@@ -59,8 +59,9 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
     import deepspeed
 
     from dist_robust.config import ObjectiveConfig, RunConfig
-    from dist_robust.ds_config import load_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
+    from dist_robust.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
+    from dist_robust.models import (build_model, chunked_zero_grad_norm, share_zero3_master_weights,
+                                    split_word_embeddings, zero3_context)
 
     cfg = RunConfig(ds_config=load_ds_config(ds_path))
     cfg.objective = ObjectiveConfig(name=args.objective)
@@ -68,6 +69,7 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
     ds = resolve_ds_config(cfg, world)
     handle = zero3_context(ds)
     model = build_model(args.model, LABELS, tokenizer, seed=0)
+    split_word_embeddings(model, embedding_blocks(cfg, ds, frozen=False), ds)  # as the trainer does (all train)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     share_zero3_master_weights(engine)  # as the trainer does
     chunked_zero_grad_norm(engine)
