@@ -1,4 +1,4 @@
-"""Resume on another number of ranks: 2 -> 1 and 1 -> 2, at ZeRO-2 and ZeRO-3.
+"""Resume on another number of ranks: 2 -> 1 and 1 -> 2, at ZeRO-2 and ZeRO-3 (and ZeRO-2 -> ZeRO-1).
 
 A 2-rank run trains 6 steps (checkpoints at 2, 4, 6). One rank resumes its step-2 checkpoint
 (converted to DeepSpeed's universal format) and trains to step 6 with twice the gradient
@@ -98,3 +98,30 @@ def test_layout_is_recorded_with_every_checkpoint(world_size_runs):
                       "embedding_blocks": 1}
     manifest = json.loads((tag / "manifest.json").read_text())
     assert "layout.json" in manifest["files"]
+
+
+def _one_rank(out, config: str, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *FLAGS, "--deepspeed", str(REPO / "ds_configs" / f"{config}.json"),
+                           "--objective", "pgd", "--output-dir", str(out), "--resume", "auto", *extra],
+                          cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_zero2_checkpoint_resumes_at_zero1_on_another_world_size(world_size_runs, tmp_path):
+    """ZeRO-1 and 2 share a checkpoint format: 2 ranks at ZeRO-2 -> 1 rank at ZeRO-1, same trajectory."""
+    straight = world_size_runs["straight"]["zero2"]
+    _rewind(world_size_runs["root"] / "straight" / "zero2" / "pgd", tmp_path / "run", "step-00000002")
+    proc = _one_rank(tmp_path / "run", "zero1")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    resumed = results(tmp_path / "run")
+    assert resumed["config"]["ds_config"]["zero_optimization"]["stage"] == 1
+    assert resumed["train_losses"] == pytest.approx(straight["train_losses"], abs=1e-6)
+
+
+def test_checkpoint_of_another_stage_format_is_refused_before_the_model_is_built(world_size_runs, tmp_path):
+    _rewind(world_size_runs["root"] / "straight" / "zero2" / "pgd", tmp_path / "run", "step-00000002")
+    proc = _one_rank(tmp_path / "run", "zero3")
+    assert proc.returncode != 0
+    assert ("step-00000002 was written at ZeRO-2 and this run is at ZeRO-3: DeepSpeed loads a checkpoint only at a "
+            "stage of its format" in proc.stderr)
+    assert "resume it with a ds_config at ZeRO-1 or 2, e.g. --deepspeed ds_configs/zero2.json" in proc.stderr
+    assert "dist_robust.trainer: resumed" not in proc.stderr and "parameters, 1 rank(s)" not in proc.stderr
