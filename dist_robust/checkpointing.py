@@ -482,7 +482,12 @@ FORMATS = {0: 0, 1: 1, 2: 1, 3: 3}  # ZeRO stage -> its checkpoint format (ZeRO-
 
 
 def check_stage(layout: dict | None, stage: int, shown: str) -> None:
-    """Raise CheckpointError when a checkpoint written at ``layout``'s ZeRO stage cannot load at ``stage``."""
+    """Raise CheckpointError when a checkpoint written at ``layout``'s ZeRO stage cannot load at ``stage``.
+
+    A checkpoint loads at its own ZeRO stage, or between ZeRO-1 and 2 (one format); DeepSpeed 0.19
+    loads no other stage's, even through the universal format (ZeRO-3 looks for per-rank
+    model-state files a ZeRO-2 checkpoint does not have).
+    """
     old_stage = layout.get("zero_stage", stage) if layout else stage
     if FORMATS.get(old_stage) != FORMATS.get(stage):
         fits = " or ".join(str(s) for s in sorted(FORMATS) if FORMATS[s] == FORMATS.get(old_stage))
@@ -499,15 +504,11 @@ def load_tag(engine, local_root: str, tag: str, layout: dict | None, **kwargs) -
     converted to the universal format and loaded as such (DeepSpeed's ``checkpoint.load_universal``
     switch, set for this one load: the run's own checkpoints stay in the native format), then the
     conversion is deleted (it is as large as the optimizer state). ZeRO-0 checkpoints hold the
-    whole optimizer state and load on any world size as they are. A checkpoint loads at its own
-    ZeRO stage, or between ZeRO-1 and 2 (one format); DeepSpeed 0.19 loads no other stage's, even
-    through the universal format (ZeRO-3 looks for per-rank model-state files a ZeRO-2 checkpoint
-    does not have), so that is refused, before anything is loaded, with the ds_config that fits.
+    whole optimizer state and load on any world size as they are. The tag must be of the engine's
+    checkpoint format (:func:`check_stage`, which the trainer calls before it builds the model).
     """
     old_world = layout["world_size"] if layout else D.world_size()
-    stage = engine.zero_optimization_stage()
-    check_stage(layout, stage, f"{local_root}/{tag}")
-    if old_world == D.world_size() or stage == 0:
+    if old_world == D.world_size() or engine.zero_optimization_stage() == 0:
         _, client_state = engine.load_checkpoint(local_root, tag=tag, **kwargs)
         return client_state
     universal_root = to_universal(local_root, tag, old_world)

@@ -74,6 +74,22 @@ def results(output_dir: str | Path) -> dict:
     return json.loads((Path(output_dir) / "results.json").read_text())
 
 
+def train_process(script_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python train.py ...`` as one process (one rank, no launcher) from the repository root; not checked."""
+    return subprocess.run([sys.executable, "train.py", *script_args], cwd=REPO, env=launcher_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rewind(src: str | Path, dst: str | Path, tag: str) -> None:
+    """Copy a finished run's directory as a run that stopped right after checkpoint ``tag``."""
+    shutil.copytree(src, dst)
+    (Path(dst) / "results.json").unlink()
+    ckpt = Path(dst) / "checkpoints"
+    for later in [p for p in ckpt.glob("step-*") if p.name > tag]:
+        shutil.rmtree(later)
+    (ckpt / "latest").write_text(tag)
+
+
 
 
 # Flags that make a launch small and quiet: tiny model, small synthetic task, no tracking.

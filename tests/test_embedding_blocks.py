@@ -10,9 +10,6 @@ the blocks) on the same trajectory, and refuse a resume that would hold the embe
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ from dist_robust.ds_config import load_ds_config
 from dist_robust.models import (RowBlockEmbedding, embedding_block_count, join_word_embedding_blocks,
                                 split_word_embeddings, word_embeddings)
 from dist_robust.validation import validate
-from tests.launch import REPO, TINY, deepspeed, launcher_env, results
+from tests.launch import REPO, TINY, deepspeed, results, rewind, train_process
 
 STEPS = 4
 
@@ -116,20 +113,13 @@ def block_runs(tmp_path_factory):
                                                           for c in ("zero2", "zero3")),
                "--objectives", "pgd", "--", *FLAGS], script="tests/engine_runs.py")
     run = root / "straight" / "zero3" / "pgd"
-    rewound = root / "one" / "zero3" / "pgd"
-    shutil.copytree(run, rewound)
-    (rewound / "results.json").unlink()
-    for later in (rewound / "checkpoints").glob("step-*"):
-        if later.name > "step-00000002":
-            shutil.rmtree(later)
-    (rewound / "checkpoints" / "latest").write_text("step-00000002")
-    refused = root / "refused"
-    shutil.copytree(rewound, refused)
+    rewound, refused = root / "one" / "zero3" / "pgd", root / "refused"
+    rewind(run, rewound, "step-00000002")
+    rewind(run, refused, "step-00000002")
 
     def one_rank(out, *extra):
-        return subprocess.run([sys.executable, "train.py", *FLAGS, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
-                               "--objective", "pgd", "--output-dir", str(out), "--resume", "auto", *extra],
-                              cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
+        return train_process([*FLAGS, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--objective", "pgd",
+                              "--output-dir", str(out), "--resume", "auto", *extra])
 
     resumed = one_rank(rewound)
     assert resumed.returncode == 0, resumed.stderr[-6000:]

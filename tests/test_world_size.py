@@ -11,13 +11,12 @@ used because its random start would differ if seeds followed ranks rather than d
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.launch import REPO, TINY, deepspeed, launcher_env, results
+from tests.launch import REPO, TINY, deepspeed, launcher_env, results, rewind, train_process
 
 pytestmark = pytest.mark.launcher
 
@@ -35,16 +34,6 @@ def _runs(out, nproc: int, configs=CONFIGS, extra: list[str] = ()):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
-
-
-def _rewind(src, dst, tag: str) -> None:
-    """Copy a finished run's directory as a run that stopped right after checkpoint ``tag``."""
-    shutil.copytree(src, dst)
-    (dst / "results.json").unlink()
-    ckpt = dst / "checkpoints"
-    for later in [p for p in ckpt.glob("step-*") if p.name > tag]:
-        shutil.rmtree(later)
-    (ckpt / "latest").write_text(tag)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -82,9 +71,9 @@ def world_size_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("world-size")
     _runs(root / "straight", nproc=2)
     for config in CONFIGS:
-        _rewind(root / "straight" / config / "pgd", root / "one" / config / "pgd", "step-00000002")
+        rewind(root / "straight" / config / "pgd", root / "one" / config / "pgd", "step-00000002")
     one = _runs(root / "one", nproc=1, extra=["--resume", "auto"])
-    _rewind(root / "one" / "zero3" / "pgd", root / "two" / "zero3" / "pgd", "step-00000004")
+    rewind(root / "one" / "zero3" / "pgd", root / "two" / "zero3" / "pgd", "step-00000004")
     two = _runs(root / "two", nproc=2, configs=("zero3",), extra=["--resume", "auto"])
     out = {k: {c: results(root / k / c / "pgd") for c in CONFIGS} for k in ("straight", "one")}
     out["two"] = {"zero3": results(root / "two" / "zero3" / "pgd")}
@@ -100,16 +89,15 @@ def test_layout_is_recorded_with_every_checkpoint(world_size_runs):
     assert "layout.json" in manifest["files"]
 
 
-def _one_rank(out, config: str, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *FLAGS, "--deepspeed", str(REPO / "ds_configs" / f"{config}.json"),
-                           "--objective", "pgd", "--output-dir", str(out), "--resume", "auto", *extra],
-                          cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
+def _one_rank(out, config: str) -> subprocess.CompletedProcess:
+    return train_process([*FLAGS, "--deepspeed", str(REPO / "ds_configs" / f"{config}.json"), "--objective", "pgd",
+                          "--output-dir", str(out), "--resume", "auto"])
 
 
 def test_zero2_checkpoint_resumes_at_zero1_on_another_world_size(world_size_runs, tmp_path):
     """ZeRO-1 and 2 share a checkpoint format: 2 ranks at ZeRO-2 -> 1 rank at ZeRO-1, same trajectory."""
     straight = world_size_runs["straight"]["zero2"]
-    _rewind(world_size_runs["root"] / "straight" / "zero2" / "pgd", tmp_path / "run", "step-00000002")
+    rewind(world_size_runs["root"] / "straight" / "zero2" / "pgd", tmp_path / "run", "step-00000002")
     proc = _one_rank(tmp_path / "run", "zero1")
     assert proc.returncode == 0, proc.stderr[-6000:]
     resumed = results(tmp_path / "run")
@@ -118,7 +106,7 @@ def test_zero2_checkpoint_resumes_at_zero1_on_another_world_size(world_size_runs
 
 
 def test_checkpoint_of_another_stage_format_is_refused_before_the_model_is_built(world_size_runs, tmp_path):
-    _rewind(world_size_runs["root"] / "straight" / "zero2" / "pgd", tmp_path / "run", "step-00000002")
+    rewind(world_size_runs["root"] / "straight" / "zero2" / "pgd", tmp_path / "run", "step-00000002")
     proc = _one_rank(tmp_path / "run", "zero3")
     assert proc.returncode != 0
     assert ("step-00000002 was written at ZeRO-2 and this run is at ZeRO-3: DeepSpeed loads a checkpoint only at a "
