@@ -434,115 +434,118 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+class _Problems:
+    """Problems found so far, one per key (the first found): ``bad(key, value, accepted)`` adds one."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._keys: set[str] = set()
+
+    def bad(self, key: str, value: Any, accepted: str) -> None:
+        if key not in self._keys:
+            self._keys.add(key)
+            self.lines.append(f"{_key_desc(key)} = {value!r}: {accepted}")
+
+    def one_of(self, section: Any, prefix: str, key: str, accepted, what: str = "") -> None:
+        """``section.key`` must be one of ``accepted`` (the message says "accepted <what>: ...")."""
+        value = getattr(section, key)
+        if value not in accepted:
+            self.bad(f"{prefix}.{key}", value, f"accepted{' ' + what if what else ''}: {', '.join(accepted)}")
+
+    def at_least(self, section: Any, prefix: str, keys: tuple[str, ...], low: int, accepted: str) -> None:
+        """Each of ``keys`` in ``section`` (skipped when None) must be ``>= low``."""
+        for key in keys:
+            value = getattr(section, key)
+            if value is not None and value < low:
+                self.bad(f"{prefix}.{key}", value, accepted)
+
+
 def config_problems(cfg: RunConfig, world_size: int) -> list[str]:
     """Every problem of the config's fields, one per key (``validation.validate`` adds the ds_config's)."""
-    p: list[str] = []
-
-    reported: set[str] = set()
-
-    def bad(key: str, value: Any, accepted: str) -> None:
-        if key not in reported:  # one problem per key: the first found
-            reported.add(key)
-            p.append(f"{_key_desc(key)} = {value!r}: {accepted}")
-
-    o, t, d, m = cfg.objective, cfg.train, cfg.data, cfg.model
+    p = _Problems()
     for section, f in iter_fields():
         value = getattr(getattr(cfg, section), f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            bad(f"{section}.{f.name}", value, "must be a finite number")
-    if o.name not in OBJECTIVES:
-        bad("objective.name", o.name, f"accepted objectives: {', '.join(OBJECTIVES)}")
-    if o.norm not in NORMS:
-        bad("objective.norm", o.norm, f"accepted norms: {', '.join(NORMS)}")
+            p.bad(f"{section}.{f.name}", value, "must be a finite number")
     for tag in cfg.tracking.tags:
         if "=" not in tag or not tag.partition("=")[0]:
-            bad("tracking.tags", tag, "expected KEY=VALUE, e.g. method=pgd")
-    if o.linf_step not in LINF_STEPS:
-        bad("objective.linf_step", o.linf_step, f"accepted: {', '.join(LINF_STEPS)}")
-    if o.init_mag is not None and o.init_mag < 0:
-        bad("objective.init_mag", o.init_mag, "must be >= 0 (or unset)")
-    if o.adv_begin_step < 0:
-        bad("objective.adv_begin_step", o.adv_begin_step, "must be >= 0")
-    if o.scale not in SCALES:
-        bad("objective.scale", o.scale, f"accepted: {', '.join(SCALES)}")
-    for key, value in (("epsilon", o.epsilon), ("alpha", o.alpha), ("sigma", o.sigma)):
-        if value < 0:
-            bad(f"objective.{key}", value, "must be >= 0")
+            p.bad("tracking.tags", tag, "expected KEY=VALUE, e.g. method=pgd")
+    _objective_problems(cfg.objective, p)
+    _certify_problems(cfg, p)
+    _data_problems(cfg.data, p)
+    _model_problems(cfg.model, p)
+    _train_problems(cfg.train, p)
+    return p.lines
+
+
+def _objective_problems(o: ObjectiveConfig, p: _Problems) -> None:
+    for key, accepted, what in (("name", OBJECTIVES, "objectives"), ("norm", NORMS, "norms"),
+                                ("linf_step", LINF_STEPS, ""), ("scale", SCALES, ""), ("noise_type", NOISE_TYPES, "")):
+        p.one_of(o, "objective", key, accepted, what)
+    p.at_least(o, "objective", ("init_mag",), 0, "must be >= 0 (or unset)")
+    p.at_least(o, "objective", ("adv_begin_step", "epsilon", "alpha", "sigma", "smart_lambda", "noise_scale"), 0,
+               "must be >= 0")
     if o.adv_steps < (0 if o.name == "smart" else 1):
-        bad("objective.adv_steps", o.adv_steps, "must be >= 1 (>= 0 for smart)")
-    if o.noise_type not in NOISE_TYPES:
-        bad("objective.noise_type", o.noise_type, f"accepted: {', '.join(NOISE_TYPES)}")
-    for key, value in (("smart_lambda", o.smart_lambda), ("noise_scale", o.noise_scale)):
-        if value < 0:
-            bad(f"objective.{key}", value, "must be >= 0")
+        p.bad("objective.adv_steps", o.adv_steps, "must be >= 1 (>= 0 for smart)")
     if not 0.0 <= o.adv_weight <= 1.0:
-        bad("objective.adv_weight", o.adv_weight, "must be in [0, 1]")
-    if o.noise_samples < 1:
-        bad("objective.noise_samples", o.noise_samples, "must be >= 1")
+        p.bad("objective.adv_weight", o.adv_weight, "must be in [0, 1]")
+    p.at_least(o, "objective", ("noise_samples",), 1, "must be >= 1")
+
+
+def _certify_problems(cfg: RunConfig, p: _Problems) -> None:
     c = cfg.certify
-    if c.method not in CERTIFY_METHODS:
-        bad("certify.method", c.method, f"accepted: {', '.join(CERTIFY_METHODS)}")
-    for key in ("samples", "selection"):
-        if getattr(c, key) < 1:
-            bad(f"certify.{key}", getattr(c, key), "must be >= 1")
+    p.one_of(c, "certify", "method", CERTIFY_METHODS)
+    p.at_least(c, "certify", ("samples", "selection"), 1, "must be >= 1")
+    p.at_least(c, "certify", ("examples",), 1, "must be >= 1 (or unset: all)")
     if not 0.0 < c.alpha < 0.5:
-        bad("certify.alpha", c.alpha, "must be in (0, 0.5)")
+        p.bad("certify.alpha", c.alpha, "must be in (0, 0.5)")
     if c.sigma is not None and c.sigma <= 0:
-        bad("certify.sigma", c.sigma, "must be > 0")
-    if c.method == "gaussian" and c.sigma is None and o.sigma <= 0:
-        bad("objective.sigma", o.sigma, "--certify gaussian needs a noise scale > 0 (--sigma or --certify-sigma)")
+        p.bad("certify.sigma", c.sigma, "must be > 0")
+    if c.method == "gaussian" and c.sigma is None and cfg.objective.sigma <= 0:
+        p.bad("objective.sigma", cfg.objective.sigma,
+              "--certify gaussian needs a noise scale > 0 (--sigma or --certify-sigma)")
     for r in c.radii:
         try:
             ok = float(r) >= 0
         except ValueError:
             ok = False
         if not ok:
-            bad("certify.radii", r, "expected numbers >= 0, e.g. --certify-radii 0 0.05 0.1")
-    if c.examples is not None and c.examples < 1:
-        bad("certify.examples", c.examples, "must be >= 1 (or unset: all)")
-    if c.method == "synonym" and not d.synonyms and d.task != "synthetic":
-        bad("data.synonyms", d.synonyms, "--certify synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
-    if d.task not in TASKS:
-        bad("data.task", d.task, f"accepted tasks: {', '.join(TASKS)}")
-    if d.augment not in AUGMENTATIONS:
-        bad("data.augment", d.augment, f"accepted: {', '.join(AUGMENTATIONS)}")
+            p.bad("certify.radii", r, "expected numbers >= 0, e.g. --certify-radii 0 0.05 0.1")
+    if c.method == "synonym" and not cfg.data.synonyms and cfg.data.task != "synthetic":
+        p.bad("data.synonyms", cfg.data.synonyms, "--certify synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
+
+
+def _data_problems(d: DataConfig, p: _Problems) -> None:
+    for key, accepted, what in (("task", TASKS, "tasks"), ("augment", AUGMENTATIONS, ""),
+                                ("data_format", DATA_FORMATS, "formats")):
+        p.one_of(d, "data", key, accepted, what)
     if d.augment == "synonym" and not d.synonyms and d.task != "synthetic":
-        bad("data.synonyms", d.synonyms, "--augment synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
-    if d.synthetic_misalignment < 0:
-        bad("data.synthetic_misalignment", d.synthetic_misalignment, "must be >= 0")
+        p.bad("data.synonyms", d.synonyms, "--augment synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
+    p.at_least(d, "data", ("synthetic_misalignment",), 0, "must be >= 0")
     if not 0.0 <= d.synonym_prob <= 1.0:
-        bad("data.synonym_prob", d.synonym_prob, "must be in [0, 1]")
-    if d.data_format not in DATA_FORMATS:
-        bad("data.data_format", d.data_format, f"accepted formats: {', '.join(DATA_FORMATS)}")
-    for key in ("synthetic_train_size", "synthetic_eval_size"):
-        if getattr(d, key) < 8:
-            bad(f"data.{key}", getattr(d, key), "must be >= 8")
-    for key in ("max_train_examples", "max_eval_examples"):
-        if getattr(d, key) is not None and getattr(d, key) < 1:
-            bad(f"data.{key}", getattr(d, key), "must be >= 1 (or unset)")
-    if m.embedding_blocks is not None and m.embedding_blocks < 1:
-        bad("model.embedding_blocks", m.embedding_blocks, "must be >= 1 (or unset)")
-    if m.max_length < 8:
-        bad("model.max_length", m.max_length, "must be >= 8")
+        p.bad("data.synonym_prob", d.synonym_prob, "must be in [0, 1]")
+    p.at_least(d, "data", ("synthetic_train_size", "synthetic_eval_size"), 8, "must be >= 8")
+    p.at_least(d, "data", ("max_train_examples", "max_eval_examples"), 1, "must be >= 1 (or unset)")
+
+
+def _model_problems(m: ModelConfig, p: _Problems) -> None:
+    p.at_least(m, "model", ("embedding_blocks",), 1, "must be >= 1 (or unset)")
+    p.at_least(m, "model", ("max_length",), 8, "must be >= 8")
     if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
-        bad("model.dropout", m.dropout, "must be in [0, 1)")
-    if t.eval_split not in EVAL_SPLITS:
-        bad("train.eval_split", t.eval_split, f"accepted: {', '.join(EVAL_SPLITS)}")
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit",
-                "max_bad_steps", "dist_timeout", "publish_timeout"):
-        if getattr(t, key) < 1:
-            bad(f"train.{key}", getattr(t, key), "must be >= 1")
-    for key in ("eval_steps", "save_steps"):
-        if getattr(t, key) < 0:
-            bad(f"train.{key}", getattr(t, key), "must be >= 0 (0 disables)")
-    if t.generalized_examples is not None and t.generalized_examples < 1:
-        bad("train.generalized_examples", t.generalized_examples, "must be >= 1 (or unset: all)")
+        p.bad("model.dropout", m.dropout, "must be in [0, 1)")
+
+
+def _train_problems(t: TrainConfig, p: _Problems) -> None:
+    p.one_of(t, "train", "eval_split", EVAL_SPLITS)
+    p.at_least(t, "train", ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit",
+                            "max_bad_steps", "dist_timeout", "publish_timeout"), 1, "must be >= 1")
+    p.at_least(t, "train", ("eval_steps", "save_steps"), 0, "must be >= 0 (0 disables)")
+    p.at_least(t, "train", ("generalized_examples",), 1, "must be >= 1 (or unset: all)")
     if t.lr is not None and t.lr <= 0:
-        bad("train.lr", t.lr, "must be > 0")
+        p.bad("train.lr", t.lr, "must be > 0")
     if not t.log_interval >= 0:
-        bad("train.log_interval", t.log_interval, "must be >= 0 seconds (0: a line every step)")
+        p.bad("train.log_interval", t.log_interval, "must be >= 0 seconds (0: a line every step)")
     if not 0.0 <= t.warmup_ratio < 1.0:
-        bad("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+        p.bad("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     if not t.output_dir:
-        bad("train.output_dir", t.output_dir, "must name a directory or URL")
-    return p
+        p.bad("train.output_dir", t.output_dir, "must name a directory or URL")
