@@ -1,4 +1,4 @@
-"""Rank discipline in one place: who prints, who logs, who writes, and how metrics are reduced."""
+"""Rank discipline in one place: joining the process group, who prints, who logs, who writes, how metrics are reduced."""
 
 from __future__ import annotations
 
@@ -159,6 +159,26 @@ def settle_zero3_host_memory(ds_config: dict) -> bool:
     if ds_config.get("zero_optimization", {}).get("stage", 0) != 3 or comm_device().type != "cpu":
         return False
     return world_size() > 1 and return_large_frees_to_os()
+
+
+def init_process_group(timeout_s: int) -> None:
+    """Join (or, with no launcher, create) the process group on this host's accelerator."""
+    from datetime import timedelta
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    default_single_process_env()
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if not on_cpu:
+        # Before any collective: an NCCL barrier with no current device guesses one from the rank.
+        get_accelerator().set_device(local_rank())
+    with releasing_shm_files():  # DeepSpeed's CPU all-reduce buffers (none on GPU hosts)
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    if on_cpu:
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size())))
+        # Ranks on one CPU host share its cores; oversubscription slows every rank down.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust import evaluate as E
 from dist_robust import storage
-from dist_robust.clock import duration
+from dist_robust.clock import StartupClock, duration
 from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, check_stage, export_model, load_tag,
                                       read_layout, resolve_resume, step_tag)
 from dist_robust.config import ConfigError, RunConfig
@@ -74,7 +74,7 @@ class Setup:
     perturbation: EmbeddingPerturbation
     store: CheckpointStore
     zero3: zero3_context
-    clock: _StartupClock
+    clock: StartupClock
     augmenter: SynonymAugmenter | None = None
     resume: ResumePoint | None = None
     tracker: Tracker = field(default_factory=NullTracker)
@@ -149,74 +149,17 @@ def _release(setup: Setup) -> None:
         setup.zero3.close()
 
 
-def _init_distributed(timeout_s: int) -> None:
-    """Join (or, with no launcher, create) the process group on this host's accelerator."""
-    from datetime import timedelta
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    D.default_single_process_env()
-    on_cpu = get_accelerator().device_name() == "cpu"
-    if not on_cpu:
-        # Before any collective: an NCCL barrier with no current device guesses one from the rank.
-        get_accelerator().set_device(D.local_rank())
-    with D.releasing_shm_files():  # DeepSpeed's CPU all-reduce buffers (none on GPU hosts)
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
-    if on_cpu:
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", D.world_size())))
-        # Ranks on one CPU host share its cores; oversubscription slows every rank down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
-
-
-def seconds_since_launch() -> float:
-    """Wall time since this process started (imports and argument parsing included)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
-
-
-class _StartupClock:
-    """Where start-up time goes: the phases of setup, logged as one line.
-
-    Counted from the process's launch for its first run (imports included), from the start of
-    the run for later runs in the same process (a notebook, the GPU check).
-    """
-
-    runs = 0  # runs this process has set up
-
-    def __init__(self):
-        first = _StartupClock.runs == 0
-        _StartupClock.runs += 1
-        self.since = "launch" if first else "the run started"
-        self.origin = time.time() - (seconds_since_launch() if first else 0.0)
-        self.phases: list[tuple[str, float]] = [("imports", self.elapsed())] if first else []  # and the CLI
-        self.last = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.time() - self.origin
-
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases.append((name, now - self.last))
-        self.last = now
-
-    def line(self) -> str:
-        parts = ", ".join(f"{name} {sec:.1f}" for name, sec in self.phases)
-        return f"start-up {self.elapsed():.1f} s since {self.since} ({parts})"
-
-
 def _setup(cfg: RunConfig) -> Setup:
     import deepspeed
 
-    clock = _StartupClock()
+    clock = StartupClock()
     validate(cfg, D.world_size())
     # Data errors (bad rows, leakage) surface before any process group.
     data = get_task(cfg.data, train=not cfg.train.eval_only)
     _check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed, data.synonyms)
     clock.mark("data")
-    _init_distributed(cfg.train.dist_timeout)
+    D.init_process_group(cfg.train.dist_timeout)
     D.setup_logging()
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit,
                             cfg.train.publish_timeout)
