@@ -512,7 +512,8 @@ def _certify_problems(cfg: RunConfig, p: _Problems) -> None:
         if not ok:
             p.bad("certify.radii", r, "expected numbers >= 0, e.g. --certify-radii 0 0.05 0.1")
     if c.method == "synonym" and not cfg.data.synonyms and cfg.data.task != "synthetic":
-        p.bad("data.synonyms", cfg.data.synonyms, "--certify synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
+        p.bad("data.synonyms", cfg.data.synonyms,
+              "--certify synonym needs a neighbour map: pass --synonyms PATH_OR_URL")
 
 
 def _data_problems(d: DataConfig, p: _Problems) -> None:

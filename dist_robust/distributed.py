@@ -1,4 +1,4 @@
-"""Rank discipline in one place: joining the process group, who prints, who logs, who writes, how metrics are reduced."""
+"""Rank discipline in one place: joining the process group, who prints, logs and writes, how metrics are reduced."""
 
 from __future__ import annotations
 
