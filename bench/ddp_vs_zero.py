@@ -118,8 +118,8 @@ def worker(args: argparse.Namespace) -> None:
 
         from dist_robust.config import RunConfig
         from dist_robust.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
-        from dist_robust.models import (chunked_zero_grad_norm, share_zero3_master_weights, split_word_embeddings,
-                                        zero3_context)
+        from dist_robust.models import split_word_embeddings
+        from dist_robust.zero import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
 
         path, _, suffix = args.worker.partition("+")
         if suffix not in ("", AS_DEEPSPEED, ONE_MATRIX):

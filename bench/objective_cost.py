@@ -34,8 +34,9 @@ def _engines(model_name: str, tokenizer, objectives: dict):
 
     from dist_robust.config import RunConfig
     from dist_robust.ds_config import default_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, chunked_zero_grad_norm, word_embeddings
+    from dist_robust.models import build_model, word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, build_objective
+    from dist_robust.zero import chunked_zero_grad_norm
 
     out = {}
     for name, obj_cfg in objectives.items():

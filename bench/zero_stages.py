@@ -60,8 +60,8 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
 
     from dist_robust.config import ObjectiveConfig, RunConfig
     from dist_robust.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
-    from dist_robust.models import (build_model, chunked_zero_grad_norm, share_zero3_master_weights,
-                                    split_word_embeddings, zero3_context)
+    from dist_robust.models import build_model, split_word_embeddings
+    from dist_robust.zero import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
 
     cfg = RunConfig(ds_config=load_ds_config(ds_path))
     cfg.objective = ObjectiveConfig(name=args.objective)
@@ -83,7 +83,7 @@ def _held_per_rank(engine) -> tuple[int, int]:
     moments = sum(t.numel() for state in inner.state.values() for t in state.values()
                   if torch.is_tensor(t) and t.dim() > 0)
     # fp32 master copies: ZeRO-1/2 keep one flat partition per group (ZeRO-0 steps the params), and so
-    # does ZeRO-3 unless the parameter partition itself serves (fp32: models.share_zero3_master_weights)
+    # does ZeRO-3 unless the parameter partition itself serves (fp32: zero.share_zero3_master_weights)
     flat = (getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
             or getattr(engine.optimizer, "single_partition_of_fp32_groups", None) or [])
     own = getattr(engine.optimizer, "fp16_partitioned_groups_flat", None) or []

@@ -123,7 +123,7 @@ def build_model(name: str, label_names: Sequence[str], tokenizer, dropout: float
     """A sequence-pair classifier whose config names the task's labels (``id2label``/``label2id``).
 
     Under ZeRO-3 the model is created already partitioned: transformers sees the live
-    ``HfDeepSpeedConfig`` the caller keeps (see :func:`zero3_context`) and constructs the
+    ``HfDeepSpeedConfig`` the caller keeps (see :class:`dist_robust.zero.zero3_context`) and constructs the
     weights inside ``deepspeed.zero.Init`` itself. Weights that a checkpoint does not provide
     (a pretrained encoder's new classification head) and built-in configs are initialized by
     parameter name, so they are the same at every ZeRO stage and world size. Parameters are
@@ -220,137 +220,6 @@ def align_word_embeddings(model: torch.nn.Module, tokenizer, anchors, seed: int)
 
 def _full_name(module_name: str, param_name: str) -> str:
     return f"{module_name}.{param_name}" if module_name else param_name
-
-
-class zero3_context:
-    """Keep an ``HfDeepSpeedConfig`` alive while a ZeRO-3 model is built and trained.
-
-    transformers consults a weak global reference to decide whether to construct weights
-    partitioned; dropping the object would silently build the full model on every rank.
-    """
-
-    def __init__(self, ds_config: dict):
-        self.handle = None
-        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self.handle = HfDeepSpeedConfig(ds_config)
-
-    def close(self) -> None:
-        """Forget the ZeRO-3 config, so a later run in this process builds its model whole."""
-        if self.handle is not None:
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-            self.handle = None
-
-
-def forget_zero3_module(module: torch.nn.Module) -> None:
-    """Drop what DeepSpeed's ZeRO-3 keeps of a destroyed engine's model at module level.
-
-    ``engine.destroy()`` removes ZeRO-3's hooks but leaves the model in two process-wide places
-    (DeepSpeed 0.19, issue deepspeedai/DeepSpeed#7204): the forward-module stack, to which every
-    ZeRO-3 engine pushes its top module for good, and an unbounded ``lru_cache`` on a method of
-    the parameter coordinator, keyed by submodule. Either keeps the whole model, its gradients
-    and optimizer states alive after the run. Clearing the cache only costs other live ZeRO-3
-    engines a recomputation of what it held. Where a later DeepSpeed moves these, nothing is done.
-    """
-    try:
-        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
-    except ImportError:
-        return
-    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
-    if isinstance(stack, list):
-        stack[:] = [m for m in stack if m is not module]
-    coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", None)
-    method = getattr(coordinator, "_PartitionedParameterCoordinator__params_to_release", None)
-    # The cache sits under DeepSpeed's nvtx decorator, which keeps it in its closure.
-    for cached in [method, *(c.cell_contents for c in getattr(method, "__closure__", None) or ())]:
-        if callable(getattr(cached, "cache_clear", None)):
-            cached.cache_clear()
-
-
-def share_zero3_master_weights(engine) -> int:
-    """Let ZeRO-3 update each rank's parameter partition in place when it can serve as the master copy.
-
-    Returns the bytes per rank this frees. In fp32 training a ZeRO-3 rank's parameter partition
-    is already fp32 on the optimizer's device, and DeepSpeed means to use it as the optimizer's
-    master weights (``_create_fp32_partitions`` has a branch that does exactly that), but in
-    DeepSpeed 0.19 it decides by comparing ``tensor.device`` with a device *name* ("cpu",
-    "cuda:0"), which torch never finds equal, so it keeps a second fp32 copy: 4 x parameters /
-    ranks bytes, 1.04 GiB per rank at XLM-R-large on 2 ranks (docs/benchmarks.md). This points each
-    master partition at its parameter partition's memory, as that branch would have: the optimizer
-    and its states keep the same tensor objects, and DeepSpeed's copy of the updated master into
-    the partition after each step becomes a copy onto itself. Nothing is done in half precision
-    (the master copy is needed there), at other stages, with the optimizer offloaded, or where a
-    later DeepSpeed shares them already or has moved these attributes.
-    """
-    if engine.zero_optimization_stage() != 3 or getattr(engine.optimizer, "offload_optimizer", False):
-        return 0
-    partitions = getattr(engine.optimizer, "fp16_partitioned_groups_flat", None) or []
-    masters = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or []
-    freed = 0
-    for part, master in zip(partitions, masters) if len(partitions) == len(masters) else ():
-        if (isinstance(part, torch.Tensor) and part.shape == master.shape and part.dtype == master.dtype
-                and part.device == master.device and part.data_ptr() != master.data_ptr() and part.numel()):
-            freed += master.numel() * master.element_size()
-            master.data = part.data
-    return freed
-
-
-NORM_CHUNK = 1 << 16  # elements per partial norm in sum_of_squares
-
-
-def sum_of_squares(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The sum of every element squared, as a float64 scalar, from float32 norms of 65,536-element chunks.
-
-    torch's CPU norm kernel (torch 2.13, pytorch/pytorch#169237) accumulates a whole float32
-    tensor in float32 lanes, and loses what it adds once the running sum is large: 1.4% low for
-    128M standard normal values, 0.06% for 16M. Chunks keep each partial sum small (error about
-    1e-7 of the total at XLM-R-large size) at the speed of the plain kernel; the chunks' squared
-    norms are added in float64. Half-precision tensors are normed in float32 (a bf16 norm per
-    chunk would be 1e-3 off).
-    """
-    norms = [torch.linalg.vector_norm(chunk, dtype=torch.float32)  # half-precision chunks upcast, not rounded
-             for t in tensors for chunk in t.detach().reshape(-1).split(NORM_CHUNK)]
-    if not norms:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(norms).double().pow(2).sum()
-
-
-def chunked_zero_grad_norm(engine) -> bool:
-    """ZeRO-1/2 on a CPU host: take the global gradient norm with :func:`sum_of_squares`.
-
-    DeepSpeed 0.19's ``get_grad_norm_direct`` copies every gradient of the rank's partition to
-    float64 before taking its norm (``get_norm_dtype``): on a CPU host that is a fresh 8-byte
-    allocation per element every step, 1.9 s of a ZeRO-2 step at XLM-R-large on 2 ranks
-    (docs/benchmarks.md), where the chunked float32 norm takes 0.09 s and agrees with it to about
-    1e-7. It does what DeepSpeed's does for plain data parallelism: the L2 norm over the rank's
-    gradients (padding left out), summed over the data-parallel group, and -1 where it is not
-    finite (DeepSpeed then skips the step). Returns whether it was installed: not on accelerators
-    (where the float64 copy is cheap and this is unmeasured), at other stages, with model or
-    pipeline parallelism, mixture-of-experts layers or optimizer offload, or where a later
-    DeepSpeed has moved these attributes.
-    """
-    opt = engine.optimizer
-    original = getattr(opt, "get_grad_norm_direct", None)
-    if (engine.zero_optimization_stage() not in (1, 2) or torch.device(engine.device).type != "cpu"
-            or original is None or not hasattr(opt, "dp_process_group")
-            or getattr(opt, "model_parallel_world_size", None) != 1 or getattr(opt, "has_moe_layers", True)
-            or getattr(opt, "cpu_offload", True) or getattr(engine, "pipeline_parallelism", False)):
-        return False
-    import torch.distributed as dist
-
-    def grad_norm(gradients, params, norm_type=2):
-        if float(norm_type) != 2.0:
-            return original(gradients, params, norm_type)
-        total = sum_of_squares(g for g in gradients if not getattr(g, "_zero_padding", False))
-        dist.all_reduce(total, group=opt.dp_process_group)
-        norm = total.sqrt().float()
-        return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, -1.0))
-
-    opt.get_grad_norm_direct = grad_norm
-    return True
 
 
 class RowBlockEmbedding(torch.nn.Module):

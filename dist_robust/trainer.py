@@ -31,10 +31,8 @@ from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
                                        to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
-from dist_robust.models import (align_word_embeddings, build_model, chunked_zero_grad_norm, count_parameters,
-                                embedding_block_count, forget_zero3_module, is_builtin, load_tokenizer,
-                                share_zero3_master_weights, split_word_embeddings, train_tokenizer, word_embeddings,
-                                zero3_context)
+from dist_robust.models import (align_word_embeddings, build_model, count_parameters, embedding_block_count,
+                                is_builtin, load_tokenizer, split_word_embeddings, train_tokenizer, word_embeddings)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.objectives.smart import precision_caveat
 from dist_robust.outputs import final_metrics, write_outputs
@@ -42,6 +40,7 @@ from dist_robust.redaction import redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
 from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
                                   resolve_uri)
+from dist_robust.zero import chunked_zero_grad_norm, forget_zero3_module, share_zero3_master_weights, zero3_context
 
 log = logging.getLogger(__name__)
 

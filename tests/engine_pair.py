@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 tests/engine_pair.py OUT.json DS_CONFIG ADJUSTMENT
 
-``ADJUSTMENT`` names a function of :mod:`dist_robust.models` that the trainer applies to its engine
+``ADJUSTMENT`` names a function of :mod:`dist_robust.zero` that the trainer applies to its engine
 after ``deepspeed.initialize`` (``share_zero3_master_weights``, ``chunked_zero_grad_norm``). Each
 engine (the tiny built-in model, fp32, dropout off, gradients clipped to norm 0.25) trains a few
 steps on the same batches; rank 0 writes, per engine, what the adjustment returned, whether every
@@ -46,7 +46,7 @@ def _shares_master(engine) -> bool:
 def train(ds_path: str, adjustment: str | None) -> dict:
     import deepspeed
 
-    from dist_robust import models
+    from dist_robust import models, zero
     from dist_robust.config import RunConfig
     from dist_robust.ds_config import load_ds_config, resolve_ds_config
 
@@ -55,10 +55,10 @@ def train(ds_path: str, adjustment: str | None) -> dict:
     ds = resolve_ds_config(cfg, dist.get_world_size())
     ds.pop("scheduler", None)  # a constant learning rate
     ds["gradient_clipping"] = CLIP  # below every step's gradient norm here, so each update depends on it
-    zero3 = models.zero3_context(ds)
+    zero3 = zero.zero3_context(ds)
     model = models.build_model("tiny", LABELS, _Tokenizer(), dropout=0.0, seed=0)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    returned = getattr(models, adjustment)(engine) if adjustment else None
+    returned = getattr(zero, adjustment)(engine) if adjustment else None
     start = _weights(engine)
     g = torch.Generator().manual_seed(100 + dist.get_rank())
     losses, norms = [], []
@@ -76,7 +76,7 @@ def train(ds_path: str, adjustment: str | None) -> dict:
     out = {"returned": returned, "shares_master": _shares_master(engine), "losses": losses, "norms": norms,
            "moved": (end - start).abs().max().item(), "weights": end}
     engine.destroy()
-    models.forget_zero3_module(engine.module)
+    zero.forget_zero3_module(engine.module)
     zero3.close()
     return out
 

@@ -3,7 +3,7 @@
 NaN is injected for real: the word-embedding output of every rank turns NaN during the listed
 steps (``DIST_ROBUST_NAN_AT_STEPS``), so the loss and every gradient are NaN. The update must
 be skipped whoever checks it (DeepSpeed's own check at stages 1-3 and in bf16, which at fp32
-ZeRO-2 on a CPU host reads the norm ``models.chunked_zero_grad_norm`` returns; ours for ZeRO-0's
+ZeRO-2 on a CPU host reads the norm ``zero.chunked_zero_grad_norm`` returns; ours for ZeRO-0's
 plain optimizer): the weights after a skipped step 3 are bit for bit those
 after step 2.
 """
@@ -27,7 +27,7 @@ from tests.launch import REPO, TINY, deepspeed, launcher_env, results
 pytestmark = pytest.mark.launcher
 
 # dist-robust's check (ZeRO-0 fp32), DeepSpeed's at ZeRO-3 and in bf16, and at fp32 ZeRO-2 the invalid
-# norm that models.chunked_zero_grad_norm hands DeepSpeed on a CPU host
+# norm that zero.chunked_zero_grad_norm hands DeepSpeed on a CPU host
 CONFIGS = ("zero0", "zero2", "zero3", "zero2_bf16")
 
 
