@@ -1,7 +1,7 @@
 """What a robust objective costs per optimizer step, relative to plain fine-tuning (ERM).
 
     python bench/objective_cost.py [--model tiny|xlmr-base-random|PATH] [--task synthetic|xnli]
-                                   [--rounds 5] [--steps 10]
+                                   [--rounds 5] [--steps 10] [--only synonym pgd ...]
 
 One process, one DeepSpeed engine (ZeRO-2, fp32) per objective, all on the same batches.
 Objectives take turns in rounds so machine noise hits them alike; the report is the median
@@ -11,6 +11,8 @@ objective's pass-count floor: how many batch-sized forward+backward passes it ne
 FreeLB-K: K; Gaussian with n draws: one pass of n times the batch, n; SMART-K: a forward
 without gradients, about a third of a pass, K input-gradient passes and one double pass;
 on-the-fly synonym substitution: 1, the substitution and tokenization being the overhead).
+The last column is the padded input tokens per step against ERM's: substituted pairs can be
+longer than the originals, and the model pays for every token.
 ``--task xnli`` takes English XNLI pairs (``--data-dir``, the offline files) and a pretrained
 model's own tokenizer (``--model PATH``), so the synonym row substitutes real words from the
 counter-fitted map.
@@ -61,6 +63,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--only", nargs="+", metavar="ROW",
+                        help="measure these rows alone (ERM is always measured), e.g. --only synonym pgd: "
+                             "rows whose name starts with a word given")
     args = parser.parse_args()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29533")):
@@ -102,8 +107,12 @@ def main() -> None:
         "freelb K=3": (ObjectiveConfig(name="freelb", adv_steps=3), 3.0, False),
         "smart K=1": (ObjectiveConfig(name="smart", adv_steps=1), 3.0 + 1 / 3, False),
     }
+    if args.only:
+        objectives = {name: row for name, row in objectives.items()
+                      if name == "erm" or name.split(" ")[0] in args.only}
     engines = _engines(args.model, tokenizer, {name: cfg for name, (cfg, _, _) in objectives.items()})
     times: dict[str, list[float]] = {name: [] for name in objectives}
+    tokens = dict.fromkeys(objectives, 0)  # padded input tokens, all rounds
     batch_no = 0
     for _ in range(args.rounds):
         for name, (engine, objective, perturbation) in engines.items():
@@ -117,6 +126,7 @@ def main() -> None:
                     batch = collate(encode(rows, tokenizer, 128), list(range(len(rows))))
                 else:
                     batch = collate(train, idx)
+                tokens[name] += batch["input_ids"].numel()
                 ctx = StepContext(perturbation, hidden, torch.Generator().manual_seed(i))
                 objective.train_step(engine, to_device(batch, engine.device), ctx)
             times[name].append((time.perf_counter() - start) / args.steps)
@@ -125,11 +135,12 @@ def main() -> None:
     lengths = [len(r) for r in train.input_ids]
     print(f"\nmodel {args.model}, task {args.task} (mean {sum(lengths) / len(lengths):.1f} tokens), batch {args.batch}, "
           f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads")
-    print(f"{'objective':<22} {'s/step':>8} {'x ERM':>7} {'floor':>6} {'x floor':>8}")
+    print(f"{'objective':<22} {'s/step':>8} {'x ERM':>7} {'floor':>6} {'x floor':>8} {'tokens x ERM':>13}")
     for name, t in times.items():
         med = statistics.median(t)
         floor = objectives[name][1]
-        print(f"{name:<22} {med:8.4f} {med / base:7.2f} {floor:6.2f} {med / base / floor:8.2f}")
+        print(f"{name:<22} {med:8.4f} {med / base:7.2f} {floor:6.2f} {med / base / floor:8.2f} "
+              f"{tokens[name] / tokens['erm']:13.3f}")
 
 
 if __name__ == "__main__":
