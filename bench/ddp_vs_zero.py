@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO against plain PyTorch DDP: seconds per step and peak memory per rank, same model and batches.
 
     python bench/ddp_vs_zero.py [--model xlmr-large-random] [--length 32] [--batch 2] [--steps 4]
-        [--approaches ddp ds_configs/zero2.json ds_configs/zero3.json] [--nproc 2]
+        [--approaches ddp ds_configs/zero2.json ds_configs/zero3.json] [--nproc 2] [--repeat 1]
 
 Each approach is its own ``torchrun --nproc_per_node N`` launch (so each peak is its own), one
 after another, ERM in fp32 with torch AdamW (lr 1e-5, weight decay 0.01) and gradient clipping 1.0:
@@ -60,6 +60,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is not timed")
     p.add_argument("--approaches", nargs="+", default=DEFAULT)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="launch the list of approaches this many times in turn, and summarise each approach over "
+                        "its launches (one launch's step time can be 25%% off the next one's on a shared machine)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # inside a launch: the approach to run
     return p.parse_args(argv)
 
@@ -207,7 +210,7 @@ def driver(args: argparse.Namespace) -> None:
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"}
     results = []
-    for approach in args.approaches:
+    for approach in [a for _ in range(args.repeat) for a in args.approaches]:
         flags = [f"--{k}={v}" for k, v in (("model", args.model), ("length", args.length), ("batch", args.batch),
                                             ("steps", args.steps))]
         cmd = [exe, "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()), __file__, *flags,
@@ -242,6 +245,22 @@ def driver(args: argparse.Namespace) -> None:
     norm_gap = max(abs(a - b) / b for r in results for a, b in zip(r["norms"], base["norms"]))
     print(f"\nrank 0's losses agree with {base['approach']}'s to {gap:.1e} (dropout off; same weights and batches), "
           f"the gradient norms to {norm_gap:.1e} of theirs")
+    if args.repeat > 1:
+        _summarise_rounds(results, len(args.approaches))
+
+
+def _summarise_rounds(results: list[dict], per_round: int) -> None:
+    """Each approach over its launches: the median s/step and, round by round, its ratio to the first approach."""
+    rounds = [results[i:i + per_round] for i in range(0, len(results), per_round)]
+    print(f"\nover {len(rounds)} rounds (each approach launched once per round, in the order given):\n")
+    print(f"| approach | median s/step | x {rounds[0][0]['approach']} | per round x {rounds[0][0]['approach']} |")
+    print("|---|---:|---:|---|")
+    step = [[statistics.median(r["times"][1:]) for r in rnd] for rnd in rounds]
+    base = statistics.median(s[0] for s in step)
+    for j, r in enumerate(rounds[0]):
+        med = statistics.median(s[j] for s in step)
+        ratios = ", ".join(f"{s[j] / s[0]:.2f}" for s in step)
+        print(f"| {r['approach']} | {med:.2f} | {med / base:.2f} | {ratios} |")
 
 
 def main(argv: list[str]) -> None:
