@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from dist_robust import distributed as D
-from dist_robust.data.augment import Neighbors, SynonymAugmenter
+from dist_robust.config import RunConfig
+from dist_robust.data.augment import Neighbors, SynonymAugmenter, load_neighbors
 from dist_robust.data.examples import PairExample
 from dist_robust.data.pipeline import Collator, encode, eval_shard, to_device
 from dist_robust.evaluate import device_of
@@ -125,6 +126,47 @@ class Smoothing:
         if self.method == "gaussian":
             return [f"r{r:g}" for r in self.radii]
         return [f"d{d}" for d in SUBSTITUTIONS] + ["all"]
+
+
+def smoothing_for(cfg: RunConfig, task_neighbors: Neighbors | None = None) -> Smoothing:
+    """The smoothing a run's ``certify`` section asks for.
+
+    Gaussian: sigma is ``--certify-sigma``, else the training noise ``--sigma``; radii are
+    ``--certify-radii``, else 0, 0.5, 1 and 1.5 sigma. Synonym: the ``--synonyms`` map, else the
+    task's own (``task_neighbors``, the synthetic task's).
+    """
+    c = cfg.certify
+    sigma = c.sigma if c.sigma is not None else cfg.objective.sigma
+    radii = tuple(float(r) for r in c.radii) or tuple(m * sigma for m in (0.0, 0.5, 1.0, 1.5))
+    neighbors = None
+    if c.method == "synonym":
+        neighbors = load_neighbors(cfg.data.synonyms) if cfg.data.synonyms else task_neighbors
+    return Smoothing(c.method, c.selection, c.samples, c.alpha, cfg.train.seed, cfg.train.eval_batch_size,
+                     sigma, cfg.objective.scale == "relative", neighbors, radii)
+
+
+def report(cfg: RunConfig, smoothing: Smoothing, split: str, cells: dict[tuple[str, str], dict]) -> dict:
+    """A run's ``certify`` results from each (sentence1 language, sentence2 language) cell's :func:`certify_sets` entry.
+
+    ``reference`` names the threshold summaries lead with: the radius equal to sigma (else the
+    first positive one) for gaussian, one substituted word for synonym.
+    """
+    s, c = smoothing, cfg.certify
+    thresholds = s.thresholds
+    if s.method == "gaussian":
+        positive = [f"r{r:g}" for r in s.radii if r > 0]
+        reference = f"r{s.sigma:g}" if s.sigma in s.radii else (positive[0] if positive else thresholds[0])
+    else:
+        reference = "d1"
+    matrix: dict[str, dict[str, dict]] = {}
+    for (a, b), acc in cells.items():
+        matrix.setdefault(a, {})[b] = acc
+    return {"method": s.method, "split": split, "selection": s.selection, "samples": s.samples, "alpha": s.alpha,
+            "sigma": s.sigma if s.method == "gaussian" else None, "relative": s.relative,
+            "radii": list(s.radii) if s.method == "gaussian" else None, "thresholds": thresholds,
+            "reference": reference, "examples": c.examples,
+            "per_language": {a: matrix[a][a] for a in matrix},
+            "generalized": matrix if cfg.train.generalized else {}}
 
 
 class Certifier:

@@ -26,7 +26,7 @@ from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, 
 from dist_robust.config import ConfigError, RunConfig
 from dist_robust.ds_config import embedding_blocks, resolve_ds_config, user_grad_accum
 from dist_robust.validation import validate
-from dist_robust.data.augment import SynonymAugmenter, load_neighbors
+from dist_robust.data.augment import SynonymAugmenter
 from dist_robust.data.cache import encode_cached
 from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
                                        to_device, train_batch_indices)
@@ -612,37 +612,16 @@ def _certify(setup: Setup) -> dict:
     """Certified accuracy of the smoothed model on the final evaluation's sets (dist_robust.certify)."""
     cfg, c = setup.cfg, setup.cfg.certify
     split, cells = _final_cells(setup)
-    cells = {key: E.spaced_subset(rows, c.examples) for key, rows in cells.items()}
-    sigma = c.sigma if c.sigma is not None else cfg.objective.sigma
-    radii = tuple(float(r) for r in c.radii) or tuple(m * sigma for m in (0.0, 0.5, 1.0, 1.5))
-    neighbors = None
-    if c.method == "synonym":
-        neighbors = load_neighbors(cfg.data.synonyms) if cfg.data.synonyms else setup.data.synonyms
-    smoothing = C.Smoothing(c.method, c.selection, c.samples, c.alpha, cfg.train.seed, cfg.train.eval_batch_size,
-                            sigma, cfg.objective.scale == "relative", neighbors, radii)
+    named = {f"{a}>{b}": E.spaced_subset(rows, c.examples) for (a, b), rows in cells.items()}
+    smoothing = C.smoothing_for(cfg, setup.data.synonyms)
     certifier = C.Certifier(setup.engine, setup.perturbation, setup.tokenizer, setup.collator, cfg.model.max_length,
                             smoothing)
-    named = {f"{a}>{b}": rows for (a, b), rows in cells.items()}
     local = -(-sum(len(rows) for rows in named.values()) // D.world_size())
     bar = _bar(cfg.train, local, f"certify {split} ({c.method})", "pair")
     acc = C.certify_sets(certifier, named, bar)
     if bar is not None:
         bar.close()
-    thresholds = smoothing.thresholds
-    if c.method == "gaussian":
-        positive = [f"r{r:g}" for r in radii if r > 0]
-        reference = f"r{sigma:g}" if sigma in radii else (positive[0] if positive else thresholds[0])
-    else:
-        reference = "d1"
-    matrix: dict[str, dict[str, dict]] = {}
-    for a, b in cells:
-        matrix.setdefault(a, {})[b] = acc[f"{a}>{b}"]
-    return {"method": c.method, "split": split, "selection": c.selection, "samples": c.samples, "alpha": c.alpha,
-            "sigma": sigma if c.method == "gaussian" else None, "relative": cfg.objective.scale == "relative",
-            "radii": list(radii) if c.method == "gaussian" else None, "thresholds": thresholds,
-            "reference": reference, "examples": c.examples,
-            "per_language": {a: matrix[a][a] for a in matrix},
-            "generalized": matrix if cfg.train.generalized else {}}
+    return C.report(cfg, smoothing, split, {(a, b): acc[f"{a}>{b}"] for a, b in cells})
 
 
 def _run_final_sets(setup: Setup, split: str, sets: dict) -> dict:
