@@ -36,6 +36,11 @@ ZERO_STAGES = (0, 1, 2, 3)
 EVAL_SPLITS = ("auto", "dev", "test")
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it names none, as DeepSpeed reads it)."""
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
 class ConfigError(ValueError):
     """Every problem found in a run configuration, reported at once."""
 

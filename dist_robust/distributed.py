@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from dist_robust.config import zero_stage
+
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
@@ -156,7 +158,7 @@ def settle_zero3_host_memory(ds_config: dict) -> bool:
     On one rank ZeRO-3 saves no memory anyway, and every large activation taking fresh pages
     each step cost 1.4x there (bench/vs_hf.py); DDP-like stages would pay it too (10%).
     """
-    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3 or comm_device().type != "cpu":
+    if zero_stage(ds_config) != 3 or comm_device().type != "cpu":
         return False
     return world_size() > 1 and return_large_frees_to_os()
 

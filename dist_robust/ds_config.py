@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
-from dist_robust.config import ZERO_STAGES, ConfigError, ObjectiveConfig, RunConfig
+from dist_robust.config import ZERO_STAGES, ConfigError, ObjectiveConfig, RunConfig, zero_stage
 
 
 def load_ds_config(path: str | None) -> dict:
@@ -110,7 +110,7 @@ def embedding_blocks(cfg: RunConfig, ds: dict, frozen: bool) -> int:
     zero = ds.get("zero_optimization", {})
     releases = all(float(zero.get(key, 1e9)) <= RELEASING
                    for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"))
-    return ZERO3_EMBEDDING_BLOCKS if zero.get("stage", 0) == 3 and releases and not frozen else 1
+    return ZERO3_EMBEDDING_BLOCKS if zero_stage(ds) == 3 and releases and not frozen else 1
 
 
 _SECTIONS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler")
@@ -132,7 +132,7 @@ def ds_config_problems(cfg: RunConfig, world_size: int) -> list[str]:
     if "fused" in opt and not (opt["fused"] in (True, False) and opt.get("torch_adam")):
         p.append(f"{src}: optimizer.params.fused = {opt['fused']!r}: only torch's AdamW takes it, as true or "
                  "false; set optimizer.params.torch_adam to true as well, or remove fused")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(ds)
     if stage not in ZERO_STAGES:
         p.append(f"{src}: zero_optimization.stage = {stage!r}: accepted stages: 0, 1, 2, 3")
     blocks = cfg.model.embedding_blocks

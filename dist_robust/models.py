@@ -12,6 +12,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
+from dist_robust.config import zero_stage
+
 log = logging.getLogger(__name__)
 
 # Built-in random-init configurations in the XLM-R architecture. ``vocab_size=None`` takes
@@ -277,7 +279,7 @@ def split_word_embeddings(model: torch.nn.Module, blocks: int, ds_config: dict) 
     blocks = max(1, min(blocks, rows))
     if blocks == 1:
         return 1
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    zero3 = zero_stage(ds_config) == 3
     bounds = [round(i * rows / blocks) for i in range(blocks + 1)]
     pad, trainable = embedding.padding_idx, embedding.weight.requires_grad
     with deepspeed.zero.GatheredParameters([embedding.weight]):

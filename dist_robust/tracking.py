@@ -11,6 +11,7 @@ import tempfile
 import time
 from typing import Any, Protocol
 
+from dist_robust.config import zero_stage
 from dist_robust.redaction import redact
 from dist_robust.stopping import shielded
 
@@ -353,7 +354,7 @@ def describe_run(cfg, ds_config: dict, world_size: int) -> tuple[str, str]:
     augment = f" with {cfg.data.augment} augmentation" if cfg.data.augment != "none" else ""
     description = (f"{o.name}{f' ({settings})' if settings else ''}{augment} on {cfg.data.task}, model {cfg.model.name}, "
                    f"seed {cfg.train.seed}: {cfg.train.max_steps} steps on {world_size} rank(s), ZeRO stage "
-                   f"{ds_config.get('zero_optimization', {}).get('stage', 0)}, {precision}; outputs in "
+                   f"{zero_stage(ds_config)}, {precision}; outputs in "
                    f"{cfg.train.output_dir}. Accuracies are logged as fractions (0.855 = 85.5%): acc.<lang> per "
                    "language, gen.<l1>.<l2> per cell of the generalized matrix, dev_* at each evaluation.")
     return name, description

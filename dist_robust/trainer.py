@@ -23,7 +23,7 @@ from dist_robust import storage
 from dist_robust.clock import StartupClock, duration
 from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, check_stage, export_model, load_tag,
                                       read_layout, resolve_resume, step_tag)
-from dist_robust.config import ConfigError, RunConfig
+from dist_robust.config import ConfigError, RunConfig, zero_stage
 from dist_robust.ds_config import embedding_blocks, resolve_ds_config, user_grad_accum
 from dist_robust.validation import validate
 from dist_robust.data.augment import SynonymAugmenter
@@ -274,7 +274,7 @@ def _resolve_ds_config_for(cfg: RunConfig, resume: ResumePoint | None) -> dict:
     ds = resolve_ds_config(cfg, D.world_size())
     layout = resume.layout if resume is not None else None
     if layout is not None:  # before the model is built: a stage the checkpoint cannot load at fails now
-        check_stage(layout, ds.get("zero_optimization", {}).get("stage", 0), f"{resume.root}/{resume.tag}")
+        check_stage(layout, zero_stage(ds), f"{resume.root}/{resume.tag}")
     if layout is None or layout["world_size"] == D.world_size():
         return ds
     micro, old_world = ds["train_micro_batch_size_per_gpu"], layout["world_size"]

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 import torch
 
+from dist_robust.config import zero_stage
+
 
 class zero3_context:
     """Keep an ``HfDeepSpeedConfig`` alive while a ZeRO-3 model is built and trained.
@@ -29,7 +31,7 @@ class zero3_context:
 
     def __init__(self, ds_config: dict):
         self.handle = None
-        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        if zero_stage(ds_config) == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             self.handle = HfDeepSpeedConfig(ds_config)
