@@ -180,7 +180,7 @@ def worker(args: argparse.Namespace) -> None:
                                       "params": params, "world": world, "build_s": built,
                                       "losses": losses, "norms": norms, "phases": split, "after_forward": after_forward,
                                       "resting": resting}), flush=True)
-    dist.barrier()  # (no destroy_process_group: ZeRO-3 may still hold prefetch handles, as in the trainer)
+    D.end_process_group()  # as the trainer's commands do: left to interpreter exit, a rank can abort
 
 
 def _resident() -> float:

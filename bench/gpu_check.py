@@ -242,4 +242,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    sys.exit(main())
+    from dist_robust.cli import leave
+
+    sys.exit(leave(main()))

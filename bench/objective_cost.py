@@ -145,3 +145,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from dist_robust.distributed import end_process_group
+
+    end_process_group()  # as the trainer's commands do: left to interpreter exit, a rank can abort

@@ -145,3 +145,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from dist_robust.distributed import end_process_group
+
+    end_process_group()  # as the trainer's commands do: left to interpreter exit, a rank can abort

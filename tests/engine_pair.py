@@ -84,7 +84,7 @@ def train(ds_path: str, adjustment: str | None) -> dict:
 def main(out: str, ds_path: str, adjustment: str) -> None:
     import deepspeed
 
-    from dist_robust.distributed import releasing_shm_files
+    from dist_robust.distributed import end_process_group, releasing_shm_files
 
     with releasing_shm_files():  # DeepSpeed's CPU all-reduce buffers, as the trainer releases them
         deepspeed.init_distributed()
@@ -94,7 +94,7 @@ def main(out: str, ds_path: str, adjustment: str) -> None:
     if dist.get_rank() == 0:
         with open(out, "w", encoding="utf-8") as f:
             json.dump({**runs, "weight_gap": gap}, f)
-    dist.barrier()
+    end_process_group()  # as the trainer's commands do: left to interpreter exit, a rank can abort
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ plus its own (``--resume auto`` to continue the same run, ``--subdir`` for a sep
 import os
 import sys
 
-from dist_robust.cli import train_main
+from dist_robust.cli import leave, train_main
 
 
 def main(argv: list[str]) -> int:
@@ -48,4 +48,4 @@ def _split(items: list[str], separator: str) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    sys.exit(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
+    sys.exit(leave(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")])))

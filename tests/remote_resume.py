@@ -9,7 +9,7 @@ import sys
 
 import fsspec
 
-from dist_robust.cli import train_main
+from dist_robust.cli import leave, train_main
 from dist_robust.faults import CRASH_ENV
 
 
@@ -38,3 +38,4 @@ def main(flags: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    leave(0)  # ends the process group, as the commands do

@@ -185,3 +185,18 @@ def test_a_command_that_succeeded_ends_its_process_group_before_exit():
         out = subprocess.run([sys.executable, "-c", code.format(port=free_port()), str(status)], capture_output=True,
                              text=True, check=True, cwd=REPO).stdout.strip()
         assert out == still
+
+
+def test_every_script_that_joins_a_process_group_ends_it():
+    """The launched test and bench scripts follow the same rule as the commands: a script that
+    starts a process group (``init_distributed``, ``init_process_group``, ``train_main``) also ends
+    it, through ``leave`` or ``end_process_group``. A launched helper that left it to interpreter
+    exit aborted now and then after its work was done, and failed the test that launched it."""
+    joins = ("init_distributed(", "init_process_group(", "train_main(")
+    ends = ("leave(", "end_process_group(")
+    scripts = sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "bench").glob("*.py"))
+    launched = [p for p in scripts if '__name__ == "__main__"' in p.read_text(encoding="utf-8")]
+    joining = [p for p in launched if any(j in p.read_text(encoding="utf-8") for j in joins)]
+    assert {"engine_pair.py", "engine_runs.py", "zero_stages.py"} <= {p.name for p in joining}  # reads what it should
+    missing = [p.name for p in joining if not any(e in p.read_text(encoding="utf-8") for e in ends)]
+    assert not missing, f"these scripts join a process group and never end it: {missing}"
