@@ -481,14 +481,14 @@ def to_universal(local_root: str, tag: str, world_size: int) -> str:
 FORMATS = {0: 0, 1: 1, 2: 1, 3: 3}  # ZeRO stage -> its checkpoint format (ZeRO-1 and 2 share one)
 
 
-def check_stage(layout: dict | None, stage: int, shown: str) -> None:
+def check_stage(layout: dict, stage: int, shown: str) -> None:
     """Raise CheckpointError when a checkpoint written at ``layout``'s ZeRO stage cannot load at ``stage``.
 
     A checkpoint loads at its own ZeRO stage, or between ZeRO-1 and 2 (one format); DeepSpeed 0.19
     loads no other stage's, even through the universal format (ZeRO-3 looks for per-rank
     model-state files a ZeRO-2 checkpoint does not have).
     """
-    old_stage = layout.get("zero_stage", stage) if layout else stage
+    old_stage = layout.get("zero_stage", stage)  # (a layout from before stages were recorded: as this run's)
     if FORMATS.get(old_stage) != FORMATS.get(stage):
         fits = " or ".join(str(s) for s in sorted(FORMATS) if FORMATS[s] == FORMATS.get(old_stage))
         raise CheckpointError(f"checkpoint {shown} was written at ZeRO-{old_stage} and this run is at ZeRO-{stage}: "
