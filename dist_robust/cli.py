@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+from dist_robust import run_folder
 from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
 from dist_robust.config import ConfigError, world_size_from_env
 from dist_robust.ds_config import resolve_ds_config
@@ -18,9 +19,11 @@ from dist_robust.validation import validate
 
 
 def _fail(err: Exception) -> int:
+    """One error for the user (from one rank), exit status 2; the --help hint only where options are the problem."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"error: {err}", file=sys.stderr)
-        print("Run with --help for every option and its accepted values.", file=sys.stderr)
+        if isinstance(err, ConfigError):
+            print("Run with --help for every option and its accepted values.", file=sys.stderr)
     return 2
 
 
@@ -62,7 +65,9 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
         nproc = args.nproc_per_node
         world = nproc if nproc and "LOCAL_RANK" not in os.environ else world_size_from_env()
         validate(cfg, world)
-    except (ConfigError, FileNotFoundError) as err:
+        if "LOCAL_RANK" not in os.environ:  # (under a launcher every rank checks in the run itself)
+            run_folder.check(cfg)
+    except (ConfigError, FileNotFoundError, run_folder.RunFolderError) as err:
         return _fail(err)
     if nproc and "LOCAL_RANK" not in os.environ:
         return _relaunch(nproc, argv if argv is not None else sys.argv[1:])
@@ -83,7 +88,8 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
         print(f"rank {os.environ.get('RANK', '0')}: stopped by SIGTERM. Rerun the same command with --resume auto "
               "to continue from the last checkpoint.", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except (ConfigError, DataFileError, LeakageError, HubUnavailableError, ParallelIdError) as err:
+    except (ConfigError, DataFileError, LeakageError, HubUnavailableError, ParallelIdError,
+            run_folder.RunFolderError) as err:
         return _fail(err)
     except DistNetworkError as err:
         if "EADDRINUSE" not in str(err):

@@ -190,6 +190,9 @@ class TrainConfig:
                               "cannot go out waits in --staging-dir for the next one.", "--publish-timeout")
     resume: str | None = _f(None, "auto (latest checkpoint in --output-dir, if any) or a checkpoint path/URL.",
                             "--resume")
+    overwrite: bool = _f(False, "Replace the run already in --output-dir (its checkpoints, model and results are "
+                         "deleted first). Without it a run refuses to start over another run's outputs.",
+                         "--overwrite")
     trust_checkpoint: bool = _f(False, "Load a checkpoint that has no manifest.json (not written by dist-robust, "
                                 "or torn). DeepSpeed unpickles checkpoints: only for sources you trust.",
                                 "--trust-checkpoint")
@@ -555,3 +558,6 @@ def _train_problems(t: TrainConfig, p: _Problems) -> None:
         p.bad("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     if not t.output_dir:
         p.bad("train.output_dir", t.output_dir, "must name a directory or URL")
+    if t.overwrite and t.resume:
+        p.bad("train.overwrite", t.overwrite, f"--overwrite replaces the run in --output-dir and --resume "
+              f"{t.resume} continues one: choose one")

@@ -18,6 +18,7 @@ import torch
 from dist_robust import certify as C
 from dist_robust import distributed as D
 from dist_robust import faults
+from dist_robust import run_folder
 from dist_robust import evaluate as E
 from dist_robust import storage
 from dist_robust.clock import StartupClock, duration
@@ -153,6 +154,7 @@ def _setup(cfg: RunConfig) -> Setup:
 
     clock = StartupClock()
     validate(cfg, D.world_size())
+    run_folder.check(cfg)  # before anything is written: another run's outputs stay as they are
     # Data errors (bad rows, leakage) surface before any process group.
     data = get_task(cfg.data, train=not cfg.train.eval_only)
     _check_final_sets(cfg, data)
@@ -162,6 +164,9 @@ def _setup(cfg: RunConfig) -> Setup:
     D.setup_logging()
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit,
                             cfg.train.publish_timeout)
+    if D.is_main():
+        run_folder.claim(cfg, store.publish_text)
+    D.barrier()
     node_local = store.detect_node_local()
     resume = _find_resume(cfg, store)
     ds = _resolve_ds_config_for(cfg, resume)

@@ -49,6 +49,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         restore_checkpoint(checkpoint, cfg.train.output_dir)
         cfg.train.resume = "auto"
+    else:  # the trial's own directory: an attempt that failed before its first Ray checkpoint left nothing to keep
+        cfg.train.overwrite = True
     copies = loop_config.get("augment_copies")
     if copies:
         offline_augment(cfg, int(copies))
