@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,11 @@ class PublishError(RuntimeError):
     """The remote store stayed unreachable; the run's checkpoints are complete in staging."""
 
 
+# What a pointer file may name: a tag of the form this module writes. A pointer is read from a store
+# (or a restored Ray checkpoint) and joined into paths that are deleted and listed; anything else
+# (``../../victim``, an absolute path) is refused before any use.
+_TAG = re.compile(r"(?:step|best)-[0-9]{8}")
+
 _QUICK_PUBLISH_S = 10.0  # retrying during training: a checkpoint that cannot go out waits for the next one
 
 
@@ -65,6 +71,26 @@ def step_tag(step: int) -> str:
 
 def best_tag(step: int) -> str:
     return f"{BEST_PREFIX}{step:08d}"
+
+
+def checked_tag(tag: str, source: str) -> str:
+    """``tag`` as read from the pointer file ``source``, when it is a tag of dist-robust's own form.
+
+    Raises :class:`CheckpointError` otherwise, before the name is joined into any path.
+    """
+    if not _TAG.fullmatch(tag):
+        raise CheckpointError(f"{source} names {tag[:80]!r}, which is not a dist-robust checkpoint tag "
+                              f"(step-NNNNNNNN or best-NNNNNNNN): refused, nothing was read or deleted. Only "
+                              f"resume from storage you control; --resume <checkpoints dir>/<tag> names a "
+                              f"checkpoint directly")
+    return tag
+
+
+def _one_segment(tag: str) -> str:
+    """A tag given as a path's last segment (``--resume DIR/TAG``): one plain name, never a way out of its root."""
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag:
+        raise CheckpointError(f"checkpoint tag {tag[:80]!r}: expected one directory name")
+    return tag
 
 
 class CheckpointStore:
@@ -185,7 +211,7 @@ class CheckpointStore:
         """Local tags to delete: all but the newest ``keep`` periodic ones and the one ``best`` names."""
         names = sorted(os.listdir(self.local_root)) if os.path.isdir(self.local_root) else []
         periodic = [t for t in names if t.startswith("step-")]
-        best = _read_local(os.path.join(self.local_root, BEST))
+        best = read_pointer(os.path.join(self.local_root, BEST))
         return periodic[: max(0, len(periodic) - self.keep)] + [
             t for t in names if t.startswith(BEST_PREFIX) and t != best]
 
@@ -239,7 +265,7 @@ class CheckpointStore:
             if os.path.isfile(manifest):
                 storage.upload_file(manifest, storage.join(self.root, tag, MANIFEST))
         for pointer in (LATEST, BEST):
-            tag = _read_local(os.path.join(self.local_root, pointer))
+            tag = read_pointer(os.path.join(self.local_root, pointer))
             if tag is not None:
                 if storage.isdir(storage.join(self.root, pointer)):  # a `best` directory of an older version
                     storage.remove(storage.join(self.root, pointer))
@@ -298,13 +324,15 @@ class CheckpointStore:
         them needs no store (which may be away).
         """
         if self.remote:
-            return _read_local(os.path.join(self.local_root, pointer))
+            return read_pointer(os.path.join(self.local_root, pointer))
         return self.published(pointer)
 
     def published(self, pointer: str) -> str | None:
         """The tag a pointer names in the output directory itself (the store, when remote)."""
         uri = storage.join(self.root, pointer)
-        return storage.read_text(uri).strip() if storage.exists(uri) and not storage.isdir(uri) else None
+        if not storage.exists(uri) or storage.isdir(uri):
+            return None
+        return checked_tag(storage.read_text(uri).strip(), uri)
 
     def agreed(self, pointer: str) -> str | None:
         """The tag a pointer names, the same on every rank (collective).
@@ -332,6 +360,7 @@ class CheckpointStore:
         Raises :class:`CheckpointError` on every rank when the manifest is missing (unless
         ``trust``) or a file it lists is missing or differs.
         """
+        _one_segment(tag)
         if storage.is_local(source_root):
             local = storage.local_path(source_root)
         elif source_root == self.root and tag in self.saved_here:
@@ -341,12 +370,15 @@ class CheckpointStore:
             if D.local_rank() == 0:
                 target = os.path.join(local, tag)
                 shutil.rmtree(target, ignore_errors=True)
-                storage.download_dir(storage.join(source_root, tag), target)
+                try:
+                    storage.download_dir(storage.join(source_root, tag), target)
+                except storage.UnsafePathError as err:
+                    raise CheckpointError(f"checkpoint {storage.join(source_root, tag)}: {err}") from None
             if source_root == self.root and D.is_main():
                 # Staging mirrors the store from here on: its pointers, until this run moves them.
                 for pointer in (LATEST, BEST):
                     found = self.published(pointer)
-                    if found is not None and _read_local(os.path.join(self.local_root, pointer)) is None:
+                    if found is not None and read_pointer(os.path.join(self.local_root, pointer)) is None:
                         storage.write_text(os.path.join(self.local_root, pointer), found)
             D.barrier()
         verify(local, tag, trust, shown=storage.join(source_root, tag))
@@ -364,8 +396,9 @@ def resolve_resume(resume: str | None, store: CheckpointStore) -> tuple[str, str
     if resume == "auto":
         tag = store.latest_tag()
         return (store.root, tag) if tag else None
-    if storage.exists(storage.join(resume, LATEST)):
-        return resume, storage.read_text(storage.join(resume, LATEST)).strip()
+    pointer = storage.join(resume, LATEST)
+    if storage.exists(pointer):
+        return resume, checked_tag(storage.read_text(pointer).strip(), pointer)
     if storage.exists(resume) and any(n.startswith(("mp_rank_", "zero_pp_rank_")) for n in storage.listdir(resume)):
         parent, _, tag = resume.rstrip("/").rpartition("/")
         return parent, tag
@@ -523,11 +556,12 @@ def load_tag(engine, local_root: str, tag: str, layout: dict | None, **kwargs) -
     return client_state
 
 
-def _read_local(path: str) -> str | None:
+def read_pointer(path: str) -> str | None:
+    """The tag a local pointer file names (checked: :func:`checked_tag`), or None when there is none."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+        return checked_tag(f.read().strip(), path)
 
 
 def consolidated_state_dict(engine) -> dict | None:

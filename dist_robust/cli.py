@@ -79,6 +79,8 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
 
     from dist_robust.checkpointing import CheckpointError, PublishError
     from dist_robust.stability import TrainingDivergedError
+    from dist_robust.storage import UnsafePathError
+    from dist_robust.tracking import JournalError
     from dist_robust.trainer import run
 
     try:
@@ -99,7 +101,7 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
             f"port {port} on this host is already in use (another training job?). Give this job another one: "
             f"deepspeed --master_port PORT ..., torchrun --master_port PORT ..., MASTER_PORT=PORT python train.py ..., "
             f"or let dist-robust train --nproc-per-node N pick a free port"))
-    except (TrainingDivergedError, CheckpointError, PublishError) as err:
+    except (TrainingDivergedError, CheckpointError, PublishError, UnsafePathError, JournalError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 1
@@ -212,11 +214,11 @@ def replay_tracking_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-uri", default=None,
                         help="tracking URI (default: the run's, as the journal stores it, without credentials)")
     args = parser.parse_args(argv)
-    from dist_robust.tracking import replay_journal
+    from dist_robust.tracking import JournalError, replay_journal
 
     try:
         run_id, sent = replay_journal(args.output_dir, args.mlflow_uri)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, JournalError) as err:
         return _fail(err)
     except Exception as err:  # noqa: BLE001 - the server is still away, credentials, ...
         print(f"error: MLflow did not take the journal ({str(err).strip().splitlines()[0][:300]}); it is kept, "

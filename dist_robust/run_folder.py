@@ -13,8 +13,8 @@ model and results. Before anything is written, :func:`check` looks at ``--output
   continuing would mix two runs in one trajectory.
 
 ``run.json`` (written by :func:`claim` when a run starts fresh) records what identifies the
-run: the keys of :data:`IDENTITY`. Operational settings (steps, ranks, evaluation languages,
-paths, logging) may change between a run and its resume.
+run: the keys of :data:`IDENTITY`. Everything else (data files, steps, schedule, ranks,
+evaluation, paths, logging) may change between a run and its resume.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ RUN_FORMAT = "dist-robust-run/1"
 # What a run writes into its output directory; --overwrite removes exactly these.
 OUTPUTS = ("checkpoints", "universal-checkpoints", "model", "tokenizer", "results.json", "generalized.csv",
            "mlflow-journal.jsonl", "mlflow-journal-files", RUN_FILE)
-# The keys that make two runs different runs: resuming one with another's values is refused.
+# What names a run: the model, the task, the method with its settings, the seed. Resuming with
+# other values of these is refused (the results would describe one run and hold another's model);
+# everything else (data files, steps, schedule, batch, ranks, evaluation, paths) may change on resume.
 IDENTITY = (
-    "model.name", "model.max_length", "model.dropout", "model.freeze_embeddings", "model.tokenizer_vocab_size",
-    "data.task", "data.train_file", "data.max_train_examples", "data.source_language", "data.augment",
-    "data.synonym_prob", "data.synthetic_train_size", "data.synthetic_misalignment",
+    "model.name", "data.task", "data.source_language", "data.augment", "data.synonym_prob",
     "objective.name", "objective.epsilon", "objective.alpha", "objective.adv_steps", "objective.norm",
     "objective.adv_weight", "objective.sigma", "objective.noise_samples", "objective.init_mag",
     "objective.linf_step", "objective.same_dropout", "objective.adv_begin_step", "objective.smart_lambda",
     "objective.noise_type", "objective.noise_scale", "objective.scale",
-    "train.seed", "train.lr", "train.warmup_ratio",
+    "train.seed",
 )
 
 
@@ -51,12 +51,8 @@ class RunFolderError(RuntimeError):
 
 
 def identity(cfg: RunConfig) -> dict:
-    """The values of :data:`IDENTITY` for this run; a training file by its last two path segments
-    (``en/train.tsv``), so a resume may read it from another mount or store."""
-    out = {key: get_key(cfg, key) for key in IDENTITY}
-    if out["data.train_file"]:
-        out["data.train_file"] = "/".join(out["data.train_file"].rstrip("/").split("/")[-2:])
-    return out
+    """The values of :data:`IDENTITY` for this run."""
+    return {key: get_key(cfg, key) for key in IDENTITY}
 
 
 def digest(ident: dict) -> str:

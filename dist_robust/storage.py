@@ -139,13 +139,37 @@ def with_retries(work, budget_s: float, what: str):
     return retrying(work)
 
 
+class UnsafePathError(ValueError):
+    """A name read from a store that would lead outside the folder it belongs in."""
+
+
+def inside(local_dir: str, rel: str, source: str) -> str:
+    """``local_dir/rel`` for a slash-separated ``rel`` read from ``source``, when it stays inside ``local_dir``.
+
+    Keys are legal in object stores that no file name is: ``..`` or empty segments, a leading
+    slash, backslashes. Such a key (and one that reaches out through a symlink already in
+    ``local_dir``) raises :class:`UnsafePathError` before anything is written.
+    """
+    parts = rel.split("/")
+    if not rel or "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"{source}: the key {rel[:200]!r} is not a plain relative path; refused, nothing "
+                              f"was written outside {local_dir}")
+    dest = os.path.join(local_dir, *parts)
+    root = os.path.realpath(local_dir)
+    if os.path.commonpath([root, os.path.realpath(dest)]) != root:
+        raise UnsafePathError(f"{source}: the key {rel[:200]!r} leads outside {local_dir}; refused")
+    return dest
+
+
 def download_dir(uri: str, local_dir: str) -> None:
-    """Copy a (remote) directory tree into a local directory."""
+    """Copy a (remote) directory tree into a local directory; every key must stay inside it (:func:`inside`).
+
+    All keys are checked before the first file is written.
+    """
     fs, path = _fs(uri)
     prefix = path.rstrip("/")
-    for remote in fs.find(prefix):
-        rel = remote[len(prefix):].lstrip("/")
-        dest = os.path.join(local_dir, *rel.split("/"))
+    plan = [(remote, inside(local_dir, remote[len(prefix):].lstrip("/"), uri)) for remote in fs.find(prefix)]
+    for remote, dest in plan:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fs.get_file(remote, dest)
 

@@ -311,10 +311,36 @@ def _remove_journal(journal_dir: str) -> None:
     shutil.rmtree(os.path.join(journal_dir, "mlflow-journal-files"), ignore_errors=True)
 
 
+class JournalError(ValueError):
+    """A tracking journal that is not one this module wrote: unreadable, or naming calls or files it never would."""
+
+
+_JOURNAL_CALLS = ("log_params", "log_metrics", "log_dict", "log_artifact", "log_text", "log_table", "finish")
+_JOURNAL_SPEC = ("uri", "experiment", "run_name", "run_id", "tags")
+
+
 def _read_journal(path: str) -> tuple[dict, list[tuple[str, list]]]:
-    with open(path, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return lines[0]["run"], [(e["call"], e["args"]) for e in lines[1:]]
+    """The run spec and the kept calls of a journal, checked: only the tracker's own calls, and artifacts
+    only from the journal's own files folder (a journal names files to upload: never any file elsewhere)."""
+    files = os.path.realpath(os.path.join(os.path.dirname(path), "mlflow-journal-files"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        spec, calls = lines[0]["run"], [(e["call"], e["args"]) for e in lines[1:]]
+        if not isinstance(spec, dict) or set(spec) - set(_JOURNAL_SPEC):
+            raise ValueError(f"unexpected run fields {sorted(set(spec) - set(_JOURNAL_SPEC))}")
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise JournalError(f"{path} is not a readable tracking journal ({err})") from None
+    for method, args in calls:
+        if method not in _JOURNAL_CALLS or not isinstance(args, list):
+            raise JournalError(f"{path} holds a call {str(method)[:40]!r} that a tracking journal never does; "
+                               f"nothing was sent")
+        if method == "log_artifact":
+            real = os.path.realpath(str(args[0])) if args else ""
+            if os.path.commonpath([files, real or "/"]) != files:
+                raise JournalError(f"{path} names the artifact {str(args[0])[:200]!r}, outside its own "
+                                   f"{files}; nothing was sent")
+    return spec, calls
 
 
 def replay_journal(journal_dir: str, uri: str | None = None) -> tuple[str, int]:

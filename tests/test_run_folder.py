@@ -117,9 +117,13 @@ def test_check_on_an_object_store(tmp_path):
     run_folder.check(cfg)
 
 
-def test_a_training_file_is_known_by_its_last_segments_wherever_it_lives():
-    a, b, c = RunConfig(), RunConfig(), RunConfig()
-    a.data.train_file, b.data.train_file = "/data/xnli/en/train.tsv", "s3://bucket/xnli/en/train.tsv"
-    c.data.train_file = "/data/xnli/de/train.tsv"
+def test_what_may_change_on_resume_and_what_may_not():
+    a, b = RunConfig(), RunConfig()
+    b.data.train_file, b.train.lr, b.train.max_steps, b.data.languages = "/data/more.tsv", 3e-5, 9000, ["de"]
     assert run_folder.digest(run_folder.identity(a)) == run_folder.digest(run_folder.identity(b))
-    assert run_folder.digest(run_folder.identity(a)) != run_folder.digest(run_folder.identity(c))
+    for key, value in (("model.name", "xlm-roberta-large"), ("data.augment", "synonym"), ("objective.sigma", 0.3)):
+        c = RunConfig()
+        section, name = key.split(".")
+        setattr(getattr(c, section), name, value)
+        assert run_folder.differences(run_folder.identity(a), run_folder.identity(c)) == \
+            [f"{key}: {run_folder.identity(a)[key]!r} -> {value!r}"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from dist_robust import distributed as D
 from dist_robust import faults
-from dist_robust.checkpointing import BEST, BEST_PREFIX, LATEST
+from dist_robust.checkpointing import BEST, BEST_PREFIX, LATEST, read_pointer
 from dist_robust.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def checkpoint_files(tag_dir: str, output_dir: str) -> dict[str, str]:
     """
     root = os.path.dirname(tag_dir.rstrip("/"))
     sources = {os.path.basename(tag_dir.rstrip("/")): tag_dir, "tokenizer": os.path.join(output_dir, "tokenizer")}
-    best = _read(os.path.join(root, BEST))
+    best = read_pointer(os.path.join(root, BEST))  # a tag of ours, or CheckpointError: never a path elsewhere
     if best:
         sources[best] = os.path.join(root, best)
     files = {BEST: os.path.join(root, BEST)} if best else {}
