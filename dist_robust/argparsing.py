@@ -115,6 +115,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
+            if isinstance(value, list) and key != "tracking.tags":  # --languages en,de as well as en de
+                value = [item for v in value for item in v.split(",") if item]
             setattr(getattr(cfg, section), name, value)
     ds_path = args.deepspeed or args.deepspeed_config
     if ds_path or not cfg.ds_config:

@@ -34,6 +34,8 @@ AUGMENTATIONS = ("none", "synonym")
 DATA_FORMATS = ("auto", "tsv", "xtreme", "jsonl", "parquet")
 ZERO_STAGES = (0, 1, 2, 3)
 EVAL_SPLITS = ("auto", "dev", "test")
+DEV_LANGUAGES = ("all", "source")
+BUILTIN_MODELS = ("tiny", "xlmr-base-random", "xlmr-large-random")  # models.BUILTIN_CONFIGS, without importing torch
 
 
 def zero_stage(ds: dict) -> int:
@@ -169,6 +171,10 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "Fraction of max_steps spent in linear warm-up (fills \"auto\").",
                              "--warmup-ratio")
     eval_steps: int = _f(100, "Evaluate every N steps (0: only at the end).", "--eval-steps")
+    dev_languages: str = _f("all", "Languages evaluated on dev during training: all (a dev curve per language) or "
+                            "source (only the source language, which selects the best checkpoint; the others are "
+                            "then measured once, for the selected model).", "--dev-languages",
+                            choices=DEV_LANGUAGES)
     eval_batch_size: int = _f(64, "Examples per rank per evaluation batch.", "--eval-batch-size")
     generalized: bool = _f(True, "Evaluate the generalized language x language matrix at the end.",
                            "--generalized")
@@ -418,20 +424,48 @@ def _set(cfg: RunConfig, key: str, value: Any, origin: str) -> list[str]:
     return []
 
 
-def load_run_file(path: str) -> dict:
-    """Read a YAML or JSON run file (local path or fsspec URL)."""
+def read_config_text(path: str, flag: str) -> str:
+    """The text of a file the command line names (local path or fsspec URL), or one ConfigError saying why not."""
     from dist_robust.storage import read_text
 
     try:
-        text = read_text(path)
+        return read_text(path)
     except FileNotFoundError:
-        raise ConfigError([f"--config {path}: file not found"]) from None
+        raise ConfigError([f"{flag} {path}: file not found"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except (OSError, ValueError) as e:  # a directory, a name too long, a bad URL, a store that refused
+        raise ConfigError([f"{flag} {path}: cannot be read ({type(e).__name__}: {str(e)[:200]})"]) from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a run file has no use for them, and a few hundred bytes of nested
+    aliases expand to gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not accepted in run files",
+                                                    event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` that refuses aliases (see :class:`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_run_file(path: str) -> dict:
+    """Read a YAML or JSON run file (local path or fsspec URL)."""
+    text = read_config_text(path, "--config")
     try:
-        data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+        data = parse_yaml(text) if not path.endswith(".json") else json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError([f"--config {path}: not valid JSON ({e})"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"--config {path}: not valid YAML ({' '.join(str(e).split())})"]) from None
+    except RecursionError:
+        raise ConfigError([f"--config {path}: nested too deeply to be a run file"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"--config {path}: expected a mapping of sections, got {type(data).__name__}"])
     return data
@@ -546,6 +580,7 @@ def _model_problems(m: ModelConfig, p: _Problems) -> None:
 
 def _train_problems(t: TrainConfig, p: _Problems) -> None:
     p.one_of(t, "train", "eval_split", EVAL_SPLITS)
+    p.one_of(t, "train", "dev_languages", DEV_LANGUAGES)
     p.at_least(t, "train", ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit",
                             "max_bad_steps", "dist_timeout", "publish_timeout"), 1, "must be >= 1")
     p.at_least(t, "train", ("eval_steps", "save_steps"), 0, "must be >= 0 (0 disables)")

@@ -17,15 +17,23 @@ def load_ds_config(path: str | None) -> dict:
     """Read a DeepSpeed JSON config, or return the built-in ZeRO-2 default."""
     if not path:
         return default_ds_config()
-    from dist_robust.storage import read_text
+    from dist_robust.config import read_config_text
 
     try:
-        return json.loads(read_text(path))
-    except FileNotFoundError:
-        raise ConfigError([f"--deepspeed {path}: file not found (the repository ships ds_configs/zero0.json"
-                           " ... zero3.json)"]) from None
+        text = read_config_text(path, "--deepspeed")
+    except ConfigError as e:
+        raise ConfigError([e.problems[0] + (" (the repository ships ds_configs/zero0.json ... zero3.json)"
+                                            if "not found" in e.problems[0] else "")]) from None
+    try:
+        ds = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError([f"--deepspeed {path}: not valid JSON ({e})"]) from None
+    except RecursionError:
+        raise ConfigError([f"--deepspeed {path}: nested too deeply to be a DeepSpeed config"]) from None
+    if not isinstance(ds, dict):
+        raise ConfigError([f"--deepspeed {path}: expected a JSON object of DeepSpeed settings, got "
+                           f"{type(ds).__name__}"])
+    return ds
 
 
 def default_ds_config() -> dict:

@@ -2,15 +2,18 @@
 
 One command runs the comparison the product exists for: ERM against the robust objectives,
 
-    erm, pgd, freelb, gaussian, synonym (RS-DA on the fly), synonym+pgd  (and, when asked, smart)
+    erm, pgd, freelb, gaussian, synonym (RS-DA on the fly), synonym+pgd
+    (and, when asked, smart, and synonym-offline: RS-DA as the paper runs it)
 
 each over ``--seeds``, as ordinary training runs (``dist-robust train``, one at a time, so
 every run has the machine) logged to one MLflow experiment. Before them, an optional
-selection sweep (``--select epsilon=0.03,0.1,0.3 sigma=... synonym_prob=...``; an epsilon
-brings its ascent step, alpha = epsilon / 2) trains the
+selection sweep (``--select lr=2e-5,5e-5 epsilon=0.03,0.1,0.3 sigma=... synonym_prob=...``; an
+epsilon brings its ascent step, alpha = epsilon / 2) trains the
 method that owns each hyperparameter on separate ``--select-seeds`` *without* the generalized
 evaluation and keeps the value with the highest mean **source-language dev** accuracy of the
-selected checkpoints (ties: the smaller value, the least departure from ERM). No target
+selected checkpoints (ties: the smaller value, the least departure from ERM). Hyperparameters
+are chosen one after the other, in the order given, each sweep using the values chosen before
+it (``lr`` first: the learning rate of every method, chosen with ERM). No target
 language and no test set is looked at, so the comparison stays zero-shot. The choice is
 written to ``selection.json`` and used by every method that has the hyperparameter.
 
@@ -46,15 +49,20 @@ METHODS: dict[str, list[str]] = {
     "synonym": ["--objective", "erm", "--augment", "synonym"],
     "synonym+pgd": ["--objective", "pgd", "--augment", "synonym"],
     "smart": ["--objective", "smart"],
+    # RS-DA as the paper runs it: trained on a file holding every pair --augment-copies times, each copy
+    # substituted afresh (dist-robust augment), made once per seed from the run's --train-file
+    "synonym-offline": ["--objective", "erm"],
 }
+OFFLINE = "synonym-offline"
 DEFAULT_METHODS = ("erm", "pgd", "freelb", "gaussian", "synonym", "synonym+pgd")  # the paper's comparison
 # The hyperparameters a selection sweep may choose, the method it is chosen on, and who uses it.
 SELECTABLE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lr": ("erm", tuple(METHODS)),
     "epsilon": ("pgd", ("pgd", "freelb", "synonym+pgd")),
     "sigma": ("gaussian", ("gaussian",)),
-    "synonym_prob": ("synonym", ("synonym", "synonym+pgd")),
+    "synonym_prob": ("synonym", ("synonym", "synonym+pgd", OFFLINE)),
 }
-_FLAG = {"epsilon": "--epsilon", "sigma": "--sigma", "synonym_prob": "--synonym-prob"}
+_FLAG = {"lr": "--lr", "epsilon": "--epsilon", "sigma": "--sigma", "synonym_prob": "--synonym-prob"}
 _WITH_ALPHA = ("epsilon",)  # the ascent step follows the radius: alpha = epsilon / 2
 
 
@@ -112,18 +120,46 @@ class Runner:
         if self.finished(label, seed):
             print(f"{prefix}: done before, kept", flush=True)
             return self.results(label, seed)
+        last = ["--train-file", self.augmented(seed, flags)] if (method or label) == OFFLINE else []
         cmd = [sys.executable, "-m", "dist_robust.cli", "train", *flags, "--seed", str(seed), "--output-dir", out,
                "--resume", "auto", "--experiment", self.args.experiment, "--run-name", f"{label} s{seed}",
-               "--tags", f"method={label}", f"phase={phase}", "--no-progress", *self.extra, *self._launch_flags()]
+               "--tags", f"method={label}", f"phase={phase}", "--no-progress", *self.extra, *self._launch_flags(),
+               *last]
         print(f"{prefix}: {' '.join(cmd[3:])}", flush=True)
         start = time.monotonic()
         self._call(cmd, f"{label}-s{seed}", f"{label} seed {seed}")
         result = self.results(label, seed)
+        if self.args.prune_checkpoints and result.get("model_uri"):
+            storage.remove(storage.join(out, "checkpoints"))  # the exported model is what the comparison keeps
         seconds = time.monotonic() - start
         self.seconds.setdefault(method or label, []).append(seconds)
         print(f"{prefix}: {seconds:.0f} s, {self.args.source_language} dev "
               f"{100 * result['best_dev_source_acc']:.2f}{self.time_left(after)}", flush=True)
         return result
+
+    def augmented(self, seed: int, flags: list[str]) -> str:
+        """The offline RS-DA training file of ``seed`` (``dist-robust augment``), written once and kept."""
+        from dist_robust.data.augment import augment_main
+
+        def option(name: str, default: str | None = None) -> str | None:
+            found = [args[i + 1] for args in (flags, self.extra) for i, a in enumerate(args[:-1]) if a == name]
+            return found[-1] if found else default
+
+        task, source, synonyms = option("--task"), option("--train-file"), option("--synonyms")
+        if task not in ("pawsx", "xnli") or not source or not synonyms:
+            raise RuntimeError(f"{OFFLINE} writes its training file from the runs' --task (pawsx or xnli), "
+                               f"--train-file and --synonyms: pass them after --")
+        out = storage.join(self.args.output_root, "augmented", f"{task}-c{self.args.augment_copies or 'paper'}-"
+                           f"p{option('--synonym-prob', '1.0')}-s{seed}.tsv")
+        if not storage.exists(out):
+            argv = ["--task", task, "--input", source, "--output", out + ".partial.tsv", "--synonyms", synonyms,
+                    "--synonym-prob", option("--synonym-prob", "1.0"), "--seed", str(seed)]
+            argv += ["--copies", str(self.args.augment_copies)] if self.args.augment_copies else []
+            if augment_main(argv):
+                raise RuntimeError(f"dist-robust augment {' '.join(argv)} failed")
+            storage.write_text(out, storage.read_text(out + ".partial.tsv"))
+            storage.remove(out + ".partial.tsv")
+        return out
 
     def evaluate_more(self, label: str, seed: int, run: dict, languages: list[str]) -> None:
         """Evaluate a run's exported model (``run``: its results) on ``languages``, per language, plus the
@@ -191,15 +227,17 @@ def select(runner: Runner, grid: dict[str, list[float]], seeds: list[int],
         return saved["chosen"]
     plan = [(f"select-{key}-{value:g}", s, SELECTABLE[key][0], key, value)
             for key, values in grid.items() for value in values for s in seeds]
-    accs: dict[tuple[str, float], list[float]] = {}
-    for i, (label, s, method, key, value) in enumerate(plan):
-        after = [run[:3] for run in plan[i + 1:]] + list(then)
-        result = runner.train(label, s, run_flags(method, {key: value}) + ["--no-generalized"], len(plan), "select",
-                              method, after)
-        accs.setdefault((key, value), []).append(result["best_dev_source_acc"])
     chosen, table = {}, {}
-    for key, values in grid.items():
-        mean_dev = {value: statistics.fmean(accs[key, value]) for value in values}
+    for key, values in grid.items():  # in the order given: each sweep runs at the values chosen before it
+        accs: dict[float, list[float]] = {}
+        for i, (label, s, method, k, value) in enumerate(plan):
+            if k != key:
+                continue
+            after = [run[:3] for run in plan[i + 1:]] + list(then)
+            result = runner.train(label, s, run_flags(method, {**chosen, key: value}) + ["--no-generalized"],
+                                  len(plan), "select", method, after)
+            accs.setdefault(value, []).append(result["best_dev_source_acc"])
+        mean_dev = {value: statistics.fmean(accs[value]) for value in values}
         chosen[key] = choose(mean_dev)
         table[key] = {f"{v:g}": round(100 * acc, 2) for v, acc in mean_dev.items()}
         print(f"selected {key} = {chosen[key]:g} on {runner.args.source_language} dev: {table[key]}", flush=True)
@@ -227,6 +265,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None, help="Tracking URI (default: as dist-robust train).")
     p.add_argument("--source-language", default="en", help="Language whose dev accuracy selects (as in training).")
     p.add_argument("--plot-dir", default=None, help="Also write the comparison plots here.")
+    p.add_argument("--prune-checkpoints", action="store_true",
+                   help="Delete a run's checkpoints once it has finished and exported its model (each one holds "
+                        "the optimizer state: several times the model's size).")
+    p.add_argument("--augment-copies", type=int, default=None, metavar="N",
+                   help=f"{OFFLINE}: copies of every training pair (default: the paper's, 3 for XNLI, 10 for "
+                        "PAWS-X). Keep --max-steps: the runs then see every pair's copies once as often as the "
+                        "others see the pair.")
     p.add_argument("--extra-languages", nargs="+", default=[], metavar="LANG",
                    help="Also evaluate every run's exported model on these languages, per language only "
                         "(no generalized matrix), tagged phase=extra and summarised apart; e.g. tr vi sw.")
@@ -237,7 +282,8 @@ def experiment_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = _parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    args.output_root = args.output_root or os.path.join("runs", args.experiment)
+    # An experiment name may be a path in MLflow's sense (/Shared/x on Databricks): one folder name here.
+    args.output_root = args.output_root or os.path.join("runs", storage.safe_segment(args.experiment))
     try:
         grid = parse_select(args.select)
         if args.extra_languages and "--no-export-model" in extra:
@@ -247,8 +293,13 @@ def experiment_main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.log_dir = os.path.join(args.output_root, "logs") if "://" not in args.output_root else \
-        os.path.join("runs", args.experiment, "logs")
-    os.makedirs(args.log_dir, exist_ok=True)
+        os.path.join("runs", storage.safe_segment(args.experiment), "logs")
+    try:
+        os.makedirs(args.log_dir, exist_ok=True)
+    except OSError as err:
+        print(f"error: --output-root {args.output_root}: cannot create {args.log_dir} ({err.strerror})",
+              file=sys.stderr)
+        return 2
     runner = Runner(args, extra)
     start = time.monotonic()
     try:

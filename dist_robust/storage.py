@@ -139,6 +139,15 @@ def with_retries(work, budget_s: float, what: str):
     return retrying(work)
 
 
+def safe_segment(name: str, limit: int = 100) -> str:
+    """A name (an MLflow experiment's, a sweep's) as one harmless folder name: ``/Shared/x`` -> ``Shared-x``,
+    ``../../x`` -> ``x``; letters, digits, ``.``, ``_`` and ``-`` only, at most ``limit`` characters."""
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:limit].strip(".-")
+    return safe or "unnamed"
+
+
 class UnsafePathError(ValueError):
     """A name read from a store that would lead outside the folder it belongs in."""
 

@@ -37,6 +37,7 @@ from dist_robust.models import (align_word_embeddings, build_model, count_parame
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.objectives.smart import precision_caveat
 from dist_robust.outputs import final_metrics, write_outputs
+from dist_robust.preflight import check_inputs
 from dist_robust.redaction import redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
 from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
@@ -154,6 +155,7 @@ def _setup(cfg: RunConfig) -> Setup:
 
     clock = StartupClock()
     validate(cfg, D.world_size())
+    check_inputs(cfg)  # the model, languages and files the config names, before anything is loaded
     run_folder.check(cfg)  # before anything is written: another run's outputs stay as they are
     # Data errors (bad rows, leakage) surface before any process group.
     data = get_task(cfg.data, train=not cfg.train.eval_only)
@@ -179,7 +181,9 @@ def _setup(cfg: RunConfig) -> Setup:
     clock.mark("tokenizer")
     train_set = encode_cached([] if cfg.train.eval_only else data.train, tokenizer, cfg.model.max_length,
                               cfg.data.cache_dir)  # collective under a cache_dir: every rank calls it
-    dev = E.prepare(data.dev, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
+    dev_sets = data.dev if cfg.train.dev_languages == "all" else \
+        {lang: rows for lang, rows in data.dev.items() if lang == cfg.data.source_language}
+    dev = E.prepare(dev_sets, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
     clock.mark("encoding")
     zero3 = zero3_context(ds)
     torch.manual_seed(cfg.train.seed)
@@ -574,12 +578,12 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
     # the per-language accuracies of the selected model were measured when it was selected.
     known = setup.dev_measured.get(state.best_step) if split == "dev" else None
     k = cfg.train.generalized_examples
+    known = {lang: a for lang, a in (known or {}).items() if (lang, lang) in cells}
     all_sets = {("gen", a, b): rows if a == b else E.spaced_subset(rows, k) for (a, b), rows in cells.items()
-                if not (a == b and known is not None)}
+                if not (a == b and a in known)}
     acc = _run_final_sets(setup, split, all_sets) if all_sets else {}
-    if known is not None:
-        acc.update({("gen", lang, lang): a for lang, a in known.items()})
-        acc = {("gen", a, b): acc[("gen", a, b)] for a, b in cells}  # back in the sets' order
+    acc.update({("gen", lang, lang): a for lang, a in known.items()})
+    acc = {("gen", a, b): acc[("gen", a, b)] for a, b in cells}  # in the sets' order
     per_language = {key[1]: a for key, a in acc.items() if key[1] == key[2]}
     matrix = E.matrix_from_cells({key[1:]: a for key, a in acc.items()}) if cfg.train.generalized else {}
     return {

@@ -91,6 +91,9 @@ def _storage_root(path: str) -> str:
 
 def _sweep(args: argparse.Namespace) -> tuple[SweepSpec, dict | None]:
     """The sweep to run: parsed from --space, or as saved by the run being resumed."""
+    if args.name is not None and storage.safe_segment(args.name) != args.name:
+        raise SpaceError("(--name)", [f"--name {args.name!r}: letters, digits, '.', '_' and '-' only (it names the "
+                                      f"sweep's folder under --storage), e.g. {storage.safe_segment(args.name)!r}"])
     if args.resume:
         name = args.name or (load_space(args.space, args.smoke).name if args.space else None)
         if not name:

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from dist_robust.argparsing import add_run_arguments, config_from_args
-from dist_robust.config import ConfigError, RunConfig, field_kind, get_key, iter_fields, set_key
+from dist_robust.config import ConfigError, RunConfig, field_kind, get_key, iter_fields, parse_yaml, set_key
 from dist_robust.validation import validate
 from dist_robust.tuning.space_checks import LISTED_TYPES, check_options
 from dist_robust.tuning.spec import ParamSpec, SweepSpec
@@ -74,11 +74,17 @@ def load_space(path: str, smoke: bool = False) -> SweepSpec:
     """Read and check a sweep file; raise :class:`SpaceError` naming every problem."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = parse_yaml(f.read())
     except FileNotFoundError:
         raise SpaceError(path, ["file not found (the repository ships tuning/*.yaml)"]) from None
+    except UnicodeDecodeError as e:
+        raise SpaceError(path, [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except OSError as e:  # a directory, a name too long
+        raise SpaceError(path, [f"cannot be read ({type(e).__name__}: {str(e)[:200]})"]) from None
     except yaml.YAMLError as e:
         raise SpaceError(path, [f"not valid YAML: {e}"]) from None
+    except RecursionError:
+        raise SpaceError(path, ["nested too deeply to be a sweep file"]) from None
     if not isinstance(raw, dict):
         raise SpaceError(path, [f"expected a mapping of sweep keys ({', '.join(TOP_KEYS)}), "
                                 f"got {type(raw).__name__}"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from dist_robust.storage import safe_segment
 from dist_robust.tuning.spec import SweepSpec
 
 LISTED_TYPES = ("choice", "grid")
@@ -27,6 +28,9 @@ def check_options(spec: SweepSpec) -> list[str]:
     def bad(key: str, value: Any, accepted: str) -> None:
         p.append(f"{key} = {value!r}: {accepted}")
 
+    if not isinstance(spec.name, str) or safe_segment(spec.name) != spec.name:
+        bad("name", spec.name, f"letters, digits, '.', '_' and '-' only: it names the sweep's folder under --storage "
+            f"and its scratch directory (e.g. {safe_segment(str(spec.name))!r})")
     if spec.metric not in INTERMEDIATE_METRICS + FINAL_METRICS:
         bad("metric", spec.metric, f"accepted: {', '.join(INTERMEDIATE_METRICS + FINAL_METRICS)}")
     elif spec.zero_shot is True and spec.metric not in ZERO_SHOT_METRICS:
