@@ -31,7 +31,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 from dist_robust import distributed as D
 from dist_robust import faults
@@ -119,7 +118,7 @@ class CheckpointStore:
         if self.remote:
             # One staging directory per destination, so concurrent runs never share one.
             key = hashlib.sha1(output_dir.encode()).hexdigest()[:12]
-            staging = staging_dir or os.path.join(tempfile.gettempdir(), "dist-robust-staging", key)
+            staging = staging_dir or storage.private_dir("staging", key)
             self.local_root = os.path.join(staging, "checkpoints")
             if D.local_rank() == 0:  # an earlier run's leftovers: the published checkpoints are the truth
                 shutil.rmtree(self.local_root, ignore_errors=True)

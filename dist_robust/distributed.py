@@ -225,8 +225,17 @@ def main_first(local: bool = False):
 
 
 class _RankFilter(logging.Filter):
+    """Every line carries its rank, and no credential: URL passwords and secret query values are masked
+    in the formatted message (a checkpoint root, a --resume location, an error quoting a URL)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        from dist_robust.redaction import redact
+
         record.rank = rank()
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
         return True
 
 

@@ -40,6 +40,7 @@ import time
 
 from dist_robust import storage
 from dist_robust.clock import duration
+from dist_robust.redaction import redact
 
 METHODS: dict[str, list[str]] = {
     "erm": ["--objective", "erm"],
@@ -125,7 +126,7 @@ class Runner:
                "--resume", "auto", "--experiment", self.args.experiment, "--run-name", f"{label} s{seed}",
                "--tags", f"method={label}", f"phase={phase}", "--no-progress", *self.extra, *self._launch_flags(),
                *last]
-        print(f"{prefix}: {' '.join(cmd[3:])}", flush=True)
+        print(f"{prefix}: {redact(' '.join(cmd[3:]))}", flush=True)
         start = time.monotonic()
         self._call(cmd, f"{label}-s{seed}", f"{label} seed {seed}")
         result = self.results(label, seed)
@@ -167,11 +168,12 @@ class Runner:
         out = storage.join(self.args.output_root, "extra", f"{label}-s{seed}")
         if storage.exists(storage.join(out, "results.json")):
             return
-        if not run.get("model_uri"):
+        if not run.get("model_uri"):  # (results name it with credentials masked: the run's folder is used)
             raise RuntimeError(f"{label} seed {seed} exported no model (was --no-export-model given?): "
                                "--extra-languages evaluates each run's exported model")
         source = self.args.source_language
-        cmd = [sys.executable, "-m", "dist_robust.cli", "eval", *self.extra, "--model", run["model_uri"],
+        model = storage.join(self.args.output_root, f"{label}-s{seed}", "model")
+        cmd = [sys.executable, "-m", "dist_robust.cli", "eval", *self.extra, "--model", model,
                "--languages", source, *(lang for lang in languages if lang != source), "--no-generalized",
                "--eval-split", run["eval_split"], "--seed", str(seed), "--output-dir", out,
                "--experiment", self.args.experiment, "--run-name", f"{label} s{seed} extra",
@@ -187,16 +189,17 @@ class Runner:
               + f" ({source} {100 * again:.2f}, {check})", flush=True)
 
     def _launch_flags(self) -> list[str]:
-        flags = ["--nproc-per-node", str(self.args.nproc_per_node)] if self.args.nproc_per_node else []
-        return flags + (["--mlflow-uri", self.args.mlflow_uri] if self.args.mlflow_uri else [])
+        # (--mlflow-uri goes to the runs through their environment: an argv is readable by every user)
+        return ["--nproc-per-node", str(self.args.nproc_per_node)] if self.args.nproc_per_node else []
 
     def _call(self, cmd: list[str], log_name: str, what: str) -> None:
         """Run one ``dist-robust`` command, its output appended to ``logs/<log_name>.log``."""
         log_path = os.path.join(self.args.log_dir, f"{log_name}.log")
         with open(log_path, "a") as log:  # a resumed run's log keeps what its earlier launches wrote
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} dist-robust {' '.join(cmd[3:])}\n")
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} dist-robust {redact(' '.join(cmd[3:]))}\n")
             log.flush()
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            env = {**os.environ, **({"MLFLOW_TRACKING_URI": self.args.mlflow_uri} if self.args.mlflow_uri else {})}
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if code != 0:
             raise RuntimeError(f"{what} failed (exit {code}); its log: {log_path}. Rerunning the same command "
                                "continues where it stopped (a training run from its last checkpoint)")

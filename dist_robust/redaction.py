@@ -12,14 +12,38 @@ import re
 from typing import Any
 
 MASK = "***"
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@?#]*):([^@/\s?#]*)@")
-_QUERY = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
-SECRET_NAME = re.compile(r"sig|signature|token|secret|passw|credential|auth|key|session|x-amz-", re.I)
+# scheme://, then the rest of the location up to whitespace or a quote
+_LOCATION = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s'\"<>]*)")
+_QUERY = re.compile(r"([?&;#])([^=&;#\s]+)=([^&;#\s]*)")
+SECRET_NAME = re.compile(r"sig|signature|token|secret|passw|pass$|pwd|code|credential|auth|key|session|x-amz-", re.I)
+_PORT_THEN_PATH = re.compile(r"\d{1,5}(/.*)?")
+
+
+def _mask_userinfo(rest: str) -> str:
+    """The part of a location after ``scheme://`` with the password of its user part masked.
+
+    The user part ends at the last ``@`` of the location, so a password holding ``@``, ``/`` or
+    ``#`` (``alice:p@ss@host``) is masked whole. A user part without ``:`` is a token given as the
+    user (``https://hf_TOKEN@host``) and is masked whole; one holding a ``/`` but no ``:`` is a
+    path with an ``@`` in it (``s3://bucket/a@b``) and is left alone, as is ``host:8080/x@y``.
+    """
+    at = rest.rfind("@")
+    if at <= 0:
+        return rest
+    user, tail = rest[:at], rest[at:]
+    name, colon, password = user.partition(":")
+    if colon:
+        if _PORT_THEN_PATH.fullmatch(password) and "/" in password:
+            return rest
+        return f"{name}:{MASK}{tail}"
+    if "/" in user:
+        return rest
+    return f"{MASK}{tail}"
 
 
 def redact(text: str) -> str:
-    """``text`` with URL passwords and secret-looking query values masked."""
-    text = _USERINFO.sub(rf"\1:{MASK}@", text)
+    """``text`` with URL passwords, tokens given as URL users and secret-looking query values masked."""
+    text = _LOCATION.sub(lambda m: m.group(1) + _mask_userinfo(m.group(2)), text)
     return _QUERY.sub(lambda m: f"{m.group(1)}{m.group(2)}={MASK}" if SECRET_NAME.search(m.group(2)) else m.group(0),
                       text)
 

@@ -149,7 +149,35 @@ def safe_segment(name: str, limit: int = 100) -> str:
 
 
 class UnsafePathError(ValueError):
-    """A name read from a store that would lead outside the folder it belongs in."""
+    """A name read from a store that would lead outside the folder it belongs in, or a shared folder
+    another user could have prepared."""
+
+
+def private_dir(*parts: str) -> str:
+    """``<temp>/dist-robust-<uid>/<parts>``, the top folder this user's own and closed to others (0700).
+
+    Fixed names under a shared temporary directory can be created first by another user, as a
+    symlink or an open folder in which checkpoint files could be swapped before they are hashed.
+    The top folder is created 0700 if missing; a symlink there, or one owned by someone else or
+    open to others, raises :class:`UnsafePathError`.
+    """
+    import stat
+    import tempfile
+
+    top = os.path.join(tempfile.gettempdir(), f"dist-robust-{os.getuid()}")
+    try:
+        os.mkdir(top, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(top)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+            or info.st_mode & 0o077:
+        raise UnsafePathError(f"{top} is not a private folder of this user (a symlink, another owner, or open to "
+                              f"others: mode {stat.S_IMODE(info.st_mode):o}); remove it, or set --staging-dir / "
+                              f"scratch_dir to a folder of your own")
+    path = os.path.join(top, *parts)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
 
 
 def inside(local_dir: str, rel: str, source: str) -> str:

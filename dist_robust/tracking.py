@@ -104,7 +104,9 @@ class MLflowTracker:
             self.run_id = run_id
             self._client.update_run(run_id, status="RUNNING")
         else:
-            self.run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+            # a run name or description (the output dir, the model) may quote a location with its credentials
+            self.run_id = self._client.create_run(exp_id, run_name=redact(run_name) if run_name else run_name,
+                                                  tags={k: redact(str(v)) for k, v in (tags or {}).items()}).info.run_id
         log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, redact(uri))
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -264,7 +266,8 @@ class ResilientTracker:
         os.makedirs(self._dir, exist_ok=True)
         spec = {**self._spec, "uri": redact(self._spec["uri"]), "run_id": self.run_id}
         tmp = f"{self._journal}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        # only its owner reads the journal: its calls carry the run's params, which may name private locations
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
             f.write(json.dumps({"run": spec}) + "\n")
             for method, args in self._pending:
                 f.write(json.dumps({"call": method, "args": args}, default=str) + "\n")

@@ -38,7 +38,7 @@ from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext
 from dist_robust.objectives.smart import precision_caveat
 from dist_robust.outputs import final_metrics, write_outputs
 from dist_robust.preflight import check_inputs
-from dist_robust.redaction import redact_tree
+from dist_robust.redaction import redact, redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
 from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
                                   resolve_uri)
@@ -668,7 +668,7 @@ def _save_outputs(setup: Setup, state: State, results: dict) -> None:
     t = setup.cfg.train
     setup.store.publish_all()  # checkpoints still waiting for the store, if it was away
     if t.export_model:
-        results["model_uri"] = export_model(setup.engine, setup.tokenizer, setup.store)
+        results["model_uri"] = redact(export_model(setup.engine, setup.tokenizer, setup.store))
     if D.is_main():
         write_outputs(setup.store.publish_text, setup.tracker, results, state.step)
         setup.store.check_published()

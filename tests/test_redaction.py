@@ -22,6 +22,14 @@ SECRET = "pl4nted-S3CRET"
     (f"https://h/data.jsonl?token={SECRET}", "https://h/data.jsonl?token=***"),
     ("https://h/data.jsonl?version=3", "https://h/data.jsonl?version=3"),  # nothing secret: unchanged
     ("runs/default", "runs/default"),
+    (f"sftp://bob:p@{SECRET}@host/runs", "sftp://bob:***@host/runs"),  # a password holding '@'
+    (f"sftp://bob:x/{SECRET}#1@host/runs", "sftp://bob:***@host/runs"),  # ... or '/' and '#'
+    (f"https://hf_{SECRET}@huggingface.co/org/m", "https://***@huggingface.co/org/m"),  # a token as the user
+    (f"https://h/x?pwd={SECRET}&pass={SECRET}&code={SECRET}", "https://h/x?pwd=***&pass=***&code=***"),
+    (f"https://h/cb#access_token={SECRET}&state=2", "https://h/cb#access_token=***&state=2"),
+    (f"error at 'http://alice:{SECRET}@mlflow:5000/api': refused", "error at 'http://alice:***@mlflow:5000/api': refused"),
+    ("s3://bucket/a@b/c.tsv", "s3://bucket/a@b/c.tsv"),  # an '@' in a path: no user part
+    ("http://mlflow:5000/path@x", "http://mlflow:5000/path@x"),  # a port, then a path with '@'
 ])
 def test_redact_keeps_the_key_and_drops_the_value(text, expected):
     assert redact(text) == expected

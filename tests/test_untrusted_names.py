@@ -117,3 +117,28 @@ def test_replay_tracking_sends_only_the_journal_s_own_files(tmp_path, call, need
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "mlflow-journal.jsonl").exists()  # kept: nothing was sent
     assert not (run / "mlflow.db").exists()
+
+
+def test_shared_temporary_folders_are_private_and_a_planted_one_is_refused(tmp_path, monkeypatch):
+    import os
+    import stat
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    top = tmp_path / f"dist-robust-{os.getuid()}"
+    staging = storage.private_dir("staging", "abc")
+    assert staging == str(top / "staging" / "abc") and stat.S_IMODE(top.stat().st_mode) == 0o700
+    # another user got there first: a symlink to a folder they control, or an open folder
+    import shutil
+
+    shutil.rmtree(top)
+    (tmp_path / "attacker").mkdir()
+    top.symlink_to(tmp_path / "attacker")
+    with pytest.raises(storage.UnsafePathError, match="not a private folder of this user"):
+        storage.private_dir("staging", "abc")
+    assert not list((tmp_path / "attacker").iterdir())
+    top.unlink()
+    top.mkdir(mode=0o777)
+    top.chmod(0o777)
+    with pytest.raises(storage.UnsafePathError, match="mode 777"):
+        CheckpointStore("memory://private/run", None, keep=2)

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 
 from dist_robust import storage
 from dist_robust.argparsing import Parser
@@ -82,7 +81,7 @@ def tune_main(argv: list[str] | None = None) -> int:
 
 def _scratch(spec: SweepSpec) -> str:
     """This machine's working directory of the sweep (trials' local files, the driver's log)."""
-    return os.path.join(spec.scratch_dir or os.path.join(tempfile.gettempdir(), "dist-robust-tune"), spec.name)
+    return os.path.join(spec.scratch_dir, spec.name) if spec.scratch_dir else storage.private_dir("tune", spec.name)
 
 
 def _storage_root(path: str) -> str:
