@@ -79,13 +79,13 @@ def _kuberay_cluster_spec(spec: dict) -> None:
 
 
 def test_kuberay_raycluster_manifest():
-    doc = yaml.safe_load((CLUSTER / "kuberay-raycluster.yaml").read_text())
+    doc = next(yaml.safe_load_all((CLUSTER / "kuberay-raycluster.yaml").read_text()))
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster" and doc["metadata"]["name"]
     _kuberay_cluster_spec(doc["spec"])
 
 
 def test_kuberay_rayjob_manifest_runs_a_sweep():
-    doc = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    doc = next(yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text()))
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     assert doc["spec"]["entrypoint"].startswith("dist-robust tune --space tuning/")
     assert doc["spec"]["shutdownAfterJobFinishes"] is True
@@ -143,9 +143,60 @@ def test_ray_dashboard_listens_on_loopback_only(name):
 
 @pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
 def test_kuberay_head_service_stays_inside_the_cluster(name):
-    spec = yaml.safe_load((CLUSTER / name).read_text())["spec"]
+    spec = next(yaml.safe_load_all((CLUSTER / name).read_text()))["spec"]
     head = (spec.get("rayClusterSpec") or spec)["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP"
     text = (CLUSTER / name).read_text()
     assert "LoadBalancer" not in text and "NodePort" not in text
     assert "port-forward" in text  # and says how to reach it
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def test_kuberay_clusters_take_a_token_and_only_their_own_pods(name):
+    """Ray's token authentication on, and a NetworkPolicy that admits only the cluster's own pods."""
+    cluster, policy = yaml.safe_load_all((CLUSTER / name).read_text())
+    spec = cluster["spec"].get("rayClusterSpec") or cluster["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    own = policy["spec"]["podSelector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": own}}]}]
+    label, value = next(iter(own.items()))
+    assert value == {"ray.io/cluster": cluster["metadata"]["name"],
+                     "ray.io/originated-from-cr-name": cluster["metadata"]["name"]}[label]
+
+
+def test_slurm_cluster_takes_a_private_per_job_token():
+    text = (CLUSTER / "slurm-tune.sbatch").read_text()
+    setup = text[:text.index("ray start --head")]
+    assert "export RAY_AUTH_MODE=token" in setup and "export RAY_AUTH_TOKEN_PATH=" in setup
+    assert "umask 077" in setup and 'chmod 600 "$RAY_AUTH_TOKEN_PATH"' in setup and "secrets.token_hex" in setup
+
+
+@pytest.mark.slow
+def test_a_ray_head_started_as_the_slurm_script_does_refuses_a_driver_without_the_token(tmp_path):
+    """Ray 2.60's token authentication, configured the way slurm-tune.sbatch configures it."""
+    import os
+    import secrets
+    import sys
+
+    from dist_robust.distributed import free_port
+
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        probe = "import ray; ray.init(address='127.0.0.1:{port}'); print(ray.cluster_resources()['CPU'])"
+        with_token = subprocess.run([sys.executable, "-c", probe.format(port=port)], env=env, capture_output=True,
+                                    text=True, timeout=180)
+        assert with_token.returncode == 0 and with_token.stdout.strip().endswith("1.0"), with_token.stderr[-2000:]
+        without = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}  # someone else on the network
+        refused = subprocess.run([sys.executable, "-c", probe.format(port=port)], env=without, capture_output=True,
+                                 text=True, timeout=180)
+        assert refused.returncode != 0, refused.stdout
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
