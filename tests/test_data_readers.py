@@ -351,3 +351,25 @@ def test_config_validation_of_data_fields():
     synthetic = RunConfig(ds_config=default_ds_config())
     synthetic.data.augment = "synonym"  # the synthetic task brings its own synonym map
     validate(synthetic, 1)
+
+
+def test_a_runaway_xtreme_field_is_one_error_naming_the_line(tmp_path: Path):
+    f = tmp_path / "dev-en.tsv"
+    f.write_text('a\tb\t1\n"unclosed\tc\t0\n' + "x" * (300 * 1024) + "\tz\t1\n")
+    with pytest.raises(DataFileError, match=r"dev-en.tsv:\d+: "):  # the quote swallows the rest: a bad row
+        read_pairs(str(f), PAWSX_LABELS, fmt="xtreme")
+    f.write_text('a\tb\t1\n"unclosed\tc\t0\n' + "x" * (17 << 20) + "\tz\t1\n")  # past any sane field
+    with pytest.raises(DataFileError, match=r"dev-en.tsv:\d+: not a readable XTREME .* unclosed quote"):
+        read_pairs(str(f), PAWSX_LABELS, fmt="xtreme")
+    long = tmp_path / "long-en.tsv"  # a long field is not an error by itself
+    long.write_text("a\tb\t1\n" + "y" * (200 * 1024) + "\tc\t0\n")
+    assert len(read_pairs(str(long), PAWSX_LABELS, fmt="xtreme").examples) == 2
+
+
+def test_deeply_nested_jsonl_rows_follow_skip_bad_rows(tmp_path: Path):
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"sentence1": "a", "sentence2": "b", "label": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataFileError, match=r"train.jsonl:2: JSON nested too deeply"):
+        read_pairs(str(f), PAWSX_LABELS)
+    result = read_pairs(str(f), PAWSX_LABELS, skip_bad_rows=True)
+    assert len(result.examples) == 1 and "nested too deeply" in result.skipped[0]

@@ -142,3 +142,29 @@ def test_shared_temporary_folders_are_private_and_a_planted_one_is_refused(tmp_p
     top.chmod(0o777)
     with pytest.raises(storage.UnsafePathError, match="mode 777"):
         CheckpointStore("memory://private/run", None, keep=2)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{k}: &{k} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, k in zip("abcdefgh", "bcdefghi"))
+
+
+def test_a_yaml_alias_bomb_in_a_run_file_is_refused_at_once(tmp_path):
+    import time
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("model:\n  name: tiny\n" + BOMB.replace("\n", "\n  ").join(["bomb:\n  ", ""]))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dist_robust.cli", "config", "--config", str(run_file)], cwd=REPO,
+                          env=launcher_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "aliases (*name) are not accepted" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - start < 30
+
+
+def test_a_yaml_alias_bomb_in_a_sweep_file_is_refused_at_once(tmp_path):
+    from dist_robust.tuning.space import SpaceError, load_space
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("params:\n  objective.epsilon: {type: choice, values: [0.1]}\nworker_env:\n  "
+                     + BOMB.replace("\n", "\n  "))
+    with pytest.raises(SpaceError, match="aliases"):
+        load_space(str(sweep))

@@ -193,11 +193,22 @@ def _parse_tsv(text: str, rows: _Rows) -> None:
         raise DataFileError(f"{rows.uri}: has a header but no rows")
 
 
+_XTREME_FIELD_LIMIT = 1 << 24  # 16 MiB: csv's default 128 KiB fails on long (or runaway-quoted) fields
+
+
 def _parse_xtreme(text: str, rows: _Rows) -> None:
+    csv.field_size_limit(max(csv.field_size_limit(), _XTREME_FIELD_LIMIT))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     width = None
     index = 0
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field over the limit: an unclosed quote swallowing the rest of the file
+            raise DataFileError(f"{rows.uri}:{reader.line_num}: not a readable XTREME (csv-quoted) file ({e}); an "
+                                f"unclosed quote? Files with literal quotes are plain TSV: --data-format tsv") from None
         line_no = reader.line_num
         if width is None:
             width = len(fields)
@@ -222,6 +233,9 @@ def _parse_jsonl(text: str, rows: _Rows) -> None:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             rows.bad(line_no, f"not valid JSON ({e.msg})")
+            continue
+        except RecursionError:
+            rows.bad(line_no, "JSON nested too deeply to be a row")
             continue
         if not isinstance(obj, dict):
             rows.bad(line_no, f"expected a JSON object, got {type(obj).__name__}")
