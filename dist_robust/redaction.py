@@ -57,3 +57,27 @@ def redact_tree(value: Any, mask_values_of: tuple[str, ...] = ("worker_env",)) -
     if isinstance(value, (list, tuple)):
         return type(value)(redact_tree(v, mask_values_of) for v in value)
     return redact(value) if isinstance(value, str) else value
+
+
+class Sealed:
+    """A value handed through a store that shows it (Ray Train keeps a trial's ``train_loop_config`` and
+    serves ``str()`` of every value on its dashboard API): the value travels whole (pickled), while
+    ``str`` and ``repr`` give only ``shown``, a masked rendering."""
+
+    def __init__(self, value: Any, shown: str):
+        self.value, self.shown = value, shown
+
+    def __repr__(self) -> str:
+        return self.shown
+
+    __str__ = __repr__
+
+
+def sealed_env(env: dict[str, str]) -> Sealed:
+    """Environment variables for workers: names shown, values masked."""
+    return Sealed(dict(env), repr({name: MASK for name in env}))
+
+
+def sealed_config(cfg: Any) -> Sealed:
+    """A run config: shown as its dict with every credential masked."""
+    return Sealed(cfg, repr(redact_tree(cfg.to_dict())))

@@ -89,3 +89,22 @@ def test_a_saved_sweep_holds_no_credential_and_resume_asks_for_it(tmp_path, monk
     args.mlflow_uri = f"http://alice:{SECRET}@mlflow:5000"
     resumed, _ = _sweep(args)
     assert resumed.worker_env == {"HF_TOKEN": SECRET}
+
+
+def test_a_trial_s_loop_config_shows_ray_s_dashboard_no_credential():
+    """Ray Train 2.60 turns train_loop_config into the JSON its dashboard serves with this very function."""
+    import pickle
+
+    from ray.train.v2._internal.state.schema import _to_json_serializable_value
+
+    from dist_robust.config import RunConfig
+    from dist_robust.redaction import sealed_config, sealed_env
+
+    cfg = RunConfig()
+    cfg.tracking.mlflow_uri = f"http://alice:{SECRET}@mlflow:5000"
+    loop_config = {"cfg": sealed_config(cfg), "env": sealed_env({"MLFLOW_TRACKING_TOKEN": SECRET})}
+    shown = json.dumps(_to_json_serializable_value(loop_config))
+    assert SECRET not in shown and "MLFLOW_TRACKING_TOKEN" in shown and "http://alice:***@mlflow:5000" in shown
+    back = pickle.loads(pickle.dumps(loop_config))  # what the workers get
+    assert back["cfg"].value.tracking.mlflow_uri.endswith(f"{SECRET}@mlflow:5000")
+    assert back["env"].value == {"MLFLOW_TRACKING_TOKEN": SECRET}

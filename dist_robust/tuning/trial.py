@@ -36,6 +36,7 @@ from ray.util.queue import Empty, Queue
 
 from dist_robust import storage
 from dist_robust.config import RunConfig, set_key
+from dist_robust.redaction import sealed_config, sealed_env
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.cleanup import RUN_KEY
 from dist_robust.tuning.spec import SweepSpec
@@ -141,8 +142,10 @@ def _torch_trainer(plan: TrialPlan, segment: Segment, config: dict[str, Any],
     spec = plan.spec
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     keep = None if spec.scheduler["type"] == "pbt" else spec.keep_checkpoints  # PBT clones older checkpoints
-    loop_config = {"cfg": cfg, "env": spec.worker_env, "initial_checkpoint": segment.initial_checkpoint,
-                   "augment_copies": config.get("augment.copies")}
+    # Ray Train shows its train_loop_config on the dashboard's API: the config and the workers'
+    # environment travel sealed (whole when unpickled, masked when printed).
+    loop_config = {"cfg": sealed_config(cfg), "env": sealed_env(spec.worker_env),
+                   "initial_checkpoint": segment.initial_checkpoint, "augment_copies": config.get("augment.copies")}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,

@@ -40,8 +40,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     from dist_robust import trainer
 
-    os.environ.update(loop_config.get("env", {}))
-    cfg: RunConfig = loop_config["cfg"]
+    os.environ.update(loop_config["env"].value)
+    cfg: RunConfig = loop_config["cfg"].value
     # One working directory per node, as on machines with local disks (also when scratch is shared).
     scratch, segment = os.path.split(cfg.train.output_dir.rstrip("/"))
     cfg.train.output_dir = os.path.join(scratch, ray.util.get_node_ip_address(), segment)
