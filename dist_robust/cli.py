@@ -15,7 +15,11 @@ from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
 from dist_robust.config import ConfigError, world_size_from_env
 from dist_robust.ds_config import resolve_ds_config
 from dist_robust.stopping import Stopped, stops_as_exceptions
+from dist_robust.toolchain import use_environment_build_cache
 from dist_robust.validation import validate
+
+
+use_environment_build_cache()  # before DeepSpeed compiles anything, in every process a command starts
 
 
 def _fail(err: Exception) -> int:

@@ -27,6 +27,7 @@ from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust.checkpointing import BEST, BEST_PREFIX, LATEST, read_pointer
 from dist_robust.config import RunConfig
+from dist_robust.toolchain import use_environment_build_cache
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     from dist_robust import trainer
 
+    use_environment_build_cache()
     os.environ.update(loop_config["env"].value)
     cfg: RunConfig = loop_config["cfg"].value
     # One working directory per node, as on machines with local disks (also when scratch is shared).
