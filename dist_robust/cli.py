@@ -14,7 +14,7 @@ from dist_robust import run_folder
 from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
 from dist_robust.config import ConfigError, world_size_from_env
 from dist_robust.ds_config import resolve_ds_config
-from dist_robust.stopping import Stopped, stops_as_exceptions
+from dist_robust.stopping import PREEMPTED_EXIT, Preempted, Stopped, stops_as_exceptions
 from dist_robust.toolchain import use_environment_build_cache
 from dist_robust.validation import validate
 
@@ -91,12 +91,22 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     from dist_robust.trainer import run
 
     try:
-        with stops_as_exceptions():
+        with stops_as_exceptions(cfg.train.preempt_signal):
             run(cfg)
-    except Stopped:
-        print(f"rank {os.environ.get('RANK', '0')}: stopped by SIGTERM. Rerun the same command with --resume auto "
+    except Preempted as p:
+        if os.environ.get("RANK", "0") == "0":
+            where = f"from {p.resume_tag}" if p.resume_tag else "from step 0 (no checkpoint yet)"
+            print(f"preempted by {p.signal_name} after step {p.step}: {p.detail}. Resumable: rerun the same command "
+                  f"with --resume auto to continue {where}.", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except Stopped as stop:
+        print(f"rank {os.environ.get('RANK', '0')}: stopped by {stop.signal_name}. Rerun the same command with "
+              "--resume auto to continue from the last checkpoint.", file=sys.stderr)
+        return 128 + getattr(signal, stop.signal_name, signal.SIGTERM)
+    except KeyboardInterrupt:
+        print(f"rank {os.environ.get('RANK', '0')}: stopped by Ctrl+C. Rerun the same command with --resume auto "
               "to continue from the last checkpoint.", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return 128 + signal.SIGINT
     except (ConfigError, DataFileError, LeakageError, HubUnavailableError, ParallelIdError,
             run_folder.RunFolderError) as err:
         return _fail(err)
@@ -331,7 +341,7 @@ def leave(status: int) -> int:
     (:func:`~dist_robust.distributed.end_process_group`), here rather than after each run: a
     process may train several runs in one group.
     """
-    if status == 0 and "torch" in sys.modules:
+    if status in (0, PREEMPTED_EXIT) and "torch" in sys.modules:  # (a preempted run stops in step on every rank)
         from dist_robust.distributed import end_process_group
 
         end_process_group()

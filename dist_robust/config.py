@@ -35,6 +35,7 @@ DATA_FORMATS = ("auto", "tsv", "xtreme", "jsonl", "parquet")
 ZERO_STAGES = (0, 1, 2, 3)
 EVAL_SPLITS = ("auto", "dev", "test")
 DEV_LANGUAGES = ("all", "source")
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 BUILTIN_MODELS = ("tiny", "xlmr-base-random", "xlmr-large-random")  # models.BUILTIN_CONFIGS, without importing torch
 
 
@@ -202,6 +203,13 @@ class TrainConfig:
     trust_checkpoint: bool = _f(False, "Load a checkpoint that has no manifest.json (not written by dist-robust, "
                                 "or torn). DeepSpeed unpickles checkpoints: only for sources you trust.",
                                 "--trust-checkpoint")
+    preempt_grace: float = _f(30.0, "Seconds a preemption signal (SIGTERM, or --preempt-signal) leaves before the "
+                              "process is killed: the run finishes the step in progress (and its evaluation, if "
+                              "one is due), checkpoints it when the time left allows (judged by this run's last "
+                              "checkpoint), and exits with status 75 (resumable: --resume auto). 0: stop at once "
+                              "(the last periodic checkpoint is where a resume starts).", "--preempt-grace")
+    preempt_signal: str = _f("SIGTERM", "A signal that also means preemption, for schedulers that warn with another "
+                             "one (SLURM's --signal=USR1@60).", "--preempt-signal", choices=PREEMPT_SIGNALS)
     dist_timeout: int = _f(1800, "Seconds a collective waits for a rank that stopped answering (killed, hung) "
                            "before the job fails.", "--dist-timeout")
     export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors.",
@@ -581,6 +589,8 @@ def _model_problems(m: ModelConfig, p: _Problems) -> None:
 def _train_problems(t: TrainConfig, p: _Problems) -> None:
     p.one_of(t, "train", "eval_split", EVAL_SPLITS)
     p.one_of(t, "train", "dev_languages", DEV_LANGUAGES)
+    p.one_of(t, "train", "preempt_signal", PREEMPT_SIGNALS)
+    p.at_least(t, "train", ("preempt_grace",), 0, "must be >= 0 seconds (0: stop at once)")
     p.at_least(t, "train", ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "save_total_limit",
                             "max_bad_steps", "dist_timeout", "publish_timeout"), 1, "must be >= 1")
     p.at_least(t, "train", ("eval_steps", "save_steps"), 0, "must be >= 0 (0 disables)")

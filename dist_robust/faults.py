@@ -9,6 +9,8 @@ SIGKILL in the middle of writing a checkpoint.
     DIST_ROBUST_KILL_IN_SAVE=step-00000006
                                        rank 0 is SIGKILLed after DeepSpeed wrote that tag's files,
                                        before its manifest and pointer
+    DIST_ROBUST_STEP_SECONDS=0.5       every rank waits that long before each step (a slow step, so a
+                                       signal from outside lands mid-run)
     DIST_ROBUST_KILL_WORKER_AT_STEP=4:/tmp/marker
                                        in a Ray Tune trial, the last rank is SIGKILLed once Ray Train
                                        has committed step 4's checkpoint, once (the marker file
@@ -28,6 +30,7 @@ CRASH_ENV = "DIST_ROBUST_CRASH_AT_STEP"
 HANG_ENV = "DIST_ROBUST_HANG_AT_STEP"
 KILL_IN_SAVE_ENV = "DIST_ROBUST_KILL_IN_SAVE"
 KILL_WORKER_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
+STEP_SECONDS_ENV = "DIST_ROBUST_STEP_SECONDS"
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ def before_step(step: int) -> None:
     crash = int(os.environ.get(CRASH_ENV, "0") or 0)
     if crash and step == crash:
         raise RuntimeError(f"injected crash before step {crash} ({CRASH_ENV})")
+    slow = float(os.environ.get(STEP_SECONDS_ENV, "0") or 0)
+    if slow:
+        time.sleep(slow)
     hang = os.environ.get(HANG_ENV)
     if hang:
         at, _, who = hang.partition(":")

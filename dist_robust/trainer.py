@@ -40,6 +40,7 @@ from dist_robust.outputs import final_metrics, write_outputs
 from dist_robust.preflight import check_inputs
 from dist_robust.redaction import redact, redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
+from dist_robust.stopping import PREEMPTION, Preempted, preemption_window
 from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
                                   resolve_uri)
 from dist_robust.zero import chunked_zero_grad_norm, forget_zero3_module, share_zero3_master_weights, zero3_context
@@ -47,6 +48,7 @@ from dist_robust.zero import chunked_zero_grad_norm, forget_zero3_module, share_
 log = logging.getLogger(__name__)
 
 NAN_ENV = "DIST_ROBUST_NAN_AT_STEPS"  # fault injection for the non-finite-step tests
+STOP_KEY = "_stop"  # in a step's reduced statistics: some rank got a preemption signal
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Setup:
     # Per-language dev accuracy by step, measured by this process on ``dev`` (not carried across a
     # resume: a later process may have other evaluation sets).
     dev_measured: dict[int, dict[str, float]] = field(default_factory=dict)
+    save_seconds: float | None = None  # how long this process's last checkpoint took
 
 
 @dataclass
@@ -122,8 +125,8 @@ def run(cfg: RunConfig, report=None) -> dict | None:
             _save_outputs(setup, state, results)
             if report is not None:
                 report(final_metrics(results, state.step), None)
-        except BaseException as err:  # a stop (Ctrl+C; SIGTERM, see cli.Stopped) is KILLED, the rest FAILED
-            setup.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        except BaseException as err:  # a stop (Ctrl+C, SIGTERM, a preemption) is KILLED, the rest FAILED
+            setup.tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, Preempted)) else "FAILED")
             raise
     finally:
         _release(setup)
@@ -320,7 +323,10 @@ def _layout(setup: Setup) -> dict:
 
 
 def _save(setup: Setup, state: State, tag: str, pointer: str = LATEST) -> str:
-    return setup.store.save(setup.engine, tag, _client_state(state), pointer=pointer, layout=_layout(setup))
+    start = time.monotonic()
+    local = setup.store.save(setup.engine, tag, _client_state(state), pointer=pointer, layout=_layout(setup))
+    setup.save_seconds = time.monotonic() - start  # what a checkpoint costs, for a preemption's grace period
+    return local
 
 
 def final_split(cfg: RunConfig, data: TaskData) -> str:
@@ -431,7 +437,10 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
                            "the ds_config's gradient_accumulation_steps does not match the run")
     keys = sorted(per_batch[0])
     local = torch.stack([torch.stack([s[k].float() for s in per_batch]).mean() for k in keys])  # on the device
-    return dict(zip(keys, D.mean_over_ranks(local)))  # one collective, one host read per step
+    # A preemption signal on any rank travels with the losses: every rank learns of it after the same step.
+    stop = torch.tensor([float(PREEMPTION.requested())], device=local.device)
+    *means, stop = D.mean_over_ranks(torch.cat([local, stop]))  # one collective, one host read per step
+    return {**dict(zip(keys, means)), STOP_KEY: stop}
 
 
 def _train_batch(setup: Setup, batch_index: int) -> dict:
@@ -451,11 +460,22 @@ def _fit(setup: Setup, state: State, report) -> None:
     bar = _bar(cfg, cfg.max_steps, "train", "step", initial=state.step)
     lines = ProgressLines(cfg.log_interval, cfg.max_steps) if bar is None and D.is_main() else None
     times: list[float] = []
+    with preemption_window(enabled=cfg.preempt_grace > 0):
+        _loop(setup, state, report, monitor, bar, lines, times)
+    if bar is not None:
+        bar.close()
+    if times:
+        state.seconds_per_step = statistics.median(times[1:] or times)
+
+
+def _loop(setup: Setup, state: State, report, monitor: BadStepMonitor, bar, lines, times: list[float]) -> None:
+    cfg = setup.cfg.train
     while state.step < cfg.max_steps:
         faults.before_step(state.step + 1)
         t0 = time.perf_counter()
         with _injected_nan(setup, state.step + 1):
             stats = _train_step(setup, state)
+        stop = stats.pop(STOP_KEY) > 0
         elapsed = time.perf_counter() - t0
         if not times:
             log.info("first step done %.1f s after %s (the step itself %.2f s)", setup.clock.elapsed(),
@@ -480,10 +500,32 @@ def _fit(setup: Setup, state: State, report) -> None:
             checkpoint = _save(setup, state, step_tag(state.step))
         if report is not None and (metrics or checkpoint):
             report({**metrics, "step": state.step, "train/loss": stats["loss"]}, checkpoint)
-    if bar is not None:
-        bar.close()
-    if times:
-        state.seconds_per_step = statistics.median(times[1:] or times)
+        if stop:  # (at the last step too: its checkpoint is saved, and the rerun only evaluates)
+            _preempt(setup, state, checkpoint is not None)
+
+
+def _preempt(setup: Setup, state: State, saved: bool) -> None:
+    """After a preemption signal: checkpoint this step if the grace period allows (rank 0 judges, from its own
+    clock and this run's last checkpoint time), then raise :class:`Preempted` on every rank."""
+    grace = setup.cfg.train.preempt_grace
+    waited = time.monotonic() - PREEMPTION.at if PREEMPTION.at is not None else 0.0
+    need = setup.save_seconds
+    verdict = D.from_main((PREEMPTION.signal_name or "a preemption signal on another rank",
+                           saved or (grace > 0 and (need is None or waited + 1.5 * need < grace)), waited, need))
+    name, fits, waited, need = verdict
+    tag = step_tag(state.step)
+    if fits and not saved:
+        start = time.monotonic()
+        _save(setup, state, tag)
+        detail = f"checkpoint {tag} saved in {time.monotonic() - start:.1f} s, {waited:.1f} s after the signal"
+    elif saved:
+        detail = f"checkpoint {tag} was due at this step and is saved"
+    else:
+        tag = None
+        detail = (f"no checkpoint: --preempt-grace {grace:g} s leaves too little time (the step ended {waited:.1f} s "
+                  f"after the signal; a checkpoint took {need or 0:.1f} s)")
+    resume = tag or setup.store.agreed(LATEST)
+    raise Preempted(name, state.step, tag, resume, detail)
 
 
 @contextlib.contextmanager

@@ -150,8 +150,9 @@ def test_sigterm_closes_the_run_and_says_how_to_resume(tmp_path):
     from tests.launch import deepspeed_command
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # --preempt-grace 0: stop at once (the default takes the stop at the next step: tests/test_preemption.py)
     cmd, _ = deepspeed_command([*TINY, "--max-steps", "100000", "--no-progress", "--mlflow-uri", uri,
-                                "--experiment", "stop", "--output-dir", str(tmp_path / "run")])
+                                "--experiment", "stop", "--output-dir", str(tmp_path / "run"), "--preempt-grace", "0"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     seen = []
