@@ -63,11 +63,16 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     add_run_arguments(parser)
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                         help="Start N ranks with the deepspeed launcher on a free port (CPU: processes over gloo).")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="When a rank dies, start the job again from its latest checkpoint (--resume auto), up "
+                             "to N times, without a person (torchrun's convention). Default: 0.")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
         nproc = args.nproc_per_node
         world = nproc if nproc and "LOCAL_RANK" not in os.environ else world_size_from_env()
+        if args.max_restarts < 0:
+            raise ConfigError([f"--max-restarts = {args.max_restarts}: must be >= 0"])
         validate(cfg, world)
         if "LOCAL_RANK" not in os.environ:  # (under a launcher every rank checks in the run itself)
             from dist_robust.preflight import check_inputs
@@ -76,8 +81,11 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
             run_folder.check(cfg)
     except (ConfigError, FileNotFoundError, run_folder.RunFolderError) as err:
         return _fail(err)
-    if nproc and "LOCAL_RANK" not in os.environ:
-        return _relaunch(nproc, argv if argv is not None else sys.argv[1:])
+    if (nproc or args.max_restarts) and "LOCAL_RANK" not in os.environ:
+        rest = _without(argv if argv is not None else sys.argv[1:], ("--nproc-per-node", "--max-restarts"))
+        if args.max_restarts:
+            return _supervise(nproc or 1, rest, args.max_restarts, cfg.train.output_dir)
+        return _relaunch(nproc, rest)
     from dist_robust.data.hub import HubUnavailableError
     from dist_robust.data.leakage import LeakageError
     from dist_robust.data.readers import DataFileError
@@ -133,21 +141,50 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     return 0
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` less the supervisor's own ``flags`` (each with its value, ``--flag V`` or ``--flag=V``)."""
     rest, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--nproc-per-node":
+        if a in flags:
             skip = True
             continue
-        if a.startswith("--nproc-per-node="):
+        if a.split("=", 1)[0] in flags:
             continue
         rest.append(a)
+    return rest
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
     from dist_robust.distributed import free_port
 
-    return subprocess.call(relaunch_command(nproc, rest, free_port()))
+    return subprocess.call(relaunch_command(nproc, argv, free_port()))
+
+
+def _supervise(nproc: int, argv: list[str], max_restarts: int, output_dir: str) -> int:
+    """Run the job (``nproc`` ranks, the deepspeed launcher) and start it again from its latest checkpoint
+    when it dies, up to ``max_restarts`` times. Configuration errors (2) and preemption (75) are not retried:
+    the first would fail again, the second's machine is going away."""
+    import time
+
+    from dist_robust.distributed import free_port
+
+    resumed = any(a == "--resume" or a.startswith("--resume=") for a in argv)
+    for attempt in range(max_restarts + 1):
+        cmd = relaunch_command(nproc, [*argv, *([] if resumed or not attempt else ["--resume", "auto"])], free_port())
+        start = time.monotonic()
+        code = subprocess.call(cmd)
+        if code in (0, 2, PREEMPTED_EXIT) or attempt == max_restarts:
+            if code not in (0, 2, PREEMPTED_EXIT):
+                print(f"error: the job failed (exit {code}) after {max_restarts} restart(s); its checkpoints are in "
+                      f"{output_dir}: rerun with --resume auto to continue", file=sys.stderr)
+            return code
+        print(f"dist-robust train: the job ended with exit {code} after {time.monotonic() - start:.0f} s (a rank "
+              f"died?); restart {attempt + 1} of {max_restarts}, from the latest checkpoint in {output_dir}",
+              file=sys.stderr, flush=True)
+    return 1
 
 
 def relaunch_command(nproc: int, args: list[str], port: int) -> list[str]:

@@ -11,6 +11,11 @@ SIGKILL in the middle of writing a checkpoint.
                                        before its manifest and pointer
     DIST_ROBUST_STEP_SECONDS=0.5       every rank waits that long before each step (a slow step, so a
                                        signal from outside lands mid-run)
+    DIST_ROBUST_CHAOS=DIR:step@5@1,save@step-00000008@0,eval@12@1
+                                       one-shot SIGKILLs of a chosen rank: before step 5, inside the save
+                                       of a tag (after DeepSpeed's files, before the manifest), at the
+                                       start of the evaluation at a step; each fires once in the whole
+                                       job, restarts included (a marker file in DIR records it)
     DIST_ROBUST_KILL_WORKER_AT_STEP=4:/tmp/marker
                                        in a Ray Tune trial, the last rank is SIGKILLed once Ray Train
                                        has committed step 4's checkpoint, once (the marker file
@@ -31,6 +36,7 @@ HANG_ENV = "DIST_ROBUST_HANG_AT_STEP"
 KILL_IN_SAVE_ENV = "DIST_ROBUST_KILL_IN_SAVE"
 KILL_WORKER_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
 STEP_SECONDS_ENV = "DIST_ROBUST_STEP_SECONDS"
+CHAOS_ENV = "DIST_ROBUST_CHAOS"
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ def before_step(step: int) -> None:
     crash = int(os.environ.get(CRASH_ENV, "0") or 0)
     if crash and step == crash:
         raise RuntimeError(f"injected crash before step {crash} ({CRASH_ENV})")
+    chaos("step", str(step))
     slow = float(os.environ.get(STEP_SECONDS_ENV, "0") or 0)
     if slow:
         time.sleep(slow)
@@ -53,8 +60,30 @@ def before_step(step: int) -> None:
 
 def inside_save(tag: str) -> None:
     """Called after DeepSpeed wrote ``tag``'s files and before the manifest is written."""
+    chaos("save", tag)
     if os.environ.get(KILL_IN_SAVE_ENV) == tag and D.is_main():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_evaluation(step: int) -> None:
+    """Called when the dev evaluation after ``step`` starts."""
+    chaos("eval", str(step))
+
+
+def chaos(kind: str, where: str) -> None:
+    """SIGKILL this rank if ``$DIST_ROBUST_CHAOS`` plans ``kind@where@<this rank>`` and it has not fired yet."""
+    spec = os.environ.get(CHAOS_ENV)
+    if not spec:
+        return
+    marker_dir, _, events = spec.rpartition(":")
+    for i, event in enumerate(events.split(",")):
+        k, w, r = event.split("@")
+        marker = os.path.join(marker_dir, f"fired-{i}")
+        if k == kind and w == where and int(r) == D.rank() and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(f"{event} {time.time()}\n")
+            log.warning("%s: killing rank %d (%s)", CHAOS_ENV, D.rank(), event)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def after_ray_checkpoint(step: int) -> None:

@@ -593,6 +593,7 @@ def _client_state(state: State) -> dict:
 def _evaluate_dev(setup: Setup, state: State) -> dict[str, float]:
     """Dev accuracy in every language; keep the best checkpoint by source-language accuracy."""
     cfg = setup.cfg
+    faults.before_evaluation(state.step)
     acc = E.accuracy(setup.engine, setup.dev, setup.collator, cfg.train.eval_batch_size)
     summary = E.summarize(acc, None, cfg.data.source_language)
     state.dev_history.append({"step": state.step, "per_language": acc, **summary})

@@ -123,6 +123,7 @@ def contained(monkeypatch, tmp_path):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(trainer, "run", _stop)
     monkeypatch.setattr(cli, "_relaunch", _stop)
+    monkeypatch.setattr(cli, "_supervise", _stop)
     monkeypatch.setattr(experiment.subprocess, "call", _stop)
     monkeypatch.setattr(tune_cli, "_init_ray", _stop)
     return tmp_path
