@@ -36,6 +36,7 @@ from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust import storage
 from dist_robust.models import join_word_embedding_blocks
+from dist_robust.zero import disk_failure, save_checkpoint_or_failure
 
 log = logging.getLogger(__name__)
 
@@ -172,25 +173,27 @@ class CheckpointStore:
         if D.local_rank() == 0:  # what a torn earlier save of this tag left behind
             shutil.rmtree(local_tag, ignore_errors=True)
         D.barrier()
-        engine.save_checkpoint(self.local_root, tag=tag, client_state=client_state, save_latest=False)
+        failure = save_checkpoint_or_failure(engine, self.local_root, tag, client_state)
         writer = self._writes_pointers()
-        if layout is not None and writer:
-            storage.write_text(os.path.join(local_tag, LAYOUT), json.dumps(layout, indent=1, sort_keys=True))
+        if failure is None and layout is not None and writer:
+            failure = _written(lambda: storage.write_text(os.path.join(local_tag, LAYOUT),
+                                                          json.dumps(layout, indent=1, sort_keys=True)))
         faults.inside_save(tag)
-        D.barrier()
+        self._stop_on_failure(tag, failure)  # (collective, as the barrier it stands for)
         # Each node hashes what it wrote (nodes may have their own disks); the manifest is the union.
         files = _describe_files(local_tag) if D.local_rank() == 0 else {}
         manifest = {"format": MANIFEST_FORMAT, "tag": tag, "files": {}}
         for node_files in D.gather_objects(files):
             manifest["files"].update(node_files)
-        if writer:
-            storage.write_text(os.path.join(local_tag, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
-        D.barrier()
+        failure = _written(lambda: storage.write_text(os.path.join(local_tag, MANIFEST),
+                                                      json.dumps(manifest, indent=1, sort_keys=True))) if writer else None
+        self._stop_on_failure(tag, failure)
         if writer:
             if os.path.isdir(os.path.join(self.local_root, pointer)):  # a `best` directory of an older version
                 shutil.rmtree(os.path.join(self.local_root, pointer))
-            storage.write_text(os.path.join(self.local_root, pointer), tag)
-        D.barrier()  # every node's pointer moved before any node deletes what an old one named
+            failure = _written(lambda: storage.write_text(os.path.join(self.local_root, pointer), tag))
+        # every node's pointer moved before any node deletes what an old one named
+        self._stop_on_failure(tag, failure)
         stale = self._stale() if writer else []
         if self.remote:  # staging: every node prunes its part
             stale = D.from_main(stale)
@@ -205,6 +208,32 @@ class CheckpointStore:
         log.info("checkpoint %s saved to %s (%s)", tag, self.root if not self.unpublished else self.local_root,
                  pointer)
         return local_tag
+
+    def _stop_on_failure(self, tag: str, failure: str | None) -> None:
+        """Collective: when a write of ``tag`` failed on any rank, delete what it left and raise the same
+        :class:`CheckpointError` everywhere. The pointers and the earlier checkpoints are untouched."""
+        failures = [f for f in D.gather_objects(failure) if f]
+        if not failures:
+            return
+        written = _bytes_under(os.path.join(self.local_root, tag))
+        if D.local_rank() == 0:
+            shutil.rmtree(os.path.join(self.local_root, tag), ignore_errors=True)  # the space the torn tag took
+        D.barrier()
+        raise CheckpointError(self._no_room(tag, failures[0], written))
+
+    def _no_room(self, tag: str, failure: str, written: int) -> str:
+        """What failed, the free space against what a checkpoint takes, and where a resume continues."""
+        latest = read_pointer(os.path.join(self.local_root, LATEST))
+        size = _manifest_size(os.path.join(self.local_root, latest)) if latest else None
+        free = shutil.disk_usage(self.local_root).free if os.path.isdir(self.local_root) else 0
+        need = f"a checkpoint of this run takes {_gib(size)}" if size else \
+            f"a checkpoint of this run takes more than the {_gib(written)} written before the failure"
+        more = f"; free at least {_gib(size - free)} more" if size and size > free else ""
+        where = (f"{latest} and the pointers are untouched: once there is room, rerun the same command with "
+                 f"--resume auto to continue from it") if latest else \
+            "no earlier checkpoint: once there is room, rerun the same command"
+        return (f"could not write checkpoint {tag} to {self.local_root} ({failure}); the disk has {_gib(free)} free "
+                f"and {need}{more}. The partly written {tag} was removed; {where}")
 
     def _stale(self) -> list[str]:
         """Local tags to delete: all but the newest ``keep`` periodic ones and the one ``best`` names."""
@@ -403,6 +432,35 @@ def resolve_resume(resume: str | None, store: CheckpointStore) -> tuple[str, str
         return parent, tag
     raise CheckpointError(f"--resume {resume}: no checkpoint there (expected a directory with a "
                             f"'{LATEST}' file, or a checkpoint tag directory holding mp_rank_* or zero_pp_rank_* files)")
+
+
+def _written(work) -> str | None:
+    """``work()`` (a file write); a failed write is returned as text, other errors raised."""
+    try:
+        work()
+    except Exception as err:  # noqa: BLE001 - only write failures are answered here
+        if not disk_failure(err):
+            raise
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _bytes_under(folder: str) -> int:
+    """The bytes of the files under ``folder`` (what a failed save left there)."""
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(folder) for n in names)
+
+
+def _manifest_size(tag_dir: str) -> int | None:
+    """The bytes a complete checkpoint holds, from its manifest (None when it has none)."""
+    try:
+        with open(os.path.join(tag_dir, MANIFEST), encoding="utf-8") as f:
+            return sum(entry["size"] for entry in json.load(f)["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def _sha256(path: str) -> str:

@@ -5,7 +5,9 @@
 * :func:`forget_zero3_module`: what a destroyed ZeRO-3 engine leaves at module level;
 * :func:`share_zero3_master_weights`: the second fp32 master copy ZeRO-3 keeps by mistake;
 * :func:`chunked_zero_grad_norm` (with :func:`sum_of_squares`): ZeRO-1/2's float64 copy of every
-  gradient for the norm, on CPU hosts.
+  gradient for the norm, on CPU hosts;
+* :func:`save_checkpoint_or_failure`: a save that fails on some ranks (a full disk) without leaving
+  the others waiting in the barrier DeepSpeed's save ends with.
 
 The last three reach into DeepSpeed's attributes, since it offers no public call for them: each
 says which DeepSpeed version it answers, does nothing where the attributes are gone, and has a
@@ -151,3 +153,32 @@ def chunked_zero_grad_norm(engine) -> bool:
 
     opt.get_grad_norm_direct = grad_norm
     return True
+
+
+def disk_failure(err: BaseException) -> bool:
+    """An error of writing a file: ``OSError`` (ENOSPC, EDQUOT, EIO, ...), or torch's zip writer failing on one
+    (torch 2.13 on a full disk: ``[enforce fail at inline_container.cc] unexpected pos``)."""
+    text = str(err)
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and (
+        "inline_container" in text or "PytorchStreamWriter" in text or "write" in text.lower()))
+
+
+def save_checkpoint_or_failure(engine, save_dir: str, tag: str, client_state: dict) -> str | None:
+    """``engine.save_checkpoint``; a failed write on this rank is returned as text instead of raised.
+
+    DeepSpeed 0.19's ``save_checkpoint`` is bracketed by two barriers: ranks that wrote their files
+    wait in the closing one. A rank whose write failed (a full disk) meets them there, so every rank
+    leaves the save together and the caller can decide, collectively, what to do. Other errors
+    are raised as before. (Checked by ``tests/test_disk_full.py``: a disk that fills mid-save.)
+    """
+    import torch.distributed as dist
+
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    except Exception as err:  # noqa: BLE001 - only write failures are answered here
+        if not disk_failure(err):
+            raise
+        if dist.is_initialized():
+            dist.barrier()  # the one save_checkpoint ends with, where the ranks that did not fail wait
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    return None
