@@ -150,9 +150,18 @@ def _dataset_cached(task: str, cache_dir: str | None) -> bool:
     return os.path.isdir(os.path.join(root, HUB_SCHEMAS[task].name.replace("/", "___")))
 
 
+def _tracking_problems(cfg: RunConfig) -> list[str]:
+    from dist_robust.tracking import access_problem, resolve_uri
+
+    uri = resolve_uri(cfg.tracking.mlflow_uri)
+    problem = access_problem(uri) if uri else None
+    return [f"tracking.mlflow_uri (--mlflow-uri): {problem}"] if problem else []
+
+
 def input_problems(cfg: RunConfig) -> list[str]:
-    """Every problem with what the config names (models, languages, files), found without loading them."""
-    problems = _language_problems(cfg)
+    """Every problem with what the config names (models, languages, files, the tracking server's
+    credentials), found without loading them."""
+    problems = _language_problems(cfg) + _tracking_problems(cfg)
     for key, name, needs_config in (("model.name", cfg.model.name, True), ("model.tokenizer", cfg.model.tokenizer, False)):
         problem = model_problem(key, name, needs_config) if name else None
         if problem:

@@ -70,6 +70,45 @@ def resolve_uri(uri: str | None) -> str | None:
     return None if uri.lower() in ("none", "off", "") else uri
 
 
+def access_problem(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an MLflow server refuses this process (its credentials), or None (accepted, not a server, or away).
+
+    One search request with the credentials MLflow's client would send (``MLFLOW_TRACKING_TOKEN``,
+    else ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, else the URI's own user part), so a wrong password
+    is known before training rather than after it. A server that does not answer is not a problem
+    here: training goes on and its tracking waits (:class:`ResilientTracker`).
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    base = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    headers, auth = {}, None
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    elif user is not None:
+        auth = (user, password or "")
+    elif parts.username is not None:
+        auth = (parts.username, parts.password or "")
+    try:
+        reply = requests.get(f"{base.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                             headers=headers, auth=auth, timeout=timeout_s,
+                             verify=os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true")
+    except requests.RequestException:
+        return None
+    if reply.status_code not in (401, 403):
+        return None
+    given = "a token (MLFLOW_TRACKING_TOKEN)" if token else f"user {(user or parts.username)!r}" \
+        if (user is not None or parts.username) else "no credentials"
+    return (f"MLflow at {redact(uri)} refused {given} ({reply.status_code} {reply.reason}): set "
+            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that "
+            f"server with write access, or pass --mlflow-uri none to train without tracking")
+
+
 def resolve_experiment(name: str | None) -> str:
     """The experiment to log into: as given, else MLflow's own $MLFLOW_EXPERIMENT_NAME, else dist-robust."""
     return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT

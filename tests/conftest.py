@@ -29,7 +29,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+def start_mlflow_server(root: Path, port: int, admin_password: str | None = None) -> subprocess.Popen:
     """A real ``mlflow server`` process on 127.0.0.1:port (one worker, sqlite store under ``root``), once healthy.
 
     Started in its own session: ``os.killpg(proc.pid, ...)`` stops it with its workers. The
@@ -41,6 +41,10 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     # No job runner: MLflow's GenAI jobs are unused here, and each start with it would leave an
     # empty directory of its job store in /dev/shm that MLflow never removes.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if admin_password is not None:  # MLflow's basic-auth app: every request needs a user's credentials
+        cmd += ["--app-name", "basic-auth"]
+        env.update(MLFLOW_AUTH_ADMIN_PASSWORD=admin_password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
+                   MLFLOW_AUTH_CONFIG_PATH=str(_auth_config(root)))
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     log.close()
@@ -50,13 +54,22 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited early:\n{(root / 'server.log').read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:  # (open without credentials)
                 if r.status == 200:
                     return proc
         except OSError:
             time.sleep(0.5)
     stop_mlflow_server(proc)
     raise RuntimeError("mlflow server did not become healthy within 120 s")
+
+
+def _auth_config(root: Path) -> Path:
+    """The basic-auth app's settings, its user store under ``root`` (not the working directory)."""
+    path = root / "basic_auth.ini"
+    path.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/basic_auth.db\n"
+                    "admin_username = admin\nauthorization_function = "
+                    "mlflow.server.auth:authenticate_request_basic_auth\n")
+    return path
 
 
 def stop_mlflow_server(proc: subprocess.Popen, sig: int = 15) -> None:
