@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 train: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" deepspeed train.py --deepspeed ds_configs/zero2.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" deepspeed --quiet train.py --deepspeed ds_configs/zero2.json
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q -ra --durations=15 -m "not slow"

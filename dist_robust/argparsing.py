@@ -53,8 +53,26 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every config field, plus the DeepSpeed and launcher conventions."""
+# What `dist-robust eval` uses of the run options (the rest is accepted, but not listed by --help).
+EVAL_FIELDS = {
+    "model": {"name", "tokenizer", "tokenizer_vocab_size", "max_length"},
+    "data": {"task", "data_dir", "train_file", "data_format", "skip_bad_rows", "allow_leakage", "cache_dir",
+             "languages", "source_language", "max_eval_examples", "synthetic_eval_size", "synthetic_misalignment"},
+    "train": {"seed", "eval_batch_size", "generalized", "generalized_examples", "eval_split", "output_dir",
+              "overwrite", "staging_dir", "resume", "trust_checkpoint", "dist_timeout", "progress", "verbose"},
+    "tracking": None,  # all
+}
+# ... and `dist-robust certify`, which also smooths
+CERTIFY_FIELDS = {**EVAL_FIELDS, "objective": {"sigma", "scale"}, "data": EVAL_FIELDS["data"] | {"synonyms"},
+                  "certify": None}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, shown: dict[str, set[str] | None] | None = None) -> None:
+    """Flags for every config field, plus the DeepSpeed and launcher conventions.
+
+    ``shown`` (section -> field names, None for all) limits what ``--help`` lists to what a command
+    uses; every flag is still accepted.
+    """
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="Dotted overrides, e.g. objective.epsilon=0.05 train.max_steps=100.")
     parser.add_argument("--config", help="YAML/JSON run file with sections model, data, objective, train, "
@@ -70,9 +88,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f.metadata.get("flag")
         if not flag:
             continue
+        listed = shown is None or (section in shown and (shown[section] is None or f.name in shown[section]))
         group = groups.setdefault(section, parser.add_argument_group(section))
         kwargs: dict = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                        "help": _help_of(f), "metavar": f.name.upper()}
+                        "help": _help_of(f) if listed else argparse.SUPPRESS, "metavar": f.name.upper()}
         kind = field_kind(f)
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction

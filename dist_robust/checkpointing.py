@@ -630,8 +630,11 @@ def consolidated_state_dict(engine) -> dict | None:
 
 def export_model(engine, tokenizer, store: CheckpointStore) -> str:
     """Write the model (safetensors) and tokenizer with ``save_pretrained`` and publish them; return the URI."""
+    from transformers.utils import logging as hf_logging
+
     state = consolidated_state_dict(engine)
     if D.is_main():
+        hf_logging.disable_progress_bar()  # a bar for writing one file: noise on the run's console
         state = join_word_embedding_blocks(engine.module, state)  # the names from_pretrained expects
         local = os.path.join(store.mirror, "model")
         engine.module.save_pretrained(local, state_dict=state, safe_serialization=True)

@@ -10,8 +10,8 @@ import signal
 import subprocess
 import sys
 
-from dist_robust import run_folder
-from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
+from dist_robust import quiet, run_folder
+from dist_robust.argparsing import CERTIFY_FIELDS, EVAL_FIELDS, Parser, add_run_arguments, config_from_args
 from dist_robust.config import ConfigError, world_size_from_env
 from dist_robust.ds_config import resolve_ds_config
 from dist_robust.stopping import PREEMPTED_EXIT, Preempted, Stopped, stops_as_exceptions
@@ -20,6 +20,7 @@ from dist_robust.validation import validate
 
 
 use_environment_build_cache()  # before DeepSpeed compiles anything, in every process a command starts
+quiet.install()  # before DeepSpeed is imported: its first warning comes from its import
 
 
 def _fail(err: Exception) -> int:
@@ -42,7 +43,7 @@ EVAL_DESCRIPTION = """Evaluate a model without training: accuracy per language a
     dist-robust eval --model runs/default/model --task xnli --data-dir DIR --languages en de fr
 
 Takes the options of `dist-robust train` (the model, task, data, languages and evaluation
-settings are the ones that matter here), with --eval-only --no-export-model added."""
+settings, listed below, are the ones that matter here), with --eval-only --no-export-model added."""
 CERTIFY_DESCRIPTION = """Evaluate a model without training, then certify its smoothed classifier: Gaussian noise
 on the word embeddings (Cohen et al., 2019) or synonym substitution (SAFER, Ye et al., 2020).
 
@@ -52,7 +53,7 @@ Takes every option of `dist-robust eval`; --certify defaults to gaussian."""
 
 
 def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
-               description: str = TRAIN_DESCRIPTION) -> int:
+               description: str = TRAIN_DESCRIPTION, shown: dict | None = None) -> int:
     """``train.py`` / ``dist-robust train``: validate, then train in this process.
 
     With ``--nproc-per-node N`` (and not already under a launcher) the validated command is
@@ -60,7 +61,7 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     through here with their own ``prog`` and ``description`` (their help and errors name them).
     """
     parser = Parser(prog=prog, description=description, usage=RUN_USAGE)
-    add_run_arguments(parser)
+    add_run_arguments(parser, shown)
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                         help="Start N ranks with the deepspeed launcher on a free port (CPU: processes over gloo).")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
@@ -157,10 +158,22 @@ def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return rest
 
 
+def _launch_env() -> dict[str, str]:
+    """The launcher's environment: on a host without a GPU, DeepSpeed told so (``DS_ACCELERATOR=cpu``),
+    instead of guessing and warning about it in the launcher and in every rank."""
+    env = dict(os.environ)
+    if "DS_ACCELERATOR" not in env:
+        import torch
+
+        if not torch.cuda.is_available():
+            env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 def _relaunch(nproc: int, argv: list[str]) -> int:
     from dist_robust.distributed import free_port
 
-    return subprocess.call(relaunch_command(nproc, argv, free_port()))
+    return subprocess.call(relaunch_command(nproc, argv, free_port()), env=_launch_env())
 
 
 def _supervise(nproc: int, argv: list[str], max_restarts: int, output_dir: str) -> int:
@@ -175,7 +188,7 @@ def _supervise(nproc: int, argv: list[str], max_restarts: int, output_dir: str) 
     for attempt in range(max_restarts + 1):
         cmd = relaunch_command(nproc, [*argv, *([] if resumed or not attempt else ["--resume", "auto"])], free_port())
         start = time.monotonic()
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env=_launch_env())
         if code in (0, 2, PREEMPTED_EXIT) or attempt == max_restarts:
             if code not in (0, 2, PREEMPTED_EXIT):
                 print(f"error: the job failed (exit {code}) after {max_restarts} restart(s); its checkpoints are in "
@@ -193,8 +206,9 @@ def relaunch_command(nproc: int, args: list[str], port: int) -> list[str]:
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed") or "deepspeed"
     # --no_local_rank: the launcher would put --local_rank=N before the subcommand; ranks read
     # $LOCAL_RANK, which it sets anyway.
-    return [launcher, "--num_gpus", str(nproc), "--master_port", str(port), "--no_local_rank", "--module",
-            "dist_robust.cli", "train", *args]
+    quiet_launcher = [] if "--verbose" in args else ["--quiet"]  # the launcher's own INFO lines, as the ranks'
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(port), "--no_local_rank", *quiet_launcher,
+            "--module", "dist_robust.cli", "train", *args]
 
 
 def config_main(argv: list[str] | None = None) -> int:
@@ -219,13 +233,14 @@ def config_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``dist-robust eval --model DIR ...``: per-language and generalized accuracy, no training."""
-    return _evaluate_only(list(sys.argv[1:] if argv is None else argv), "dist-robust eval", EVAL_DESCRIPTION)
+    return _evaluate_only(list(sys.argv[1:] if argv is None else argv), "dist-robust eval", EVAL_DESCRIPTION,
+                          EVAL_FIELDS)
 
 
-def _evaluate_only(args: list[str], prog: str, description: str) -> int:
+def _evaluate_only(args: list[str], prog: str, description: str, shown: dict) -> int:
     """``train_main`` with --eval-only --no-export-model added, under the calling command's name."""
     extra = [flag for flag in ("--eval-only", "--no-export-model") if flag not in args]
-    return train_main([*args, *extra], prog=prog, description=description)
+    return train_main([*args, *extra], prog=prog, description=description, shown=shown)
 
 
 def certify_main(argv: list[str] | None = None) -> int:
@@ -233,7 +248,7 @@ def certify_main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--certify" or a.startswith("--certify=") or a.startswith("certify.method=") for a in args):
         args += ["--certify", "gaussian"]
-    return _evaluate_only(args, "dist-robust certify", CERTIFY_DESCRIPTION)
+    return _evaluate_only(args, "dist-robust certify", CERTIFY_DESCRIPTION, CERTIFY_FIELDS)
 
 
 def augment_main(argv: list[str] | None = None) -> int:

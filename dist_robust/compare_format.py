@@ -43,8 +43,10 @@ def _label_header(table: Table) -> str:
     return " ".join(short_key(k) for k in table.group_by) if table.group_by else "run"
 
 
-def _label(row: Row) -> str:
-    return f"{row.label} (baseline)" if row.is_baseline else row.label
+def _label(row: Row, table: Table | None = None) -> str:
+    """The row's label, its split added when the table's rows were evaluated on different splits."""
+    label = f"{row.label} (baseline)" if row.is_baseline else row.label
+    return f"{label} [{row.split}]" if table is not None and len(table.splits) > 1 else label
 
 
 def title(table: Table) -> str:
@@ -52,7 +54,8 @@ def title(table: Table) -> str:
     text = f"experiment {table.experiment!r}: {table.run_count} run(s)"
     if table.group_by:
         text += f" in {len(table.rows)} group(s) by {', '.join(short_key(k) for k in table.group_by)}"
-    text += "; accuracy (%)"
+    splits = table.splits
+    text += f"; {next(iter(splits))} accuracy (%)" if len(splits) == 1 and "?" not in splits else "; accuracy (%)"
     if table.baseline is not None:
         text += f"; differences in points against the baseline {table.baseline.label!r}"
     return text
@@ -69,6 +72,9 @@ def notes(table: Table) -> list[str]:
         out.append(f"{MISSING}: not logged by the run(s) (failed, still running, or evaluated without it)")
     if any(cell.mean is not None and cell.n < row.samples for row, cell in cells):
         out.append("*: mean over fewer runs than the row has (some did not log this metric)")
+    if len(table.splits) > 1:
+        out.append("[dev], [test]: the split each row's runs were evaluated on; rows on different splits are not "
+                   "comparable (a task without labelled test sets in every language reports dev)")
     if table.parents_left_out:
         out.append(f"{table.parents_left_out} sweep parent run(s) left out; their trials are listed")
     return out
@@ -77,7 +83,7 @@ def notes(table: Table) -> list[str]:
 def _text_grid(table: Table, plus_minus: str) -> list[list[str]]:
     grid = [[_label_header(table), "n", *table.headers]]
     for row in table.rows:
-        grid.append([_label(row), str(row.samples), *(cell_text(row.cells[c], row, plus_minus)
+        grid.append([_label(row, table), str(row.samples), *(cell_text(row.cells[c], row, plus_minus)
                                                       for c in table.columns)])
     return grid
 
@@ -157,11 +163,11 @@ def to_csv(table: Table) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     extra = ["baseline"] if table.baseline is not None else []
-    writer.writerow([_label_header(table), "n", "run_ids", *extra, *(name for name, _, _ in fields)])
+    writer.writerow([_label_header(table), "n", "split", "run_ids", *extra, *(name for name, _, _ in fields)])
     for row in table.rows:
         flags = (["yes" if row.is_baseline else ""] if extra else [])
         values = [getattr(row.cells[column], part) for _, column, part in fields]
-        writer.writerow([row.label, row.samples, ";".join(row.run_ids), *flags,
+        writer.writerow([row.label, row.samples, row.split, ";".join(row.run_ids), *flags,
                          *("" if v is None else f"{v:.6f}" for v in values)])
     return out.getvalue()
 
@@ -177,6 +183,7 @@ def to_dict(table: Table) -> dict:
             "label": row.label,
             "baseline": row.is_baseline,
             "n": row.samples,
+            "split": row.split,
             "run_ids": row.run_ids,
             "seeds": row.seeds,
             "values": {head: {"mean": cell.mean, "std": cell.std, "n": cell.n, "delta": cell.delta}

@@ -54,6 +54,11 @@ class Row:
     def seeds(self) -> list[str]:
         return [r.params.get("train.seed", "") for r in self.records]
 
+    @property
+    def split(self) -> str:
+        """The evaluation split of the row's runs (``dev``, ``test``, ``dev+test``; ``?`` when not logged)."""
+        return "+".join(sorted({r.params.get("eval_split", "?") for r in self.records}))
+
 
 @dataclass
 class Table:
@@ -70,6 +75,11 @@ class Table:
     @property
     def headers(self) -> list[str]:
         return [header(c) for c in self.columns]
+
+    @property
+    def splits(self) -> set[str]:
+        """The rows' evaluation splits: one value when every row was evaluated on the same split."""
+        return {row.split for row in self.rows}
 
     @property
     def run_count(self) -> int:

@@ -215,6 +215,8 @@ class TrainConfig:
     export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors.",
                             "--export-model")
     progress: bool = _f(True, "Show a progress bar on rank 0.", "--progress")
+    verbose: bool = _f(False, "Also show the libraries' messages (DeepSpeed's warnings, Python warnings) on the console; "
+                       "by default they go to <output-dir>/logs/libraries-rank<R>.log.", "--verbose")
     log_interval: float = _f(60.0, "Without a progress bar (--no-progress: log files, cluster jobs), rank 0 logs "
                              "the step, the loss, s/step and the time left every this many seconds (0: every "
                              "step).", "--log-interval")

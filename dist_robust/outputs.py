@@ -21,6 +21,7 @@ def write_outputs(put, tracker: Tracker, results: dict, step: int) -> None:
     ``put(relative path, text)`` writes a file of the output directory (publishing it when remote).
     """
     print_report(results)
+    tracker.log_params({"eval_split": results["eval_split"]})  # compare marks rows of different splits
     tracker.log_metrics(final_metrics(results, step), step=step)
     tracker.log_dict(results["config"], "run_config.json")
     tracker.log_dict(results, "results.json")

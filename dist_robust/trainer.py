@@ -18,6 +18,7 @@ import torch
 from dist_robust import certify as C
 from dist_robust import distributed as D
 from dist_robust import faults
+from dist_robust import quiet
 from dist_robust import run_folder
 from dist_robust import evaluate as E
 from dist_robust import storage
@@ -157,6 +158,8 @@ def _setup(cfg: RunConfig) -> Setup:
     import deepspeed
 
     clock = StartupClock()
+    D.setup_logging()  # first: what loading the data says (a split it reports instead) reaches the user
+    quiet.set_verbose(cfg.train.verbose)
     validate(cfg, D.world_size())
     check_inputs(cfg)  # the model, languages and files the config names, before anything is loaded
     run_folder.check(cfg)  # before anything is written: another run's outputs stay as they are
@@ -165,13 +168,14 @@ def _setup(cfg: RunConfig) -> Setup:
     _check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed, data.synonyms)
     clock.mark("data")
-    D.init_process_group(cfg.train.dist_timeout)
-    D.setup_logging()
+    with quiet.printed_aside():  # (DeepSpeed prints a line per rank when it loads its compiled op)
+        D.init_process_group(cfg.train.dist_timeout)
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit,
                             cfg.train.publish_timeout)
     if D.is_main():
         run_folder.claim(cfg, store.publish_text)
     D.barrier()
+    quiet.to_file(quiet.log_path(store.mirror, D.rank()))
     node_local = store.detect_node_local()
     resume = _find_resume(cfg, store)
     ds = _resolve_ds_config_for(cfg, resume)
@@ -458,7 +462,7 @@ def _fit(setup: Setup, state: State, report) -> None:
     cfg = setup.cfg.train
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _bar(cfg, cfg.max_steps, "train", "step", initial=state.step)
-    lines = ProgressLines(cfg.log_interval, cfg.max_steps) if bar is None and D.is_main() else None
+    lines = ProgressLines(cfg.log_interval, cfg.max_steps, state.step) if bar is None and D.is_main() else None
     times: list[float] = []
     with preemption_window(enabled=cfg.preempt_grace > 0):
         _loop(setup, state, report, monitor, bar, lines, times)
@@ -544,11 +548,16 @@ def _injected_nan(setup: Setup, step: int):
 
 
 class ProgressLines:
-    """What the bar shows, as a log line every ``seconds`` (and at the last step), for runs without one."""
+    """What the bar shows, as a log line every ``seconds`` (and at the last step), for runs without one.
 
-    def __init__(self, seconds: float, max_steps: int):
+    The time left is the wall-clock pace of this process so far (evaluations, checkpoints and a busy
+    machine included), not the last few steps' compute time, which swings with whatever else runs.
+    """
+
+    def __init__(self, seconds: float, max_steps: int, first_step: int = 0):
         self.seconds, self.max_steps = seconds, max_steps
-        self.last = time.monotonic()
+        self.started, self.first_step = time.monotonic(), first_step
+        self.last = self.started
         self.losses: list[float] = []
         self.times: list[float] = []
 
@@ -558,10 +567,10 @@ class ProgressLines:
         now = time.monotonic()
         if now - self.last < self.seconds and step < self.max_steps:
             return
-        per_step = statistics.median(self.times)
+        pace = (now - self.started) / max(step - self.first_step, 1)
         log.info("step %d/%d: loss %.4f (mean of %d step(s)), %.2f s/step, about %s left", step, self.max_steps,
-                 statistics.fmean(self.losses), len(self.losses), per_step,
-                 duration((self.max_steps - step) * per_step))
+                 statistics.fmean(self.losses), len(self.losses), statistics.median(self.times),
+                 duration((self.max_steps - step) * pace))
         self.last, self.losses, self.times = now, [], []
 
 

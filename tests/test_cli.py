@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -201,3 +202,21 @@ def test_every_script_that_joins_a_process_group_ends_it():
     assert {"engine_pair.py", "engine_runs.py", "zero_stages.py"} <= {p.name for p in joining}  # reads what it should
     missing = [p.name for p in joining if not any(e in p.read_text(encoding="utf-8") for e in ends)]
     assert not missing, f"these scripts join a process group and never end it: {missing}"
+
+
+@pytest.mark.launcher
+def test_a_two_rank_run_prints_only_its_own_lines_and_keeps_the_rest_in_a_log(tmp_path):
+    """DeepSpeed's warnings, its op-load line, torch's FutureWarnings and transformers' progress bar go to
+    <output-dir>/logs/libraries-rank<R>.log; the console holds dist-robust's log lines and its report."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dist_robust.cli", "train", *TINY, "--nproc-per-node", "2",
+                           "--max-steps", "2", "--eval-steps", "2", "--output-dir", str(out)], cwd=REPO,
+                          env=launcher_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = re.compile(r"^(\d\d:\d\d:\d\d \[rank\d\] (INFO|WARNING) dist_robust\.|synthetic / erm: |\s+en\s+de|"
+                      r"accuracy |standard_avg |generalized \(|s1 \\ s2|(en|de|fr|es|zh)\s+\d|$)")
+    foreign = [line for line in (proc.stdout + proc.stderr).splitlines() if not ours.match(line)]
+    assert foreign == [], foreign
+    for rank in (0, 1):
+        aside = (out / "logs" / f"libraries-rank{rank}.log").read_text()
+        assert "Setting accelerator" in aside or "built successfully" in aside or "FutureWarning" in aside, aside

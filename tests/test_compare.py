@@ -400,3 +400,23 @@ def test_reruns_are_one_sample_in_every_output():
     assert line.split()[1] == "2" and "*" not in line and "fewer runs" not in text
     # seed 1: (0.60 + 0.70) / 2 = 0.65; the mean of the seeds (0.65 + 0.40) / 2, not of the runs (0.5667)
     assert generalized_matrix(runs)["en"]["de"] == pytest.approx(0.525)
+
+
+def test_rows_evaluated_on_different_splits_say_so_and_one_split_is_in_the_title():
+    from dist_robust.compare_format import to_dict, to_text
+    from dist_robust.mlflow_runs import RunRecord
+
+    def record(name: str, objective: str, split: str) -> RunRecord:
+        return RunRecord(name, name, "FINISHED", 0, params={"objective.name": objective, "train.seed": "1",
+                                                           "data.task": "pawsx", "eval_split": split},
+                         metrics={"acc.en": 0.9, "acc.de": 0.8, "standard_avg": 0.8})
+
+    mixed = build_table("e", [record("a", "erm", "test"), record("b", "pgd", "dev")], ["params.objective.name"],
+                        None, lambda f: [])
+    text = to_text(mixed)
+    assert "erm [test]" in text and "pgd [dev]" in text and "not comparable" in text
+    assert [r["split"] for r in to_dict(mixed)["rows"]] == ["test", "dev"]
+    same = build_table("e", [record("a", "erm", "dev"), record("b", "pgd", "dev")], ["params.objective.name"],
+                       None, lambda f: [])
+    text = to_text(same)
+    assert "dev accuracy (%)" in text.splitlines()[0] and "[dev]" not in text

@@ -146,6 +146,23 @@ def test_progress_lines_wait_for_the_interval_then_average_the_window(caplog):
         "step 4/4: loss 3.0000 (mean of 4 step(s)), 1.25 s/step, about 0 s left"]
 
 
+def test_the_time_left_follows_the_wall_clock_pace_not_the_last_steps(caplog, monkeypatch):
+    """Steps that compute in 0.1 s but take 10 s of wall time each (evaluations, a busy machine): the
+    estimate is the wall pace, steady, where the compute time alone would promise seconds."""
+    from dist_robust import trainer
+
+    clock = [1000.0]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
+    lines = trainer.ProgressLines(seconds=0, max_steps=100, first_step=50)  # resumed at step 50
+    with caplog.at_level("INFO", logger="dist_robust.trainer"):
+        for step in range(51, 55):
+            clock[0] += 10.0
+            lines.step(step, 1.0, elapsed=0.1)
+    left = [r.getMessage().rsplit(", about ", 1)[1] for r in caplog.records]
+    assert left == ["8 min left"] * 4, left  # 46-49 steps at 10 s; the compute time alone would say "5 s"
+    assert "0.10 s/step" in caplog.records[-1].getMessage()
+
+
 def test_extra_languages_evaluate_each_exported_model_and_repeat_its_source_accuracy(tmp_path):
     """--extra-languages: every run's exported model, reloaded in a new process, on more languages.
 
