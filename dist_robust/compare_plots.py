@@ -115,13 +115,34 @@ def heatmaps(table: Table) -> dict[str, Figure]:
         if not matrix:
             continue
         name = _unique(f"generalized_{slug(row.label)}", figures)
-        figures[name] = plots.heatmap_figure(matrix, f"{row.label}: generalized accuracy ({row.samples} run(s))")
+        figures[name] = plots.heatmap_figure(matrix, f"{row.label}: generalized accuracy ({row.samples} run(s))",
+                                             noise=_seed_noise(row, "generalized_avg"))
         if base and not row.is_baseline:
             figures[_unique(f"generalized_diff_{slug(row.label)}", figures)] = plots.heatmap_figure(
-                plots.matrix_difference(matrix, base), f"{row.label} - {table.baseline.label}", diff=True)
+                plots.matrix_difference(matrix, base), f"{row.label} - {table.baseline.label}", diff=True,
+                noise=_paired_noise(table, row))
     if len(table.rows) > MAX_HEATMAPS:
         log.warning("heatmaps drawn for the first %d of %d rows", MAX_HEATMAPS, len(table.rows))
     return figures
+
+
+def _seed_noise(row: Row, column: str) -> str | None:
+    """The seed spread of a row's generalized average, in words (None for a single run)."""
+    cell = row.cells.get(column)
+    if cell is None or cell.std is None:
+        return f"{row.samples} run: no seed spread to read the cells against" if row.samples == 1 else None
+    return f"mean of {row.samples} runs; the generalized average's seed std is {100 * cell.std:.1f} points"
+
+
+def _paired_noise(table: Table, row: Row) -> str | None:
+    """The spread of the row's paired differences from the baseline over seeds, when --paired computed it."""
+    paired = table.paired.get(row.label, {}).get("generalized_avg")
+    if paired is None:
+        return "differences of means; pair the runs by seed (--paired) for their spread"
+    if paired.low is None:
+        return f"generalized average {100 * paired.mean:+.2f} points on one seed: no spread to read it against"
+    return (f"generalized average {100 * paired.mean:+.2f} points, 95% interval {100 * paired.low:+.2f} to "
+            f"{100 * paired.high:+.2f} over {paired.n} seeds")
 
 
 def _unique(stem: str, taken: dict) -> str:

@@ -86,16 +86,20 @@ def bar_figure(values: dict[str, dict[str, float | None]], errors: dict[str, dic
     return fig
 
 
-def heatmap_figure(matrix: dict[str, dict[str, float | None]], title: str = "", diff: bool = False) -> Figure:
+def heatmap_figure(matrix: dict[str, dict[str, float | None]], title: str = "", diff: bool = False,
+                   noise: str | None = None) -> Figure:
     """The L x L generalized matrix: rows sentence1's language, columns sentence2's.
 
     With ``diff`` the cells are differences in points (see :func:`matrix_difference`) on a
-    diverging scale centred at zero: blue better than the baseline, red worse.
+    diverging scale centred at zero: blue better than the baseline, red worse. Accuracies are on a
+    scale at least :data:`MIN_SPAN` points wide, so a spread of a point or two does not fill the
+    colour range; the colour bar states the scale either way. ``noise`` (the cells' standard error
+    or seed spread, in words) is printed under the matrix, so a difference can be read against it.
     """
     langs = list(matrix)
     data = np.array([[_pct(matrix[a].get(b)) for b in langs] for a in langs])
     size = len(langs)
-    fig = Figure(figsize=(max(4.5, 0.6 * size + 1.8), max(3.8, 0.55 * size + 1.2)))
+    fig = Figure(figsize=(max(4.5, 0.6 * size + 1.8), max(3.8, 0.55 * size + 1.2) + (0.3 if noise else 0)))
     ax = fig.add_subplot()
     cmap, vmin, vmax = _heatmap_scale(data, diff)
     image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax)
@@ -108,21 +112,41 @@ def heatmap_figure(matrix: dict[str, dict[str, float | None]], title: str = "", 
     ax.set_xlabel("sentence 2 language")
     ax.set_ylabel("sentence 1 language")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label="difference (points)" if diff else "accuracy (%)", shrink=0.85)
+    label = f"difference (points), scale -{vmax:g} to +{vmax:g}" if diff else \
+        f"accuracy (%), scale {vmin:g} to {vmax:g}"
+    fig.colorbar(image, ax=ax, label=label, shrink=0.85)
+    if noise:
+        fig.text(0.5, 0.01, noise, ha="center", va="bottom", fontsize=8)
     return fig
 
 
+MIN_SPAN = 10.0  # points: the narrowest accuracy colour scale
+
+
 def _heatmap_scale(data: np.ndarray, diff: bool):
+    """Colour map and limits: differences symmetric around zero (rounded up to a whole point); accuracies
+    from and to multiples of 5, at least :data:`MIN_SPAN` wide, within 0-100."""
     import matplotlib
 
     finite = data[np.isfinite(data)]
     if diff:
-        limit = max(float(np.abs(finite).max()) if finite.size else 0.0, 0.5)
+        limit = float(np.ceil(max(float(np.abs(finite).max()) if finite.size else 0.0, 0.5)))
         return matplotlib.colormaps["RdBu"].with_extremes(bad="#dddddd"), -limit, limit
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
-    if high - low < 1.0:
-        low, high = low - 0.5, high + 0.5
-    return matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd"), low, high
+    low, high = 5 * np.floor(low / 5), 5 * np.ceil(high / 5)
+    if high - low < MIN_SPAN:
+        grow = (MIN_SPAN - (high - low)) / 2
+        low, high = low - grow, high + grow
+        if low < 0:
+            low, high = 0.0, MIN_SPAN
+        elif high > 100:
+            low, high = 100 - MIN_SPAN, 100.0
+    return matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd"), float(low), float(high)
+
+
+def cell_standard_error(accuracy: float, pairs: int) -> float:
+    """A cell's binomial standard error in points: sqrt(p (1 - p) / n)."""
+    return 100 * float(np.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(pairs, 1)))
 
 
 def _cell_text(value: float, diff: bool) -> str:
@@ -288,7 +312,8 @@ def run_figures(results: dict) -> dict[str, Figure]:
     name = f"{results.get('task', '')} / {results.get('objective', '')}".strip(" /")
     if results.get("generalized"):
         figures["generalized"] = heatmap_figure(
-            results["generalized"], f"{name}: generalized {results.get('eval_split', '')} accuracy")
+            results["generalized"], f"{name}: generalized {results.get('eval_split', '')} accuracy",
+            noise=_run_noise(results))
     losses, history = results.get("train_losses") or [], results.get("dev_history") or []
     if losses or history:
         source = f"source ({results.get('source_language', 'en')})"
@@ -300,6 +325,19 @@ def run_figures(results: dict) -> dict[str, Figure]:
     if results.get("certify"):
         figures["certified"] = certified_figure(results["certify"], name)
     return figures
+
+
+def _run_noise(results: dict) -> str | None:
+    """One run's cells: their typical binomial standard error, from the pairs each cell holds."""
+    sizes = results.get("eval_sizes") or {}
+    if not sizes:
+        return None
+    k = results.get("generalized_examples")
+    off = [min(k, n) if k else n for n in sizes.values()]
+    accs = [v for a, row in results["generalized"].items() for b, v in row.items() if a != b and _finite(v)]
+    p = float(np.median(accs)) if accs else 0.5
+    return (f"one run; a cell's standard error is about {cell_standard_error(p, int(np.median(off))):.1f} points "
+            f"({int(np.median(off))} pairs off the diagonal)")
 
 
 def certified_figure(certify: dict, title: str = "") -> Figure:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Protocol
@@ -191,7 +192,9 @@ class MLflowTracker:
         server = self._uri.startswith(("http://", "https://"))
         base = redact(self._uri).rstrip("/") if server else "http://127.0.0.1:5000"
         link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
-        return link if server else f"{link} (start the UI first: mlflow ui --backend-store-uri {redact(self._uri)})"
+        # (mlflow is on PATH only where the environment is activated: name this interpreter's)
+        ui = f"{sys.executable} -m mlflow ui --backend-store-uri {redact(self._uri)}"
+        return link if server else f"{link} (start the UI first: make ui, or {ui})"
 
 
 JOURNAL = "mlflow-journal.jsonl"

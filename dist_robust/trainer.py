@@ -651,6 +651,7 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         "per_language": per_language,
         "generalized": matrix,
         "generalized_examples": cfg.train.generalized_examples,
+        "eval_sizes": {a: len(rows) for (a, b), rows in cells.items() if a == b},  # pairs per language's set
         **E.summarize(per_language, matrix, cfg.data.source_language),
         "train_losses": state.train_losses,
         "dev_history": state.dev_history,

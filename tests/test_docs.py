@@ -143,3 +143,59 @@ def test_runnable_blocks_run_as_written(tmp_path):
     assert (tmp_path / "runs" / "synthetic-small" / "gaussian-s2" / "results.json").exists()
     assert (tmp_path / "runs" / "erm-s1-eval" / "results.json").exists()  # the README's eval
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
+
+
+def _numbers(text: str) -> list[str]:
+    """Signed or unsigned decimals as written (``+0.92``, ``68.91``), intervals' ends included."""
+    return re.findall(r"[+-]?\d+\.\d+", text)
+
+
+def _table_rows(text: str, first_header: str) -> dict[str, str]:
+    """The rows (first cell -> the rest of the line) of the Markdown table whose header starts with ``first_header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header}"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = " | ".join(cells[1:])
+    return rows
+
+
+def test_the_results_the_readme_repeats_are_the_results_in_docs_results():
+    """Every number in the README's two results tables appears in docs/results.md's table of the same
+    method, and every method with five seeds there has its row in the README."""
+    readme, results = (REPO / "README.md").read_text(), (REPO / "docs" / "results.md").read_text()
+    synthetic = _table_rows(readme, "method | standard avg")
+    source = _table_rows(results, "method | n | en")
+    for method, values in synthetic.items():
+        name = method.split(" (")[0].replace(" + ", "+")
+        row = source[f"{name} (baseline)" if name == "erm" else name]
+        for number in _numbers(values):
+            assert number.lstrip("+") in row or number in results, (method, number)
+    pretrained = _table_rows(readme, "method | en | zero-shot avg")
+    minilm = _table_rows(results, "method | en | standard avg (de, es, fr)")
+    assert {m.split(" (")[0] for m in pretrained} == {m.split(" (")[0] for m in minilm}, "a method missing"
+    for method, values in pretrained.items():
+        row = next(v for m, v in minilm.items() if m.split(" (")[0] == method.split(" (")[0])
+        for number in _numbers(values):
+            assert number in row, (method, number, row)
+    assert "2 of its 5 seeds" not in readme
+
+
+def test_every_picture_the_docs_show_exists_and_is_named_for_what_it_shows():
+    """An image link must resolve; a generalized-difference picture's file and alt text name the same method,
+    and a `generalized_diff_<method>.png` the text names must be a difference picture of that method shown
+    there (a picture titled "synonym - erm" is not generalized_diff_gaussian.png)."""
+    for doc in DOCS:
+        text = doc.read_text()
+        images = re.findall(r"!\[([^\]]*)\]\(([^)]+)\)", text)
+        for alt, target in images:
+            assert (doc.parent / target).exists(), (doc.name, target)
+            stem = Path(target).stem
+            if "generalized_diff_" in stem:
+                assert stem.rsplit("generalized_diff_", 1)[1] in alt.lower(), (doc.name, target, alt)
+        differences = [alt.lower() for alt, _ in images if " minus " in alt.lower()]
+        for named in re.findall(r"`generalized_diff_(\w+)\.png`", text):
+            assert any(named in alt for alt in differences), (doc.name, named, differences)

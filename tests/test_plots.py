@@ -185,3 +185,32 @@ def test_certified_accuracy_plot_has_a_line_per_language(tmp_path):
     check_image(saved(fig, tmp_path, "certified")[0])
     logged = plots.log_run_plots(RecordingTracker(), {**RESULTS, "certify": certify})
     assert "plots/certified.png" in logged
+
+
+def test_heatmap_scales_are_stated_symmetric_for_differences_and_never_a_sliver_for_accuracy():
+    from dist_robust.plots import heatmap_figure
+
+    langs = ("en", "de", "fr")
+    narrow = {a: {b: 0.569 + 0.005 * (i + j) for j, b in enumerate(langs)} for i, a in enumerate(langs)}
+    fig = heatmap_figure(narrow, "pawsx", noise="one run; a cell's standard error is about 1.1 points")
+    image = fig.axes[0].images[0]
+    low, high = image.get_clim()
+    assert high - low >= 10 and low <= 56.9 and high >= 58.9  # 1.5 points do not fill the colour range
+    assert fig.axes[1].get_ylabel() == f"accuracy (%), scale {low:g} to {high:g}"
+    assert any("standard error is about 1.1 points" in t.get_text() for t in fig.texts)
+    diff = {a: {b: (0.013 if a == b else -0.031) for b in langs} for a in langs}
+    fig = heatmap_figure(diff, "pgd - erm", diff=True)
+    low, high = fig.axes[0].images[0].get_clim()
+    assert low == -high == -4.0  # centred on zero, rounded up to a whole point
+    assert fig.axes[1].get_ylabel() == "difference (points), scale -4 to +4"
+
+
+def test_a_run_s_heatmap_says_how_noisy_its_cells_are():
+    from dist_robust.plots import run_figures
+
+    langs = ("en", "de")
+    results = {"task": "xnli", "objective": "erm", "eval_split": "dev", "generalized_examples": 300,
+               "eval_sizes": {"en": 2490, "de": 2490},
+               "generalized": {a: {b: 0.5 for b in langs} for a in langs}}
+    texts = [t.get_text() for t in run_figures(results)["generalized"].texts]
+    assert texts == ["one run; a cell's standard error is about 2.9 points (300 pairs off the diagonal)"]
