@@ -212,8 +212,10 @@ class TrainConfig:
                              "one (SLURM's --signal=USR1@60).", "--preempt-signal", choices=PREEMPT_SIGNALS)
     dist_timeout: int = _f(1800, "Seconds a collective waits for a rank that stopped answering (killed, hung) "
                            "before the job fails.", "--dist-timeout")
-    export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors.",
-                            "--export-model")
+    export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors, with a model "
+                            "card (README.md).", "--export-model")
+    log_model: bool = _f(True, "Also log the exported model to MLflow as a pyfunc that labels sentence pairs "
+                         "(register it, or serve it with mlflow models serve -m runs:/<run id>/model).", "--log-model")
     progress: bool = _f(True, "Show a progress bar on rank 0.", "--progress")
     verbose: bool = _f(False, "Also show the libraries' messages (DeepSpeed's warnings, Python warnings) on the console; "
                        "by default they go to <output-dir>/logs/libraries-rank<R>.log.", "--verbose")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 
 from dist_robust import evaluate as E
 from dist_robust.plots import log_run_plots
@@ -125,3 +127,64 @@ def print_report(results: dict) -> None:
               f"alpha = {c['alpha']:g}, {c['examples'] or 'all'} example(s) per set ({what}):")
         print(format_certify(c))
     print(flush=True)
+
+
+def command_line() -> str:
+    """The command this process runs, as a user would type it (a launcher's --local_rank left out), masked."""
+    from dist_robust.redaction import redact
+
+    args = [a for a in sys.argv if not a.startswith("--local_rank")]
+    return redact(" ".join(shlex.quote(a) for a in ["python", *args]))
+
+
+def model_card(results: dict, labels: list[str] | None = None) -> str:
+    """The exported folder's README.md (a Hugging Face model card): what the model is, how well it transfers,
+    and how it was made."""
+    cfg = results.get("config") or {}
+    model, data, objective, train = (cfg.get(k, {}) for k in ("model", "data", "objective", "train"))
+    per = results["per_language"]
+    langs, source = list(per), results.get("source_language", "en")
+    knobs = {"pgd": ("epsilon", "alpha", "adv_steps", "norm"), "freelb": ("epsilon", "alpha", "adv_steps", "norm"),
+             "gaussian": ("sigma", "noise_samples"),
+             "smart": ("smart_lambda", "epsilon", "alpha", "adv_steps")}.get(results["objective"], ())
+    settings = ", ".join(f"{k} {objective.get(k)}" for k in knobs) + (f", perturbation sizes {objective.get('scale')}"
+                                                                     if knobs else "")
+    augment = f", with {data.get('augment')} augmentation (p {data.get('synonym_prob')})" \
+        if data.get("augment", "none") != "none" else ""
+    front = ["---", f"language: [{', '.join(langs)}]", "library_name: transformers", "pipeline_tag: text-classification",
+             f"tags: [dist-robust, {results['task']}, {results['objective']}, zero-shot-cross-lingual-transfer]",
+             f"base_model: {model.get('name')}", "---", ""]
+    split = results["eval_split"]
+    table = ["| language | accuracy (%) |", "|---|---:|"] + [f"| {lang}{' (trained on)' if lang == source else ''} | "
+                                                            f"{100 * a:.2f} |" for lang, a in per.items()]
+    averages = ", ".join(f"{k.replace('_', ' ')} {100 * results[k]:.2f}" for k in ("standard_avg", "generalized_avg",
+                                                                                    "all_avg") if k in results)
+    lines = [*front, f"# {model.get('name')} fine-tuned on {results['task']} with {results['objective']}", "",
+             f"A sequence-pair classifier trained on {source} pairs only and evaluated zero-shot in "
+             f"{len(langs) - 1} other language(s): `{results['objective']}`{f' ({settings})' if settings else ''}"
+             f"{augment}, trained with dist-robust on "
+             f"`{data.get('train_file') or results['task'] + ' (' + source + ' train)'}`, seed {train.get('seed')}, "
+             f"{len(results.get('train_losses', []))} optimizer steps; the checkpoint with the best {source} dev "
+             f"accuracy (step {results.get('best_step')}) is this one.", "",
+             f"## Accuracy ({split} sets)", "", *table, "", f"Averages: {averages} (standard: the languages other "
+             f"than {source}; generalized: pairs whose two sentences are in different languages).", ""]
+    if results.get("generalized"):
+        lines += ["Generalized (rows: sentence 1's language, columns: sentence 2's):", "",
+                  "| | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
+        lines += [f"| {a} | " + " | ".join(f"{100 * results['generalized'][a][b]:.2f}" for b in langs) + " |"
+                  for a in langs]
+        lines.append("")
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+              "", 'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+              'model = AutoModelForSequenceClassification.from_pretrained("PATH")',
+              'batch = tokenizer(["sentence 1"], ["sentence 2"], return_tensors="pt")',
+              "label = model.config.id2label[model(**batch).logits.argmax(-1).item()]", "```", ""]
+    if labels:
+        lines += [f"Labels: {', '.join(labels)}.", ""]
+    lines += ["## How it was made", "", "```bash", results.get("command", ""), "```", "",
+              f"World size {cfg.get('world_size')}, ZeRO stage "
+              f"{(cfg.get('ds_config') or {}).get('zero_optimization', {}).get('stage', 0)}, optimizer "
+              f"{cfg.get('optimizer')}, learning rate {train.get('lr')}, micro-batch {train.get('micro_batch_size')}, "
+              f"max length {model.get('max_length')}. `results.json` beside this folder holds every number above, "
+              f"the loss of every step and the full configuration.", ""]
+    return "\n".join(lines)

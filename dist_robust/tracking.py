@@ -30,6 +30,7 @@ class Tracker(Protocol):
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
     def log_table(self, columns: dict[str, list], name: str) -> None: ...
+    def log_model(self, model_dir: str, name: str = "model") -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -54,6 +55,9 @@ class NullTracker:
         pass
 
     def log_table(self, columns, name):
+        pass
+
+    def log_model(self, model_dir, name="model"):
         pass
 
     def finish(self, status="FINISHED"):
@@ -172,6 +176,28 @@ class MLflowTracker:
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, local_path, artifact_path)
 
+    def log_model(self, model_dir: str, name: str = "model") -> None:
+        """The exported folder as an MLflow pyfunc (:mod:`dist_robust.serving`) under the run's artifact ``name``:
+        ``runs:/<run id>/model`` loads, serves and registers it."""
+        import mlflow.pyfunc
+        import torch
+        import transformers
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import ColSpec, Schema
+
+        from dist_robust import serving
+
+        signature = ModelSignature(inputs=Schema([ColSpec("string", "sentence1"), ColSpec("string", "sentence2")]),
+                                   outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+        requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                        f"transformers=={transformers.__version__}", "pandas"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, name)
+            mlflow.pyfunc.save_model(path, python_model=serving.__file__,
+                                     artifacts={serving.MODEL_ARTIFACT: model_dir}, signature=signature,
+                                     pip_requirements=requirements)
+            self._client.log_artifacts(self.run_id, path, name)
+
     def log_table(self, columns: dict[str, list], name: str) -> None:
         """A table MLflow's UI shows as a table (artifact ``name``, a .json file)."""
         self._client.log_table(self.run_id, data=columns, artifact_file=name)
@@ -256,6 +282,9 @@ class ResilientTracker:
 
     def log_table(self, columns, name):
         self._call("log_table", columns, name)
+
+    def log_model(self, model_dir, name="model"):
+        self._call("log_model", model_dir, name)  # (the folder stays in the output directory until it is sent)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("finish", status)
@@ -360,7 +389,8 @@ class JournalError(ValueError):
     """A tracking journal that is not one this module wrote: unreadable, or naming calls or files it never would."""
 
 
-_JOURNAL_CALLS = ("log_params", "log_metrics", "log_dict", "log_artifact", "log_text", "log_table", "finish")
+_JOURNAL_CALLS = ("log_params", "log_metrics", "log_dict", "log_artifact", "log_text", "log_table", "log_model",
+                  "finish")
 _JOURNAL_SPEC = ("uri", "experiment", "run_name", "run_id", "tags")
 
 
@@ -380,11 +410,12 @@ def _read_journal(path: str) -> tuple[dict, list[tuple[str, list]]]:
         if method not in _JOURNAL_CALLS or not isinstance(args, list):
             raise JournalError(f"{path} holds a call {str(method)[:40]!r} that a tracking journal never does; "
                                f"nothing was sent")
-        if method == "log_artifact":
+        if method in ("log_artifact", "log_model"):  # files of the journal's own folder, or its run's model
+            own = files if method == "log_artifact" else os.path.realpath(os.path.dirname(path))
             real = os.path.realpath(str(args[0])) if args else ""
-            if os.path.commonpath([files, real or "/"]) != files:
+            if os.path.commonpath([own, real or "/"]) != own:
                 raise JournalError(f"{path} names the artifact {str(args[0])[:200]!r}, outside its own "
-                                   f"{files}; nothing was sent")
+                                   f"{own}; nothing was sent")
     return spec, calls
 
 

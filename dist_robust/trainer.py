@@ -37,7 +37,7 @@ from dist_robust.models import (align_word_embeddings, build_model, count_parame
                                 is_builtin, load_tokenizer, split_word_embeddings, train_tokenizer, word_embeddings)
 from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
 from dist_robust.objectives.smart import precision_caveat
-from dist_robust.outputs import final_metrics, write_outputs
+from dist_robust.outputs import command_line, final_metrics, model_card, write_outputs
 from dist_robust.preflight import check_inputs
 from dist_robust.redaction import redact, redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
@@ -723,5 +723,10 @@ def _save_outputs(setup: Setup, state: State, results: dict) -> None:
     if t.export_model:
         results["model_uri"] = redact(export_model(setup.engine, setup.tokenizer, setup.store))
     if D.is_main():
+        results["command"] = command_line()
+        if t.export_model:  # the folder goes out as users share models: a card, and in MLflow as a pyfunc
+            setup.store.publish_text("model/README.md", model_card(results, list(setup.data.label_names)))
         write_outputs(setup.store.publish_text, setup.tracker, results, state.step)
+        if t.export_model and t.log_model:
+            setup.tracker.log_model(os.path.join(setup.store.mirror, "model"))
         setup.store.check_published()
