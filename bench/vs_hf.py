@@ -7,21 +7,27 @@
 ERM fine-tuning of one model on the same batches, one process, by
 
 * ``plain``: a PyTorch loop (torch AdamW as constructed by default, gradient clipping 1.0, linear
-  schedule);
+  schedule); ``plain+compile``: the same loop on ``torch.compile(model)`` with AdamW's fused kernel;
 * ``hf``: ``transformers.Trainer`` without DeepSpeed (what a single-device user runs; its default
-  optimizer is torch AdamW's fused kernel, as in the shipped ds_configs);
+  optimizer is torch AdamW's fused kernel, as in the shipped ds_configs, and attention is SDPA);
+  ``hf+compile``: the same with ``torch_compile=True``;
 * ``hf+zero2`` / ``hf+zero3``: ``transformers.Trainer`` with ``ds_configs/zero2.json`` / ``zero3.json``;
 * ``ours+zero2`` / ``ours+zero3``: dist-robust's own training step (``dist_robust.trainer``)
   on a DeepSpeed engine from ``ds_configs/zero2.json`` / ``zero3.json``;
-* ``ours+zero2+pgd1`` / ``ours+zero3+pgd1``: the same with PGD, one ascent step.
+* ``ours+zero2+pgd1`` / ``ours+zero3+pgd1``: the same with PGD, one ascent step; ``ours+zero2+freelb1``:
+  FreeLB with one ascent pass; ``ours+zero2+compile``: dist-robust with ``--compile``.
 
 ``--device cuda`` runs every approach on the GPU (``--bf16``: the ds_configs with bf16 on, the
 HF Trainer with ``bf16=True``, the plain loop under bf16 autocast) and adds tokens/s, model
 TFLOP/s and model FLOPs utilisation (MFU, against ``--peak-tflops``, by default the dense bf16
 peak of an H100/H200, 989). Model FLOPs per token are the usual count for a training step,
 6 x (non-embedding parameters of the encoder layers) + 12 x layers x hidden x sequence length
-for attention; PGD-1's are 3 times ERM's, its pass-count floor (one input-gradient pass and one
-clean+adversarial pass of twice the batch), so its MFU says how well those passes use the GPU.
+for attention. An objective's step is counted at its pass-count floor in ERM steps, with a forward
+pass 1 unit, a backward to the input 1 and one to the weights 1 (an ERM step is 3): PGD-1 is 8/3
+(an ascent pass that takes gradients for the perturbation only, 2 units, then the clean and the
+adversarial pass, 6), FreeLB-1 4/3 (one pass that accumulates weight gradients, 3, and a forward
+without gradients for its clean loss, 1); so its MFU says how well those passes use the GPU.
+``--batches 32 64 128 256`` repeats the comparison for each micro-batch size.
 
 Every approach runs in its own process (so peak RSS is its own), in turns over ``--rounds`` so
 machine noise hits all alike. All batches are ``--batch`` rows of exactly ``--length`` tokens
@@ -53,8 +59,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPROACHES = ("plain", "hf", "hf+zero2", "hf+zero3", "ours+zero2", "ours+zero3")
-EXTRA_APPROACHES = ("ours+zero2+pgd1", "ours+zero3+pgd1")  # by name only: --approaches
-PASSES = {"pgd1": 3.0}  # model FLOPs of a step in ERM steps (the pass-count floor)
+EXTRA_APPROACHES = ("plain+compile", "hf+compile", "ours+zero2+pgd1", "ours+zero3+pgd1", "ours+zero2+freelb1",
+                    "ours+zero2+compile")  # by name only: --approaches
+PASSES = {"pgd1": 8 / 3, "freelb1": 4 / 3}  # model FLOPs of a step in ERM steps (the pass-count floor)
 H100_BF16_DENSE_TFLOPS = 989.0
 LABELS = ("entailment", "neutral", "contradiction")
 SEED = 0
@@ -117,10 +124,11 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
     prof = _profiler(args) if args.profile else None
-    if args.worker == "plain":
-        stamps, model = _plain(args, total)
+    if args.worker.startswith("plain"):
+        stamps, model = _plain(args, total, compiled=args.worker.endswith("+compile"))
     elif args.worker.startswith("hf"):
-        stamps, model = _hf(args, total, zero=args.worker.split("+")[1] if "+" in args.worker else None)
+        zero = args.worker.split("+")[1] if "+" in args.worker else None
+        stamps, model = _hf(args, total, zero=None if zero == "compile" else zero, compiled=zero == "compile")
     else:
         _, zero, *objective = args.worker.split("+")
         stamps, model = _ours(args, total, zero, *objective)
@@ -199,13 +207,15 @@ def _batches(model, total: int, batch: int, length: int, device: str = "cpu"):
         yield {k: v.to(device) for k, v in b.items()}
 
 
-def _plain(args, total: int):
+def _plain(args, total: int, compiled: bool = False):
     """(step time stamps, the model trained)."""
     import torch
 
     model, _ = _model(args.model)
     model.to(args.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, eps=1e-8)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, eps=1e-8, fused=compiled or None)
+    if compiled:
+        model.compile()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     stamps = [time.perf_counter()]
     for batch in _batches(model, total, args.batch, args.length, args.device):
@@ -221,7 +231,7 @@ def _plain(args, total: int):
     return stamps, model
 
 
-def _hf(args, total: int, zero: str | None):
+def _hf(args, total: int, zero: str | None, compiled: bool = False):
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -251,12 +261,14 @@ def _hf(args, total: int, zero: str | None):
                               max_steps=total, learning_rate=2e-5, weight_decay=0.01, max_grad_norm=1.0,
                               lr_scheduler_type="linear", save_strategy="no", report_to=[], logging_steps=10**6,
                               disable_tqdm=True, dataloader_num_workers=0, use_cpu=args.device == "cpu", seed=SEED,
-                              deepspeed=ds, bf16=args.bf16)
+                              deepspeed=ds, bf16=args.bf16, torch_compile=compiled,
+                              **({"optim": "adamw_torch_fused"} if compiled else {}))
     Trainer(model=model, args=targs, train_dataset=Rows(), callbacks=[Clock()]).train()
     return stamps, model
 
 
 def _ours(args, total: int, zero: str, objective: str = "erm"):
+    """dist-robust's step; ``objective``: erm, pgd1, freelb1, or compile (ERM with --compile)."""
     from dist_robust import trainer as T
     from dist_robust.argparsing import add_run_arguments, config_from_args
     from dist_robust.data.pipeline import Encoded
@@ -267,7 +279,8 @@ def _ours(args, total: int, zero: str, objective: str = "erm"):
     ds_path = os.path.join(out, "ds.json")
     with open(ds_path, "w") as f:
         json.dump(_ds(zero, args.bf16), f)
-    flags = ["--objective", "pgd", "--adv-steps", "1"] if objective == "pgd1" else []
+    flags = {"pgd1": ["--objective", "pgd", "--adv-steps", "1"], "freelb1": ["--objective", "freelb", "--adv-steps", "1"],
+             "compile": ["--compile"]}.get(objective, [])
     # The synthetic task would freeze a built-in model's embedding layer (its "pretrained lexicon"):
     # train every parameter, as the other approaches do.
     cfg = config_from_args(parser.parse_args([*flags, "--no-freeze-embeddings",
@@ -309,6 +322,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=None, metavar="B",
+                   help="the comparison at each of these micro-batch sizes in turn (default: --batch)")
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--approaches", nargs="+", default=list(APPROACHES), choices=APPROACHES + EXTRA_APPROACHES)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -324,6 +339,13 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
+    for batch in args.batches or [args.batch]:
+        args.batch = batch
+        compare(args)
+
+
+def compare(args) -> None:
+    """Every approach over the rounds at ``args.batch``, then the table."""
     times = {a: [] for a in args.approaches}
     peak = {a: 0.0 for a in args.approaches}
     trainable: dict[str, int] = {}

@@ -212,6 +212,9 @@ class TrainConfig:
                              "one (SLURM's --signal=USR1@60).", "--preempt-signal", choices=PREEMPT_SIGNALS)
     dist_timeout: int = _f(1800, "Seconds a collective waits for a rank that stopped answering (killed, hung) "
                            "before the job fails.", "--dist-timeout")
+    compile: bool = _f(False, "Compile the model with torch.compile through DeepSpeed's engine.compile() (the "
+                       "objectives' extra passes go through the same compiled module). The first steps are slower "
+                       "while it compiles; on a GPU the later ones are faster.", "--compile")
     export_model: bool = _f(True, "Write the final (best) model with save_pretrained as safetensors, with a model "
                             "card (README.md).", "--export-model")
     log_model: bool = _f(True, "Also log the exported model to MLflow as a pyfunc that labels sentence pairs "

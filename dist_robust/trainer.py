@@ -44,7 +44,8 @@ from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_o
 from dist_robust.stopping import PREEMPTION, Preempted, preemption_window
 from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
                                   resolve_uri)
-from dist_robust.zero import chunked_zero_grad_norm, forget_zero3_module, share_zero3_master_weights, zero3_context
+from dist_robust.zero import (chunked_zero_grad_norm, forget_zero3_module, norm_overflow_check,
+                              share_zero3_master_weights, zero3_context)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ def _setup(cfg: RunConfig) -> Setup:
     clock.mark("model")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds)
+    if cfg.train.compile:
+        engine.compile()  # torch.compile of the module in place: engine(...) and engine.module(...) alike
     clock.mark("engine")
     log.info(clock.line())
     spared = share_zero3_master_weights(engine)
@@ -211,7 +214,10 @@ def _setup(cfg: RunConfig) -> Setup:
         log.info("ZeRO-3 master weights: the fp32 parameter partitions themselves (%.1f MB per rank spared)",
                  spared / 1e6)
     if chunked_zero_grad_norm(engine):
-        log.debug("ZeRO gradient norm: float32 in chunks instead of float64 copies (CPU host)")
+        log.debug("ZeRO gradient norm: float32 norms instead of float64 copies of every gradient")
+    checked = norm_overflow_check(engine)
+    if checked:
+        log.debug("%s: a step's overflow is read from the global gradient norm, not a scan of every tensor", checked)
     guard_plain_optimizer(engine)
     # Training mode (dropout on): from_pretrained hands a model over in eval mode, and nothing
     # else would switch it; evaluation restores whichever mode it found.

@@ -4,8 +4,10 @@
   weights are made partitioned;
 * :func:`forget_zero3_module`: what a destroyed ZeRO-3 engine leaves at module level;
 * :func:`share_zero3_master_weights`: the second fp32 master copy ZeRO-3 keeps by mistake;
-* :func:`chunked_zero_grad_norm` (with :func:`sum_of_squares`): ZeRO-1/2's float64 copy of every
-  gradient for the norm, on CPU hosts;
+* :func:`chunked_zero_grad_norm` (with :func:`sum_of_squares`, :func:`foreach_sum_of_squares`):
+  ZeRO-1/2's float64 copy of every gradient for the norm;
+* :func:`norm_overflow_check`: the non-finite check of a half-precision step on the global norm
+  instead of a scan of every gradient tensor;
 * :func:`save_checkpoint_or_failure`: a save that fails on some ranks (a full disk) without leaving
   the others waiting in the barrier DeepSpeed's save ends with.
 
@@ -120,8 +122,18 @@ def sum_of_squares(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).double().pow(2).sum()
 
 
+def foreach_sum_of_squares(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of every element squared, as a float64 scalar on the tensors' device: one ``_foreach_norm``
+    (float32 results, a few fused kernels on a GPU) instead of a float64 copy and a norm per tensor."""
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.stack(norms).double().pow(2).sum()
+
+
 def chunked_zero_grad_norm(engine) -> bool:
-    """ZeRO-1/2 on a CPU host: take the global gradient norm with :func:`sum_of_squares`.
+    """ZeRO-1/2: take the global gradient norm from float32 norms, not DeepSpeed's float64 copies.
 
     DeepSpeed 0.19's ``get_grad_norm_direct`` copies every gradient of the rank's partition to
     float64 before taking its norm (``get_norm_dtype``): on a CPU host that is a fresh 8-byte
@@ -129,30 +141,66 @@ def chunked_zero_grad_norm(engine) -> bool:
     (docs/benchmarks.md), where the chunked float32 norm takes 0.09 s and agrees with it to about
     1e-7. It does what DeepSpeed's does for plain data parallelism: the L2 norm over the rank's
     gradients (padding left out), summed over the data-parallel group, and -1 where it is not
-    finite (DeepSpeed then skips the step). Returns whether it was installed: not on accelerators
-    (where the float64 copy is cheap and this is unmeasured), at other stages, with model or
-    pipeline parallelism, mixture-of-experts layers or optimizer offload, or where a later
-    DeepSpeed has moved these attributes.
+    finite (DeepSpeed then skips the step). On an accelerator the float64 copies are one kernel
+    pair per gradient tensor (about 400 per step at XLM-R-large, host-bound), and
+    :func:`foreach_sum_of_squares` takes the norm in a few. Returns whether it was installed: not
+    at other stages, with model or pipeline parallelism, mixture-of-experts layers or optimizer
+    offload, or where a later DeepSpeed has moved these attributes.
     """
     opt = engine.optimizer
     original = getattr(opt, "get_grad_norm_direct", None)
-    if (engine.zero_optimization_stage() not in (1, 2) or torch.device(engine.device).type != "cpu"
+    if (engine.zero_optimization_stage() not in (1, 2)
             or original is None or not hasattr(opt, "dp_process_group")
             or getattr(opt, "model_parallel_world_size", None) != 1 or getattr(opt, "has_moe_layers", True)
             or getattr(opt, "cpu_offload", True) or getattr(engine, "pipeline_parallelism", False)):
         return False
     import torch.distributed as dist
 
+    squares = sum_of_squares if torch.device(engine.device).type == "cpu" else foreach_sum_of_squares
+
     def grad_norm(gradients, params, norm_type=2):
         if float(norm_type) != 2.0:
             return original(gradients, params, norm_type)
-        total = sum_of_squares(g for g in gradients if not getattr(g, "_zero_padding", False))
+        total = squares([g for g in gradients if not getattr(g, "_zero_padding", False)])
+        total = total.to(engine.device)  # (the collective's device)
         dist.all_reduce(total, group=opt.dp_process_group)
         norm = total.sqrt().float()
         return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, -1.0))
 
     opt.get_grad_norm_direct = grad_norm
     return True
+
+
+def norm_overflow_check(engine) -> str | None:
+    """ZeRO-1/2 in half precision: decide a step's overflow from the one global norm, not a scan of every tensor.
+
+    DeepSpeed 0.19.3 turned ``bf16.check_grad_overflow`` on by default: an amax, an amin and two
+    isfinite per gradient tensor, an all-reduce and a host read every step. With it off (the shipped
+    ``zero2_bf16.json``), DeepSpeed 0.19 also stops treating a non-finite norm as an overflow, so the
+    norm is checked here instead: a NaN or inf anywhere makes the norm non-finite (-1 from DeepSpeed's
+    norm helpers), and the step is skipped exactly as before. In fp16 the per-tensor scan before the
+    norm is dropped: DeepSpeed checks the norm right after it, and lowers the loss scale on the same
+    overflows. Returns ``"bf16"`` or ``"fp16"`` for what it changed, None elsewhere.
+    """
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() not in (1, 2) or not hasattr(opt, "scaled_global_norm") \
+            or not getattr(opt, "compute_grad_norm", False):
+        return None
+    if engine.bfloat16_enabled() and getattr(opt, "check_grad_overflow", True) is False:
+        original = opt.scaled_global_norm
+
+        def checked_norm(*args, **kwargs):
+            norm = original(*args, **kwargs)
+            if not bool(torch.isfinite(torch.as_tensor(norm)).all()) or float(norm) < 0:  # one host read a step
+                opt.overflow = True
+            return norm
+
+        opt.scaled_global_norm = checked_norm
+        return "bf16"
+    if engine.fp16_enabled() and hasattr(opt, "check_overflow"):
+        opt.check_overflow = lambda *args, **kwargs: None  # DeepSpeed checks the norm next
+        return "fp16"
+    return None
 
 
 def disk_failure(err: BaseException) -> bool:
