@@ -118,8 +118,9 @@ def test_eval_and_certify_name_themselves_in_help_and_errors(command, capsys):
 
 def test_nproc_per_node_relaunches_on_a_free_port():
     cmd = relaunch_command(2, ["--objective", "pgd"], 41234)
-    assert cmd[1:] == ["--num_gpus", "2", "--master_port", "41234", "--no_local_rank", "--module", "dist_robust.cli",
-                       "train", "--objective", "pgd"]
+    assert cmd[1:] == ["--num_gpus", "2", "--master_port", "41234", "--no_local_rank", "--quiet", "--module",
+                       "dist_robust.cli", "train", "--objective", "pgd"]
+    assert "--quiet" not in relaunch_command(2, ["--verbose"], 41234)  # the launcher's own lines too, when asked
     # That the relaunched ranks really start is tested by launching them: test_default_run's
     # certification on 1 and 2 ranks goes through `dist-robust certify --nproc-per-node 2`.
 
