@@ -136,6 +136,8 @@ def _init_ray(args: argparse.Namespace) -> None:
 
     if not ray.is_initialized():
         local = args.address is None and not os.environ.get("RAY_ADDRESS")
+        if local:  # a new cluster of this sweep: token authentication on, said once here rather than by Ray's warning
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         # Trial processes' output (every rank's log, Ray Train's own warnings) stays in Ray's session logs.
         env = train_controller_env()
         ray.init(address=args.address, num_cpus=args.num_cpus if local else None, include_dashboard=False,
