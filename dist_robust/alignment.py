@@ -130,6 +130,40 @@ def metrics_of(report: dict) -> dict[str, float]:
     return out
 
 
+def gap_slope(per_language: dict[str, float], misalignment: dict[str, float], source: str = "en") -> dict:
+    """How a run's zero-shot gap (source accuracy minus the language's, in points) grows with misalignment:
+    the least-squares slope over the target languages and Spearman's rank correlation."""
+    from scipy import stats
+
+    langs = [lang for lang in misalignment if lang != source and lang in per_language]
+    x = [misalignment[lang] for lang in langs]
+    gaps = [100 * (per_language[source] - per_language[lang]) for lang in langs]
+    fit = stats.linregress(x, gaps)
+    rho = stats.spearmanr(x, gaps).statistic
+    return {"slope": float(fit.slope), "intercept": float(fit.intercept), "spearman": float(rho),
+            "languages": langs, "gaps": gaps, "misalignment": x}
+
+
+def slopes_by_objective(runs: dict[str, dict[int, dict[str, float]]], misalignment: dict[str, float],
+                        baseline: str = "erm") -> dict[str, dict]:
+    """``runs``: objective -> seed -> per-language accuracy. Per objective: the slope and Spearman's rho over
+    seeds (mean, 95% interval), and the slope's paired difference from ``baseline`` on the shared seeds."""
+    from dist_robust.paired import paired
+
+    out: dict[str, dict] = {}
+    fits = {obj: {seed: gap_slope(acc, misalignment) for seed, acc in seeds.items()} for obj, seeds in runs.items()}
+    for obj, by_seed in fits.items():
+        entry = {"seeds": sorted(by_seed), "slope": vars(paired([f["slope"] for f in by_seed.values()])),
+                 "spearman": vars(paired([f["spearman"] for f in by_seed.values()]))}
+        if obj != baseline and baseline in fits:
+            shared = sorted(set(by_seed) & set(fits[baseline]))
+            if shared:
+                entry["slope_vs_" + baseline] = vars(paired([by_seed[s]["slope"] - fits[baseline][s]["slope"]
+                                                             for s in shared]))
+        out[obj] = entry
+    return out
+
+
 def align_main(argv: list[str] | None = None) -> int:
     """``dist-robust align --model DIR --task xnli --data-dir D``: the report, as JSON, on the console, in MLflow."""
     from dist_robust.argparsing import Parser

@@ -290,8 +290,10 @@ def replay_tracking_main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, JournalError) as err:
         return _fail(err)
     except Exception as err:  # noqa: BLE001 - the server is still away, credentials, ...
-        print(f"error: MLflow did not take the journal ({str(err).strip().splitlines()[0][:300]}); it is kept, "
-              f"try again later", file=sys.stderr)
+        from dist_robust.redaction import redact
+
+        reason = redact(str(err).strip().splitlines()[0][:300]) if str(err).strip() else type(err).__name__
+        print(f"error: MLflow did not take the journal ({reason}); it is kept, try again later", file=sys.stderr)
         return 1
     print(f"sent {sent} tracking call(s) to MLflow run {run_id}")
     return 0

@@ -31,3 +31,21 @@ def test_metrics_are_named_by_language_measure_and_layer():
     assert metrics["align.de.cosine.layer1"] == 0.9 and abs(metrics["align.mean.retrieval.embeddings"] - 0.3) < 1e-12
     assert len(metrics) == 2 * 3 * 2 + 3 * 2
     json.dumps(metrics)
+
+
+def test_gap_slopes_against_a_constructed_relation():
+    """Gaps that grow by exactly 10 points per unit of misalignment (ERM) and 4 (a robust objective):
+    the slopes, their paired difference, and a perfect rank correlation."""
+    from dist_robust.alignment import gap_slope, slopes_by_objective
+
+    mis = {"en": 0.0, "de": 0.2, "fr": 0.3, "zh": 0.9}
+
+    def accs(rate: float, offset: float) -> dict[str, float]:
+        return {"en": 0.9, **{lang: 0.9 - (rate * m + offset) / 100 for lang, m in mis.items() if lang != "en"}}
+
+    one = gap_slope(accs(10, 1.0), mis)
+    assert abs(one["slope"] - 10) < 1e-9 and abs(one["intercept"] - 1.0) < 1e-9 and one["spearman"] == 1.0
+    runs = {"erm": {1: accs(10, 1.0), 2: accs(10, 2.0)}, "pgd": {1: accs(4, 1.0), 2: accs(4, 3.0)}}
+    out = slopes_by_objective(runs, mis)
+    assert abs(out["erm"]["slope"]["mean"] - 10) < 1e-9 and abs(out["pgd"]["slope_vs_erm"]["mean"] + 6) < 1e-9
+    assert out["pgd"]["slope_vs_erm"]["n"] == 2
