@@ -142,3 +142,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cfg.ds_config = load_ds_config(ds_path)
         cfg.ds_config_path = ds_path or None
     return cfg
+
+
+def without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` less ``flags`` (each with its value, ``--flag V`` or ``--flag=V``)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in flags:
+            continue
+        rest.append(a)
+    return rest

@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 from dist_robust import quiet, run_folder
-from dist_robust.argparsing import CERTIFY_FIELDS, EVAL_FIELDS, Parser, add_run_arguments, config_from_args
+from dist_robust.argparsing import (CERTIFY_FIELDS, EVAL_FIELDS, Parser, add_run_arguments, config_from_args,
+                                    without_flags)
 from dist_robust.config import ConfigError, world_size_from_env
 from dist_robust.ds_config import resolve_ds_config
 from dist_robust.stopping import PREEMPTED_EXIT, Preempted, Stopped, stops_as_exceptions
@@ -83,7 +84,7 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     except (ConfigError, FileNotFoundError, run_folder.RunFolderError) as err:
         return _fail(err)
     if (nproc or args.max_restarts) and "LOCAL_RANK" not in os.environ:
-        rest = _without(argv if argv is not None else sys.argv[1:], ("--nproc-per-node", "--max-restarts"))
+        rest = without_flags(argv if argv is not None else sys.argv[1:], ("--nproc-per-node", "--max-restarts"))
         if args.max_restarts:
             return _supervise(nproc or 1, rest, args.max_restarts, cfg.train.output_dir)
         return _relaunch(nproc, rest)
@@ -140,22 +141,6 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
               f"({str(err).strip().splitlines()[-1][:200]})", file=sys.stderr)
         return 1
     return 0
-
-
-def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """``argv`` less the supervisor's own ``flags`` (each with its value, ``--flag V`` or ``--flag=V``)."""
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = True
-            continue
-        if a.split("=", 1)[0] in flags:
-            continue
-        rest.append(a)
-    return rest
 
 
 def _launch_env() -> dict[str, str]:

@@ -39,6 +39,7 @@ import sys
 import time
 
 from dist_robust import storage
+from dist_robust.argparsing import without_flags
 from dist_robust.clock import duration
 from dist_robust.redaction import redact
 
@@ -303,6 +304,8 @@ def experiment_main(argv: list[str] | None = None) -> int:
         print(f"error: --output-root {args.output_root}: cannot create {args.log_dir} ({err.strerror})",
               file=sys.stderr)
         return 2
+    if args.mlflow_uri:  # the experiment's tracking wins over one in the training options (as a last flag would)
+        extra = without_flags(extra, ("--mlflow-uri",))
     runner = Runner(args, extra)
     start = time.monotonic()
     try:

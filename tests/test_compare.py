@@ -106,7 +106,8 @@ def test_csv_has_every_run_with_its_logged_values(logged, capsys):
     code, out, err = run_cli(logged, capsys, "--format", "csv")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert list(rows[0]) == ["run", "n", "run_ids", "en", "de", "fr", "standard_avg", "generalized_avg"]
+    assert list(rows[0]) == ["run", "n", "split", "run_ids", "en", "de", "fr", "standard_avg", "generalized_avg"]
+    assert {row["split"] for row in rows} == {"?"}  # these runs were logged without their evaluation split
     by_name = {row["run"]: row for row in rows}
     assert set(by_name) == set(RUNS)  # the sweep parent is left out
     assert [by_name["pgd-e0.2-s1"][k] for k in ("en", "de", "fr", "standard_avg", "generalized_avg")] == \

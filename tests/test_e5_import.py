@@ -166,12 +166,10 @@ def test_the_imported_model_trains_at_zero2_and_zero3_in_blocks_on_one_trajector
         (two["train_losses"], three["train_losses"])
 
 
-def test_align_measures_a_multilingual_space_that_aligns_with_depth(e5_dir, tmp_path):
+def test_align_measures_a_multilingual_space_that_aligns_with_depth(e5_dir, tmp_path, shared_data):
     """`dist-robust align` on XNLI dev: e5's sentences find their English translations far better after the
     encoder than at its word embeddings (the planning measurement: de 1.00, sw 0.975 at 200 sentences)."""
-    from tests.conftest import shared_data
-
-    data = shared_data()
+    data = shared_data
     out = tmp_path / "align.json"
     proc = _cli("align", "--model", str(e5_dir), "--task", "xnli", "--data-dir", str(data), "--languages", "de,sw",
                 "--max-sentences", "60", "--mlflow-uri", "none", "--output", str(out))
