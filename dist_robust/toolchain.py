@@ -24,13 +24,21 @@ def build_cache_dir() -> str:
     return os.path.join(sys.prefix, "torch_extensions", key)
 
 
+OWNER_ENV = "DIST_ROBUST_EXTENSIONS_FOR"  # the environment a TORCH_EXTENSIONS_DIR was chosen here for
+
+
 def use_environment_build_cache() -> None:
     """Point torch's JIT at :func:`build_cache_dir` and put this interpreter's tools first on ``PATH``.
 
-    An explicit ``TORCH_EXTENSIONS_DIR`` stands. Call before DeepSpeed loads an op (the processes a
-    launcher starts inherit both).
+    A ``TORCH_EXTENSIONS_DIR`` the user set stands. One this module set for another environment
+    (inherited by a process of another interpreter: a launcher started from one environment running
+    ranks with another's Python) is replaced, since the two build commands differ and would rebuild
+    the op over each other in one folder. Call before DeepSpeed loads an op.
     """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", build_cache_dir())
+    given = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if given is None or os.environ.get(OWNER_ENV) not in (None, sys.prefix):
+        os.environ["TORCH_EXTENSIONS_DIR"] = build_cache_dir()
+        os.environ[OWNER_ENV] = sys.prefix
     tools = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "").split(os.pathsep)
     if path[:1] != [tools]:

@@ -20,7 +20,12 @@ def test_the_build_cache_belongs_to_this_environment(monkeypatch):
     assert os.environ["TORCH_EXTENSIONS_DIR"] == build_cache_dir()
     assert build_cache_dir().startswith(os.path.join(sys.prefix, "torch_extensions"))
     assert os.environ["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")  # an explicit choice stands
+    monkeypatch.setenv("DIST_ROBUST_EXTENSIONS_FOR", "/another/venv")  # set here for another interpreter: replaced
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/another/venv/torch_extensions/abc")
+    use_environment_build_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == build_cache_dir()
+    monkeypatch.delenv("DIST_ROBUST_EXTENSIONS_FOR")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")  # the user's own choice stands
     use_environment_build_cache()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
 
@@ -29,7 +34,7 @@ def test_the_build_cache_belongs_to_this_environment(monkeypatch):
 def test_a_run_after_set_up_compiles_nothing(tmp_path):
     """``python -m dist_robust.toolchain`` (what ``make setup`` runs), then a training run: the op's
     library is not rebuilt (same file, same time) and the run's output shows no compiler step."""
-    env = {k: v for k, v in launcher_env().items() if k != "TORCH_EXTENSIONS_DIR"}
+    env = {k: v for k, v in launcher_env().items() if k not in ("TORCH_EXTENSIONS_DIR", "DIST_ROBUST_EXTENSIONS_FOR")}
     env["PATH"] = "/usr/bin:/bin"  # as a shell without the environment activated: set-up must not depend on it
     setup = subprocess.run([sys.executable, "-m", "dist_robust.toolchain"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=600)
