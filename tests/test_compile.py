@@ -13,6 +13,7 @@ TOLERANCE = 1e-4  # compiled kernels fuse and reorder float32 sums
 
 
 @pytest.mark.launcher
+@pytest.mark.slow  # torch.compile on a CPU takes 1.5 min a run (make test-all)
 @pytest.mark.parametrize("objective", ["erm", "pgd"])
 def test_compiled_training_follows_the_eager_trajectory(tmp_path, objective):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
