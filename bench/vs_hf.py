@@ -364,7 +364,7 @@ def compare(args) -> None:
             times[a] += res["times"]
             trainable[a] = res["trainable"]
             peak[a] = max(peak[a], res["peak_gpu_mib"] if args.device == "cuda" else res["peak_rss_mib"])
-            print(f"round {r + 1}/{args.rounds} {a:<16} {statistics.median(res['times']):.3f} s/step", flush=True)
+            print(f"round {r + 1}/{args.rounds} {a:<20} {statistics.median(res['times']):.3f} s/step", flush=True)
     if len(set(trainable.values())) > 1:
         sys.exit(f"the approaches train different numbers of parameters, so their speeds do not compare: {trainable}")
     base = "plain" if "plain" in times else args.approaches[0]
@@ -375,13 +375,13 @@ def compare(args) -> None:
           f"{next(iter(trainable.values())) / 1e6:.1f}M trainable parameters in every approach")
     vs_hf = "hf" in med and base != "hf"  # a second ratio column, against the HF Trainer
     memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
-    header = f"{'approach':<16} {'s/step':>8} {'samples/s':>10} {'tokens/s':>10} {f'x {base} speed':>14}"
+    header = f"{'approach':<20} {'s/step':>8} {'samples/s':>10} {'tokens/s':>10} {f'x {base} speed':>14}"
     header += (f" {'x hf speed':>11}" if vs_hf else "") + f" {memory:>13}"
     header += f" {'TFLOP/s':>8} {'MFU':>6}" if args.device == "cuda" else ""
     print(header)
     erm_flops = model_flops_per_step(_shape(args.model), args.batch, args.length)
     for a in args.approaches:
-        line = (f"{a:<16} {med[a]:8.3f} {args.batch / med[a]:10.1f} {args.batch * args.length / med[a]:10.0f} "
+        line = (f"{a:<20} {med[a]:8.3f} {args.batch / med[a]:10.1f} {args.batch * args.length / med[a]:10.0f} "
                 f"{med[base] / med[a]:14.2f}" + (f" {med['hf'] / med[a]:11.2f}" if vs_hf else "") + f" {peak[a]:13.0f}")
         if args.device == "cuda":
             tflops = erm_flops * PASSES.get(a.split("+")[-1], 1.0) / med[a] / 1e12
