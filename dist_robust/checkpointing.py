@@ -463,14 +463,6 @@ def _gib(n: int | float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _describe_files(tag_dir: str, only: set[str] | None = None) -> dict[str, dict]:
     """{relative path: {size, sha256}} of the files under ``tag_dir`` (all, or those in ``only``)."""
     out = {}
@@ -479,7 +471,7 @@ def _describe_files(tag_dir: str, only: set[str] | None = None) -> dict[str, dic
             path = os.path.join(root, name)
             rel = os.path.relpath(path, tag_dir).replace(os.sep, "/")
             if rel != MANIFEST and (only is None or rel in only):
-                out[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+                out[rel] = {"size": os.path.getsize(path), "sha256": storage.file_sha256(path)}
     return out
 
 

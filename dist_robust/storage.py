@@ -57,6 +57,17 @@ def isdir(uri: str) -> bool:
     return fs.isdir(path)
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_text(uri: str) -> str:
     with fsspec.open(uri, "r", encoding="utf-8") as f:
         return f.read()

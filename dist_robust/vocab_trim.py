@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
+
+from dist_robust import storage
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,6 @@ def _remap_config(config: dict, keep: list[int]) -> dict:
     return out
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def trim_vocabulary(model_dir: str, out_dir: str, corpus: list[str]) -> dict:
     """Write ``out_dir``: ``model_dir`` with the vocabulary the ``corpus`` files use; return the trim record."""
     import torch
@@ -179,7 +172,7 @@ def trim_vocabulary(model_dir: str, out_dir: str, corpus: list[str]) -> dict:
             shutil.copy(src, os.path.join(out_dir, name))
     record = {"source": os.path.abspath(model_dir), "pieces_before": len(tokenizer_json["model"]["vocab"]),
               "rows_before": rows, "pieces_after": len(keep), "sliced": sorted(set(sliced)),
-              "corpus": {os.path.abspath(p): _sha256(p) for p in corpus}, "texts": len(texts),
+              "corpus": {os.path.abspath(p): storage.file_sha256(p) for p in corpus}, "texts": len(texts),
               "kept_ids": keep}
     with open(os.path.join(out_dir, TRIM_RECORD), "w", encoding="utf-8") as f:
         json.dump(record, f)
