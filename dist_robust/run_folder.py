@@ -19,12 +19,13 @@ evaluation, paths, logging) may change between a run and its resume.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 
 from dist_robust import storage
-from dist_robust.config import RunConfig, get_key
+from dist_robust.config import ObjectiveConfig, RunConfig, get_key
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,8 @@ OUTPUTS = ("checkpoints", "universal-checkpoints", "model", "tokenizer", "result
 # What names a run: the model, the task, the method with its settings, the seed. Resuming with
 # other values of these is refused (the results would describe one run and hold another's model);
 # everything else (data files, steps, schedule, batch, ranks, evaluation, paths) may change on resume.
-IDENTITY = (
-    "model.name", "data.task", "data.source_language", "data.augment", "data.synonym_prob",
-    "objective.name", "objective.epsilon", "objective.alpha", "objective.adv_steps", "objective.norm",
-    "objective.adv_weight", "objective.sigma", "objective.noise_samples", "objective.init_mag",
-    "objective.linf_step", "objective.same_dropout", "objective.adv_begin_step", "objective.smart_lambda",
-    "objective.noise_type", "objective.noise_scale", "objective.scale",
-    "train.seed",
-)
+IDENTITY = ("model.name", "data.task", "data.source_language", "data.augment", "data.synonym_prob",
+            *(f"objective.{f.name}" for f in dataclasses.fields(ObjectiveConfig)), "train.seed")
 
 
 class RunFolderError(RuntimeError):
