@@ -31,6 +31,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("fromfile_prefix_chars", "@")  # @FILE: options one per line (kept off the process table)
         kwargs["description"] = plain(kwargs.get("description"))
         super().__init__(*args, **kwargs)
 

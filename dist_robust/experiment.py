@@ -200,10 +200,24 @@ class Runner:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} dist-robust {redact(' '.join(cmd[3:]))}\n")
             log.flush()
             env = {**os.environ, **({"MLFLOW_TRACKING_URI": self.args.mlflow_uri} if self.args.mlflow_uri else {})}
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            code = subprocess.call(self._private_argv(cmd, log_name), stdout=log, stderr=subprocess.STDOUT, env=env)
         if code != 0:
             raise RuntimeError(f"{what} failed (exit {code}); its log: {log_path}. Rerunning the same command "
                                "continues where it stopped (a training run from its last checkpoint)")
+
+    def _private_argv(self, cmd: list[str], name: str) -> list[str]:
+        """``cmd`` as launched: when an option carries a credential (a URL's password, a token), the options go
+        in a file only this user can read (``@file``: one per line) instead of the command line, which
+        every user of the machine can read in the process table."""
+        head, options = cmd[:4], cmd[4:]  # python -m dist_robust.cli <command>
+        if all(redact(o) == o for o in options):
+            return cmd
+        folder = os.path.join(self.args.log_dir, ".options")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        path = os.path.join(folder, f"{name}.args")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+            f.write("".join(f"{o}\n" for o in options))
+        return [*head, f"@{path}"]
 
     def time_left(self, after: list[tuple[str, int, str]]) -> str:
         """``; about 2.3 h left (7 run(s))``: each run to come at its method's mean time so far (else all runs')."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -108,3 +109,25 @@ def test_a_trial_s_loop_config_shows_ray_s_dashboard_no_credential():
     back = pickle.loads(pickle.dumps(loop_config))  # what the workers get
     assert back["cfg"].value.tracking.mlflow_uri.endswith(f"{SECRET}@mlflow:5000")
     assert back["env"].value == {"MLFLOW_TRACKING_TOKEN": SECRET}
+
+
+def test_experiment_children_get_credentialed_options_from_a_private_file_not_their_argv(tmp_path):
+    import argparse
+    import stat
+
+    from dist_robust.experiment import Runner
+
+    runner = Runner(argparse.Namespace(log_dir=str(tmp_path / "logs")), [])
+    plain = ["python", "-m", "dist_robust.cli", "train", "--seed", "1"]
+    assert runner._private_argv(plain, "erm-s1") == plain
+    secret = [*plain, "--data-dir", f"https://h/data?token={SECRET}"]
+    argv = runner._private_argv(secret, "erm-s1")
+    assert argv[:4] == plain[:4] and len(argv) == 5 and argv[4].startswith("@") and SECRET not in " ".join(argv)
+    path = argv[4][1:]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and open(path).read().splitlines() == secret[4:]
+    from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
+
+    parser = Parser(prog="t")
+    add_run_arguments(parser)
+    cfg = config_from_args(parser.parse_args([f"@{path}"]))
+    assert cfg.data.data_dir.endswith(SECRET) and cfg.train.seed == 1
