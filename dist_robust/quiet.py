@@ -33,11 +33,14 @@ class _Aside(logging.Filter):
 _ASIDE = _Aside()
 
 
+_KEEP = 1000  # lines kept in memory until there is a file (a process that never opens one keeps no more)
+
+
 def _write(line: str) -> None:
     if _state["file"] is not None:
         _state["file"].write(line.rstrip("\n") + "\n")
         _state["file"].flush()
-    else:
+    elif len(_state["kept"]) < _KEEP:
         _state["kept"].append(line)
 
 

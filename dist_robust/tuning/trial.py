@@ -114,6 +114,7 @@ def trial_run_config(plan: TrialPlan, segment: Segment, config: dict[str, Any], 
             set_key(cfg, key, value)
     cfg.train.output_dir = os.path.join(plan.scratch_dir, segment.name)
     cfg.train.resume = None
+    cfg.train.log_model = False  # not a model copy in MLflow per trial: the sweep's checkpoints hold every trial's
     if plan.tracking is None:
         cfg.tracking.mlflow_uri = "none"
     else:
