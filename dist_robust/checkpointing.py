@@ -23,11 +23,9 @@ every node keeps complete checkpoints of its own (:meth:`CheckpointStore.detect_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,101 +34,31 @@ from dist_robust import distributed as D
 from dist_robust import faults
 from dist_robust import storage
 from dist_robust.models import join_word_embedding_blocks
+from dist_robust.publishing import Publisher
+from dist_robust.tags import BEST, BEST_PREFIX, LATEST, MANIFEST, CheckpointError, checked_tag, read_pointer
 from dist_robust.zero import disk_failure, save_checkpoint_or_failure
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
-BEST = "best"
-BEST_PREFIX = "best-"
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dist-robust-checkpoint/1"
 LAYOUT = "layout.json"
 UNIVERSAL_DIR = "universal-checkpoints"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, altered, or not trusted."""
-
-
-class PublishError(RuntimeError):
-    """The remote store stayed unreachable; the run's checkpoints are complete in staging."""
-
-
-# What a pointer file may name: a tag of the form this module writes. A pointer is read from a store
-# (or a restored Ray checkpoint) and joined into paths that are deleted and listed; anything else
-# (``../../victim``, an absolute path) is refused before any use.
-_TAG = re.compile(r"(?:step|best)-[0-9]{8}")
-
-_QUICK_PUBLISH_S = 10.0  # retrying during training: a checkpoint that cannot go out waits for the next one
-
-
-def step_tag(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def best_tag(step: int) -> str:
-    return f"{BEST_PREFIX}{step:08d}"
-
-
-def checked_tag(tag: str, source: str) -> str:
-    """``tag`` as read from the pointer file ``source``, when it is a tag of dist-robust's own form.
-
-    Raises :class:`CheckpointError` otherwise, before the name is joined into any path.
-    """
-    if not _TAG.fullmatch(tag):
-        raise CheckpointError(f"{source} names {tag[:80]!r}, which is not a dist-robust checkpoint tag "
-                              f"(step-NNNNNNNN or best-NNNNNNNN): refused, nothing was read or deleted. Only "
-                              f"resume from storage you control; --resume <checkpoints dir>/<tag> names a "
-                              f"checkpoint directly")
-    return tag
-
-
-def _one_segment(tag: str) -> str:
-    """A tag given as a path's last segment (``--resume DIR/TAG``): one plain name, never a way out of its root."""
-    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag:
-        raise CheckpointError(f"checkpoint tag {tag[:80]!r}: expected one directory name")
-    return tag
-
-
 class CheckpointStore:
-    """Where checkpoints live locally (for DeepSpeed) and where they are published.
+    """DeepSpeed checkpoints of one run: saved on every rank into the publisher's local root, completed
+    (layout, manifest), pointed to, pruned, verified before every load.
 
-    With a remote ``--output-dir`` the local staging directory is this run's own copy: every
-    checkpoint is complete there (files, manifest, pointer) before it is published, and
-    publishing (tag files, then manifests, then pointers, then deletions) retries with backoff.
-    When the store stays unreachable the run goes on and the checkpoint waits in staging; the
-    next save publishes everything that waits, and :meth:`publish_all` at the end of the run
-    retries for ``publish_timeout`` seconds before failing with a message saying where it all is.
+    Where they go from there (a remote output directory: staging, retries, the store's pointers) is the
+    :class:`~dist_robust.publishing.Publisher`'s job; :meth:`save` hands each finished tag over to it.
     """
 
     def __init__(self, output_dir: str, staging_dir: str | None, keep: int, publish_timeout: float = 600.0):
-        self.output_dir = output_dir
-        self.remote = not storage.is_local(output_dir)
+        self.publisher = Publisher(output_dir, staging_dir, publish_timeout)
+        self.output_dir, self.remote = output_dir, self.publisher.remote
+        self.local_root, self.root = self.publisher.local_root, self.publisher.root  # this node's copy; the store's
         self.keep = keep
-        self.publish_timeout = publish_timeout
         self.node_local = False  # set by detect_node_local(): nodes write to their own disks
-        self.unpublished: list[str] = []  # staged tags the store does not have yet (remote only)
-        self.saved_here: set[str] = set()  # tags this run saved (complete in staging)
-        self.unpublished_outputs: list[str] = []  # results.json, model, ... left in staging at the end
-        self._store_down = False
-        self._last_error = ""
-        self._gave_up = ""  # the error that ended the end-of-run publishing
-        if self.remote:
-            # One staging directory per destination, so concurrent runs never share one.
-            key = hashlib.sha1(output_dir.encode()).hexdigest()[:12]
-            staging = staging_dir or storage.private_dir("staging", key)
-            self.local_root = os.path.join(staging, "checkpoints")
-            if D.local_rank() == 0:  # an earlier run's leftovers: the published checkpoints are the truth
-                shutil.rmtree(self.local_root, ignore_errors=True)
-        else:
-            self.local_root = os.path.join(storage.local_path(output_dir), "checkpoints")
-        self.root = storage.join(output_dir, "checkpoints")
-
-    @property
-    def mirror(self) -> str:
-        """The local directory that is (or stages) the output directory."""
-        return os.path.dirname(self.local_root)
 
     def detect_node_local(self) -> bool:
         """Find out (collectively, before the engine exists) whether nodes share the output directory.
@@ -184,7 +112,10 @@ class CheckpointStore:
         files = _describe_files(local_tag) if D.local_rank() == 0 else {}
         manifest = {"format": MANIFEST_FORMAT, "tag": tag, "files": {}}
         for node_files in D.gather_objects(files):
-            manifest["files"].update(node_files)
+            for rel, described in node_files.items():
+                if manifest["files"].setdefault(rel, described) != described:  # (model states on every node)
+                    raise CheckpointError(f"checkpoint {tag}: the nodes wrote different contents for {rel}, so no "
+                                          f"manifest can vouch for every copy; this is a bug, please report it")
         failure = _written(lambda: storage.write_text(os.path.join(local_tag, MANIFEST),
                                                       json.dumps(manifest, indent=1, sort_keys=True))) if writer else None
         self._stop_on_failure(tag, failure)
@@ -201,12 +132,9 @@ class CheckpointStore:
             for old in stale:
                 shutil.rmtree(os.path.join(self.local_root, old), ignore_errors=True)
         D.barrier()
-        self.saved_here = (self.saved_here - set(stale)) | {tag}
-        if self.remote:
-            self.unpublished = [t for t in self.unpublished if t not in stale and t != tag] + [tag]
-            self.publish(min(_QUICK_PUBLISH_S, self.publish_timeout))  # training waits seconds, not minutes
-        log.info("checkpoint %s saved to %s (%s)", tag, self.root if not self.unpublished else self.local_root,
-                 pointer)
+        self.publisher.saved(tag, stale)
+        log.info("checkpoint %s saved to %s (%s)", tag,
+                 self.root if not self.publisher.unpublished else self.local_root, pointer)
         return local_tag
 
     def _stop_on_failure(self, tag: str, failure: str | None) -> None:
@@ -243,107 +171,6 @@ class CheckpointStore:
         return periodic[: max(0, len(periodic) - self.keep)] + [
             t for t in names if t.startswith(BEST_PREFIX) and t != best]
 
-    def publish(self, budget_s: float) -> bool:
-        """Copy the unpublished tags, then the pointers, to the store, and delete what staging pruned.
-
-        Collective. Transient storage errors are retried with backoff for ``budget_s`` seconds;
-        then the tags stay unpublished (one warning while the store stays away) and False is
-        returned. The store's pointers only ever name tags whose files and manifest it holds.
-        """
-        if not self.remote or not self.unpublished:
-            return True
-        error = None
-        if D.local_rank() == 0:  # each node uploads the files it holds
-            error = self._try(lambda: [self._upload_files(t) for t in self.unpublished], budget_s)
-        errors = [e for e in D.gather_objects(error) if e]
-        if not errors and D.is_main():
-            error = self._try(self._publish_pointers, budget_s)
-        errors = [e for e in D.gather_objects(error) if e]
-        if errors:
-            self._last_error = errors[0]
-            if not self._store_down:
-                log.warning("could not publish checkpoint(s) %s to %s (%s); training goes on and they wait in %s "
-                            "until the store is back", ", ".join(self.unpublished), self.root, errors[0],
-                            self.local_root)
-            self._store_down = True
-            return False
-        if self._store_down:
-            log.warning("%s is reachable again: published %s", self.root, ", ".join(self.unpublished))
-        self._store_down = False
-        self.unpublished = []
-        return True
-
-    def _try(self, work, budget_s: float) -> str | None:
-        try:
-            storage.with_retries(work, budget_s, f"publishing to {self.root}")
-        except Exception as err:  # noqa: BLE001 - reported to every rank, raised by publish_all
-            return f"{type(err).__name__}: {err}"
-        return None
-
-    def _upload_files(self, tag: str) -> None:
-        """This node's files of a staged tag, all but the manifest (which goes after every node's)."""
-        local_tag, remote_tag = os.path.join(self.local_root, tag), storage.join(self.root, tag)
-        if os.path.isdir(local_tag):
-            storage.remove(remote_tag)  # a partial upload of an earlier attempt
-            storage.upload_dir(local_tag, remote_tag, skip=(MANIFEST,))
-
-    def _publish_pointers(self) -> None:
-        for tag in self.unpublished:  # manifests after every node's files
-            manifest = os.path.join(self.local_root, tag, MANIFEST)
-            if os.path.isfile(manifest):
-                storage.upload_file(manifest, storage.join(self.root, tag, MANIFEST))
-        for pointer in (LATEST, BEST):
-            tag = read_pointer(os.path.join(self.local_root, pointer))
-            if tag is not None:
-                if storage.isdir(storage.join(self.root, pointer)):  # a `best` directory of an older version
-                    storage.remove(storage.join(self.root, pointer))
-                storage.write_text(storage.join(self.root, pointer), tag)
-        kept = set(os.listdir(self.local_root))
-        for name in storage.listdir(self.root):
-            if name.startswith(("step-", BEST_PREFIX)) and name not in kept:
-                storage.remove(storage.join(self.root, name))
-
-    def publish_all(self) -> None:
-        """At the end of a run (collective): publish the waiting checkpoints, retrying up to ``publish_timeout``."""
-        if self.remote and self.unpublished and not self.publish(self.publish_timeout):
-            self._gave_up = self._last_error
-
-    def publish_text(self, rel: str, text: str) -> None:
-        """Write an output file (``results.json``, ...) of the run: locally, then published with retries."""
-        if not self.remote:
-            storage.write_text(storage.join(self.output_dir, rel), text)
-            return
-        local = os.path.join(self.mirror, rel)
-        storage.write_text(local, text)
-        self._publish_output(lambda: storage.upload_file(local, storage.join(self.output_dir, rel)), rel)
-
-    def publish_dir(self, rel: str) -> None:
-        """Publish ``<mirror>/<rel>`` (the exported model, the tokenizer) with retries; nothing to do locally."""
-        if self.remote:
-            local = os.path.join(self.mirror, rel)
-            self._publish_output(lambda: storage.upload_dir(local, storage.join(self.output_dir, rel)), rel)
-
-    def _publish_output(self, work, rel: str) -> None:
-        """Once the store has been given up on, later outputs only stay local (one wait, not one per file)."""
-        if not self._gave_up:
-            error = self._try(work, self.publish_timeout)
-            if error is None:
-                return
-            self._gave_up = error
-        self.unpublished_outputs.append(rel)
-
-    def check_published(self) -> None:
-        """Raise :class:`PublishError` naming everything the store did not get, and where it is instead."""
-        if not (self.unpublished or self.unpublished_outputs):
-            return
-        what = [f"checkpoint {t}" for t in self.unpublished] + self.unpublished_outputs
-        raise PublishError(
-            f"could not publish {', '.join(what)} to {self.output_dir} within --publish-timeout "
-            f"{self.publish_timeout:g} s ({self._gave_up}). Nothing is lost: all of it is in {self.mirror} "
-            f"(checkpoints verified by their manifest.json); copy that directory to {self.output_dir} when the "
-            f"store is back (for example with `aws s3 cp --recursive` or `gsutil -m cp -r`), or rerun with a "
-            f"longer --publish-timeout")
-
     def pointed(self, pointer: str) -> str | None:
         """The tag a pointer file (``latest``, ``best``) names for this run, or None.
 
@@ -353,14 +180,7 @@ class CheckpointStore:
         """
         if self.remote:
             return read_pointer(os.path.join(self.local_root, pointer))
-        return self.published(pointer)
-
-    def published(self, pointer: str) -> str | None:
-        """The tag a pointer names in the output directory itself (the store, when remote)."""
-        uri = storage.join(self.root, pointer)
-        if not storage.exists(uri) or storage.isdir(uri):
-            return None
-        return checked_tag(storage.read_text(uri).strip(), uri)
+        return self.publisher.published(pointer)
 
     def agreed(self, pointer: str) -> str | None:
         """The tag a pointer names, the same on every rank (collective).
@@ -379,7 +199,7 @@ class CheckpointStore:
     def latest_tag(self) -> str | None:
         """The newest complete checkpoint of the output directory (the store's, when remote)."""
         if self.remote:
-            return D.from_main(self.published(LATEST) if D.is_main() else None)
+            return D.from_main(self.publisher.published(LATEST) if D.is_main() else None)
         return self.agreed(LATEST)
 
     def fetch(self, source_root: str, tag: str, trust: bool = False) -> str:
@@ -388,30 +208,9 @@ class CheckpointStore:
         Raises :class:`CheckpointError` on every rank when the manifest is missing (unless
         ``trust``) or a file it lists is missing or differs.
         """
-        _one_segment(tag)
-        if storage.is_local(source_root):
-            local = storage.local_path(source_root)
-        elif source_root == self.root and tag in self.saved_here:
-            local = self.local_root  # this run's own checkpoint, complete in staging (published or not)
-        else:
-            local = self.local_root
-            if D.local_rank() == 0:
-                target = os.path.join(local, tag)
-                shutil.rmtree(target, ignore_errors=True)
-                try:
-                    storage.download_dir(storage.join(source_root, tag), target)
-                except storage.UnsafePathError as err:
-                    raise CheckpointError(f"checkpoint {storage.join(source_root, tag)}: {err}") from None
-            if source_root == self.root and D.is_main():
-                # Staging mirrors the store from here on: its pointers, until this run moves them.
-                for pointer in (LATEST, BEST):
-                    found = self.published(pointer)
-                    if found is not None and read_pointer(os.path.join(self.local_root, pointer)) is None:
-                        storage.write_text(os.path.join(self.local_root, pointer), found)
-            D.barrier()
+        local = self.publisher.fetch(source_root, tag)
         verify(local, tag, trust, shown=storage.join(source_root, tag))
         return local
-
 
 def resolve_resume(resume: str | None, store: CheckpointStore) -> tuple[str, str] | None:
     """(checkpoint root, tag) to resume from, or None for a fresh start.
@@ -605,14 +404,6 @@ def load_tag(engine, local_root: str, tag: str, layout: dict | None, **kwargs) -
     return client_state
 
 
-def read_pointer(path: str) -> str | None:
-    """The tag a local pointer file names (checked: :func:`checked_tag`), or None when there is none."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return checked_tag(f.read().strip(), path)
-
-
 def consolidated_state_dict(engine) -> dict | None:
     """The full model state dict on rank 0 (None elsewhere), gathered from ZeRO-3 shards."""
     if engine.zero_optimization_partition_weights():
@@ -628,9 +419,9 @@ def export_model(engine, tokenizer, store: CheckpointStore) -> str:
     if D.is_main():
         hf_logging.disable_progress_bar()  # a bar for writing one file: noise on the run's console
         state = join_word_embedding_blocks(engine.module, state)  # the names from_pretrained expects
-        local = os.path.join(store.mirror, "model")
+        local = os.path.join(store.publisher.mirror, "model")
         engine.module.save_pretrained(local, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(local)
-        store.publish_dir("model")
+        store.publisher.publish_dir("model")
     D.barrier()
     return storage.join(store.output_dir, "model")

@@ -94,7 +94,8 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     from dist_robust.evaluate import ParallelIdError
     from torch.distributed import DistNetworkError
 
-    from dist_robust.checkpointing import CheckpointError, PublishError
+    from dist_robust.publishing import PublishError
+    from dist_robust.tags import CheckpointError
     from dist_robust.stability import TrainingDivergedError
     from dist_robust.storage import UnsafePathError
     from dist_robust.tracking import JournalError

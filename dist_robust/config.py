@@ -18,16 +18,16 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-OBJECTIVES = ("erm", "pgd", "freelb", "gaussian", "smart")
-NORMS = ("l2", "linf")
-SCALES = ("relative", "absolute")
-LINF_STEPS = ("sign", "normalized")
-NOISE_TYPES = ("normal", "uniform")
+from dist_robust import objectives
+from dist_robust.section import Section
+from dist_robust.objectives import ObjectiveConfig
+
 CERTIFY_METHODS = ("none", "gaussian", "synonym")
 TASKS = ("synthetic", "pawsx", "xnli")
 AUGMENTATIONS = ("none", "synonym")
@@ -61,7 +61,7 @@ def _f(default: Any, help: str, flag: str | None = None, **extra: Any) -> Any:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = _f("tiny", "Built-in config (tiny, xlmr-base-random, xlmr-large-random), a hub name "
                    "such as xlm-roberta-large, or a local directory.", "--model")
     tokenizer: str | None = _f(None, "Tokenizer directory or hub name. Default: the model's own; for "
@@ -84,7 +84,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     task: str = _f("synthetic", "Task: synthetic (built in, no download), pawsx or xnli.", "--task",
                    choices=TASKS)
     data_dir: str | None = _f(None, "Local directory or fsspec URL with {task}/{lang}/{split}.tsv files "
@@ -124,44 +124,7 @@ class DataConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    name: str = _f("erm", "Training objective.", "--objective", choices=OBJECTIVES)
-    epsilon: float = _f(0.01, "pgd/freelb/smart: radius of the perturbation ball on word-embedding outputs "
-                        "(relative: the most ||delta|| / ||e(x)|| may reach). The default is what English dev "
-                        "chose for a pretrained BERT on XNLI (0.1 kept it from learning; docs/results.md).",
-                        "--epsilon")
-    alpha: float = _f(0.005, "pgd/freelb/smart: ascent step size (in epsilon's units).", "--alpha")
-    adv_steps: int = _f(2, "pgd/freelb/smart: number of ascent steps K (smart: 0 is R3F, noise only).",
-                        "--adv-steps")
-    norm: str = _f("l2", "pgd/freelb: ball norm (l2 per example over real tokens, or linf).", "--norm",
-                   choices=NORMS)
-    adv_weight: float = _f(0.5, "pgd: loss = (1 - w) * clean CE + w * adversarial CE.", "--adv-weight")
-    sigma: float = _f(0.1, "gaussian: standard deviation of the noise on word-embedding outputs (relative: "
-                      "a fraction of the example's root-mean-square coordinate, i.e. the expected "
-                      "||noise|| / ||e(x)||).", "--sigma")
-    noise_samples: int = _f(1, "gaussian: noisy copies of every example per step.", "--noise-samples")
-    init_mag: float | None = _f(None, "freelb: start from U(-1, 1) * init_mag / sqrt(L * H) on the L real tokens "
-                                "(FreeLB's init, in epsilon's units; 0: start at delta = 0). Default: a random "
-                                "point of the epsilon-ball.", "--init-mag")
-    linf_step: str = _f("sign", "pgd/freelb with --norm linf: ascent along sign(g) or g / ||g||_inf "
-                        "(normalized, the FreeLB code's).", "--linf-step", choices=LINF_STEPS)
-    same_dropout: bool = _f(False, "freelb: the same dropout masks in all K passes of a batch (as FreeLB does).",
-                            "--same-dropout")
-    adv_begin_step: int = _f(0, "pgd/freelb: train without perturbation (the ERM gradient) for this many optimizer "
-                             "steps first.", "--adv-begin-step")
-    smart_lambda: float = _f(1.0, "smart: weight of the symmetric KL between clean and perturbed predictions.",
-                             "--smart-lambda")
-    noise_type: str = _f("normal", "smart: distribution of the random start (normal or uniform).", "--noise-type",
-                         choices=NOISE_TYPES)
-    noise_scale: float = _f(1e-3, "smart: size of the random start, ||delta_0|| (uniform: / sqrt(3)), in epsilon's "
-                            "units.", "--noise-scale")
-    scale: str = _f("relative", "Units of epsilon, alpha and sigma: relative (fractions of each example's "
-                    "word-embedding norm ||e(x)||, the same meaning on every model) or absolute (raw "
-                    "embedding units).", "--perturbation-scale", choices=SCALES)
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     max_steps: int = _f(600, "Optimizer steps to train.", "--max-steps")
     seed: int = _f(42, "Seed for data order, initialization, dropout and perturbations.", "--seed")
     micro_batch_size: int = _f(32, "Examples per rank per micro-step (fills \"auto\" in the ds_config).",
@@ -230,7 +193,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     mlflow_uri: str | None = _f(None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, ...). "
                                 "Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; 'none' turns tracking off.",
                                 "--mlflow-uri", keep=("none", "off"))
@@ -244,7 +207,7 @@ class TrackingConfig:
 
 
 @dataclass
-class CertifyConfig:
+class CertifyConfig(Section):
     method: str = _f("none", "After the final evaluation, certify the smoothed classifier: gaussian (noise on "
                      "word embeddings, Cohen et al. 2019) or synonym (substitution, SAFER); none: skip.",
                      "--certify", choices=CERTIFY_METHODS)
@@ -260,7 +223,7 @@ class CertifyConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -271,7 +234,47 @@ class RunConfig:
     ds_config_path: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, ds_config={}))  # (a frozen ds_config is a read-only view)
+        out["ds_config"] = thawed(self.ds_config)
+        return out
+
+    def with_values(self, values: dict[str, Any]) -> RunConfig:
+        """A copy with dotted keys set (``{"train.grad_accum": 2}``), typed as :func:`set_key` types them; this
+        config (frozen or not) stays as it is."""
+        out = from_dict(self.to_dict())
+        out.ds_config_path = self.ds_config_path
+        for key, value in values.items():
+            set_key(out, key, value)
+        return out
+
+    def frozen(self) -> RunConfig:
+        """A read-only copy (its ``ds_config`` too): what a run follows once its plan is resolved."""
+        out = self.with_values({})
+        out.ds_config = read_only(out.ds_config)
+        for section in _SECTION_CLASSES:
+            object.__setattr__(getattr(out, section), "_frozen", True)
+        object.__setattr__(out, "_frozen", True)
+        return out
+
+
+def read_only(value: Any) -> Any:
+    """Nested mappings as read-only views (lists as tuples), for a frozen config's ds_config."""
+    from types import MappingProxyType
+
+    if isinstance(value, dict):
+        return MappingProxyType({k: read_only(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(read_only(v) for v in value)
+    return value
+
+
+def thawed(value: Any) -> Any:
+    """A plain, mutable deep copy of a (possibly read-only) ds_config, for code that edits its own copy."""
+    if isinstance(value, Mapping):
+        return {k: thawed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thawed(v) for v in value]
+    return value
 
 
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig,
@@ -536,17 +539,10 @@ def config_problems(cfg: RunConfig, world_size: int) -> list[str]:
 
 
 def _objective_problems(o: ObjectiveConfig, p: _Problems) -> None:
-    for key, accepted, what in (("name", OBJECTIVES, "objectives"), ("norm", NORMS, "norms"),
-                                ("linf_step", LINF_STEPS, ""), ("scale", SCALES, ""), ("noise_type", NOISE_TYPES, "")):
-        p.one_of(o, "objective", key, accepted, what)
-    p.at_least(o, "objective", ("init_mag",), 0, "must be >= 0 (or unset)")
-    p.at_least(o, "objective", ("adv_begin_step", "epsilon", "alpha", "sigma", "smart_lambda", "noise_scale"), 0,
-               "must be >= 0")
-    if o.adv_steps < (0 if o.name == "smart" else 1):
-        p.bad("objective.adv_steps", o.adv_steps, "must be >= 1 (>= 0 for smart)")
-    if not 0.0 <= o.adv_weight <= 1.0:
-        p.bad("objective.adv_weight", o.adv_weight, "must be in [0, 1]")
-    p.at_least(o, "objective", ("noise_samples",), 1, "must be >= 1")
+    """Each objective's options against their declared bounds (``objectives.options``), its own checks."""
+    for line in objectives.PLUGIN_PROBLEMS:
+        p.lines.append(line)
+    objectives.problems(o, p.bad)
 
 
 def _certify_problems(cfg: RunConfig, p: _Problems) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import json
 
-from dist_robust.config import ZERO_STAGES, ConfigError, ObjectiveConfig, RunConfig, zero_stage
+from dist_robust.config import ZERO_STAGES, ConfigError, RunConfig, zero_stage
+from dist_robust.objectives import ObjectiveConfig, micro_steps_per_batch
 
 
 def load_ds_config(path: str | None) -> dict:
@@ -55,11 +56,6 @@ def default_ds_config() -> dict:
         "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
     }
-
-
-def micro_steps_per_batch(obj: ObjectiveConfig) -> int:
-    """Engine micro-steps one data batch takes: FreeLB accumulates over its K ascent steps."""
-    return obj.adv_steps if obj.name == "freelb" else 1
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:

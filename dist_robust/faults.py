@@ -16,10 +16,14 @@ SIGKILL in the middle of writing a checkpoint.
                                        of a tag (after DeepSpeed's files, before the manifest), at the
                                        start of the evaluation at a step; each fires once in the whole
                                        job, restarts included (a marker file in DIR records it)
+    DIST_ROBUST_NAN_AT_STEPS=3,4       NaN word embeddings during those steps (the non-finite-step tests)
     DIST_ROBUST_KILL_WORKER_AT_STEP=4:/tmp/marker
                                        in a Ray Tune trial, the last rank is SIGKILLed once Ray Train
                                        has committed step 4's checkpoint, once (the marker file
                                        records that it happened, so the retried worker lives)
+
+The faults around the training loop plug into it as a callback (:class:`FaultInjection`), which the
+trainer adds only when one of these variables is set; the one inside a checkpoint save is called there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import signal
 import time
 
 from dist_robust import distributed as D
+from dist_robust.callbacks import Callback
 
 CRASH_ENV = "DIST_ROBUST_CRASH_AT_STEP"
 HANG_ENV = "DIST_ROBUST_HANG_AT_STEP"
@@ -37,8 +42,48 @@ KILL_IN_SAVE_ENV = "DIST_ROBUST_KILL_IN_SAVE"
 KILL_WORKER_ENV = "DIST_ROBUST_KILL_WORKER_AT_STEP"
 STEP_SECONDS_ENV = "DIST_ROBUST_STEP_SECONDS"
 CHAOS_ENV = "DIST_ROBUST_CHAOS"
+NAN_ENV = "DIST_ROBUST_NAN_AT_STEPS"
+LOOP_FAULTS = (CRASH_ENV, HANG_ENV, STEP_SECONDS_ENV, CHAOS_ENV, NAN_ENV)
 
 log = logging.getLogger(__name__)
+
+
+class FaultInjection(Callback):
+    """The faults that happen around the training loop, as the loop's callback."""
+
+    def __init__(self):
+        self.nan_steps = {int(s) for s in os.environ.get(NAN_ENV, "").replace(",", " ").split()}
+        self.embeddings = self.handle = None
+
+    @staticmethod
+    def wanted() -> FaultInjection | None:
+        """One, when the environment plans a fault around the loop."""
+        return FaultInjection() if any(os.environ.get(name) for name in LOOP_FAULTS) else None
+
+    def on_start(self, setup) -> None:
+        from dist_robust.models import word_embeddings
+
+        self.embeddings = word_embeddings(setup.engine.module)
+
+    def on_step_start(self, step: int) -> None:
+        before_step(step)
+        if step in self.nan_steps:
+            log.warning("%s: NaN word embeddings during step %d", NAN_ENV, step)
+            self.handle = self.embeddings.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self._remove()
+
+    def on_evaluation_start(self, step: int) -> None:
+        before_evaluation(step)
+
+    def on_end(self, error: BaseException | None) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
 
 def before_step(step: int) -> None:

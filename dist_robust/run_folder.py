@@ -110,8 +110,9 @@ def _check(cfg: RunConfig, out: str) -> None:
     t = cfg.train
     if t.resume:
         old = _recorded(out)
-        if old is not None and digest(old) != digest(identity(cfg)):
-            diff = differences(old, identity(cfg))
+        # Keys one side lacks are skipped: an option added since (a new objective's) was never set there.
+        diff = differences(old, identity(cfg)) if old is not None else []
+        if diff:
             raise RunFolderError(
                 f"--output-dir {out} holds a run configured differently ({'; '.join(diff[:6])}"
                 f"{' ...' if len(diff) > 6 else ''}): --resume would continue it with these values. Resume it "

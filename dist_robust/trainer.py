@@ -5,28 +5,29 @@ Every entry point (``train.py``, ``dist-robust train``, Ray Tune trials) calls :
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from dist_robust import certify as C
 from dist_robust import distributed as D
-from dist_robust import faults
 from dist_robust import quiet
 from dist_robust import run_folder
 from dist_robust import evaluate as E
 from dist_robust import storage
+from dist_robust.callbacks import Callback, Callbacks, TrackMetrics
+from dist_robust.faults import FaultInjection
 from dist_robust.clock import StartupClock, duration
-from dist_robust.checkpointing import (BEST, LATEST, CheckpointStore, best_tag, check_stage, export_model, load_tag,
-                                      read_layout, resolve_resume, step_tag)
-from dist_robust.config import ConfigError, RunConfig, zero_stage
-from dist_robust.ds_config import embedding_blocks, resolve_ds_config, user_grad_accum
+from dist_robust.checkpointing import CheckpointStore, export_model, load_tag, read_layout
+from dist_robust.plan import Plan, ResumePoint, resolve
+from dist_robust.config import ConfigError, RunConfig
+from dist_robust.ds_config import embedding_blocks, user_grad_accum
 from dist_robust.validation import validate
 from dist_robust.data.augment import SynonymAugmenter
 from dist_robust.data.cache import encode_cached
@@ -42,6 +43,7 @@ from dist_robust.preflight import check_inputs
 from dist_robust.redaction import redact, redact_tree
 from dist_robust.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
 from dist_robust.stopping import PREEMPTION, Preempted, preemption_window
+from dist_robust.tags import BEST, LATEST, best_tag, step_tag
 from dist_robust.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
                                   resolve_uri)
 from dist_robust.zero import (chunked_zero_grad_norm, forget_zero3_module, norm_overflow_check,
@@ -49,26 +51,14 @@ from dist_robust.zero import (chunked_zero_grad_norm, forget_zero3_module, norm_
 
 log = logging.getLogger(__name__)
 
-NAN_ENV = "DIST_ROBUST_NAN_AT_STEPS"  # fault injection for the non-finite-step tests
 STOP_KEY = "_stop"  # in a step's reduced statistics: some rank got a preemption signal
-
-
-@dataclass
-class ResumePoint:
-    """A verified checkpoint to continue from, found before the engine is built."""
-
-    root: str  # where it lives (for messages)
-    tag: str
-    local_root: str  # this node's verified copy
-    layout: dict | None  # the writing run's world size and batch sizes (None: older checkpoints)
 
 
 @dataclass
 class Setup:
     """Everything built once before the first step."""
 
-    cfg: RunConfig
-    ds_config: dict
+    plan: Plan  # the config, the resolved ds_config and the resume point, frozen
     data: TaskData
     tokenizer: Any
     collator: Collator
@@ -81,12 +71,19 @@ class Setup:
     zero3: zero3_context
     clock: StartupClock
     augmenter: SynonymAugmenter | None = None
-    resume: ResumePoint | None = None
     tracker: Tracker = field(default_factory=NullTracker)
     # Per-language dev accuracy by step, measured by this process on ``dev`` (not carried across a
     # resume: a later process may have other evaluation sets).
     dev_measured: dict[int, dict[str, float]] = field(default_factory=dict)
     save_seconds: float | None = None  # how long this process's last checkpoint took
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.plan.cfg
+
+    @property
+    def ds_config(self) -> Mapping:
+        return self.plan.ds_config
 
 
 @dataclass
@@ -105,31 +102,36 @@ class State:
     mlflow_run_id: str | None = None
 
 
-def run(cfg: RunConfig, report=None) -> dict | None:
+def run(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict | None:
     """Train and evaluate one configured run. Returns the results on rank 0 (None elsewhere).
 
-    ``report(metrics: dict, checkpoint_dir: str | None)`` is called on every rank after each
-    evaluation or checkpoint, with this rank's local checkpoint directory when one was just
-    saved, and once more with the final metrics (Ray Tune reports through it).
+    ``callbacks`` (:mod:`dist_robust.callbacks`) add what surrounds the loop: a Ray Tune trial
+    reports its metrics and checkpoints through one. Tracking and, when planned, fault injection
+    are added here.
     """
     setup = _setup(cfg)
     try:
         state = _resume(setup)
         _start_tracking(setup, state)
+        hooks = Callbacks([TrackMetrics(setup.tracker), *filter(None, [FaultInjection.wanted()]), *callbacks])
+        hooks.on_start(setup)
+        error = None
         try:
             if cfg.train.eval_only:
                 state.best_step = state.step  # evaluate the weights as they are
             else:
-                _fit(setup, state, report)
+                _fit(setup, state, hooks)
             results = _final_evaluation(setup, state)
             if cfg.certify.method != "none":
                 results["certify"] = _certify(setup)
             _save_outputs(setup, state, results)
-            if report is not None:
-                report(final_metrics(results, state.step), None)
+            hooks.on_checkpoint(final_metrics(results, state.step), None)
         except BaseException as err:  # a stop (Ctrl+C, SIGTERM, a preemption) is KILLED, the rest FAILED
+            error = err
             setup.tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, Preempted)) else "FAILED")
             raise
+        finally:
+            hooks.on_end(error)
     finally:
         _release(setup)
     setup.tracker.finish()
@@ -174,15 +176,11 @@ def _setup(cfg: RunConfig) -> Setup:
     store = CheckpointStore(cfg.train.output_dir, cfg.train.staging_dir, cfg.train.save_total_limit,
                             cfg.train.publish_timeout)
     if D.is_main():
-        run_folder.claim(cfg, store.publish_text)
+        run_folder.claim(cfg, store.publisher.publish_text)
     D.barrier()
-    quiet.to_file(quiet.log_path(store.mirror, D.rank()))
-    node_local = store.detect_node_local()
-    resume = _find_resume(cfg, store)
-    ds = _resolve_ds_config_for(cfg, resume)
-    if node_local:  # DeepSpeed then writes the model states on every node, not on rank 0 alone
-        ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
-    D.settle_zero3_host_memory(ds)  # gathered parameters would otherwise pile up in the heap
+    quiet.to_file(quiet.log_path(store.publisher.mirror, D.rank()))
+    plan = resolve(cfg, store, store.detect_node_local())
+    cfg, ds = plan.cfg, plan.ds_config  # from here on, read-only
     clock.mark("process group and checkpoint store")
     tokenizer = _tokenizer(cfg, data, store)
     collator = Collator(tokenizer)
@@ -193,18 +191,18 @@ def _setup(cfg: RunConfig) -> Setup:
         {lang: rows for lang, rows in data.dev.items() if lang == cfg.data.source_language}
     dev = E.prepare(dev_sets, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
     clock.mark("encoding")
-    zero3 = zero3_context(ds)
+    zero3 = zero3_context(plan.engine_config())
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.label_names, tokenizer, cfg.model.dropout, cfg.train.seed)
     frozen = _pretrained_lexicon(cfg, data, tokenizer, model)
     blocks = split_word_embeddings(model, embedding_blocks(cfg, ds, frozen), ds)
-    _check_resume_blocks(resume, blocks)
+    _check_resume_blocks(plan.resume, blocks)
     if blocks > 1:
         log.info("word embedding: %d blocks of rows, each gathered and reduced on its own (ZeRO-3; "
                  "--embedding-blocks 1 keeps one matrix)", blocks)
     clock.mark("model")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                     if p.requires_grad], config=ds)
+                                                                     if p.requires_grad], config=plan.engine_config())
     if cfg.train.compile:
         engine.compile()  # torch.compile of the module in place: engine(...) and engine.module(...) alike
     clock.mark("engine")
@@ -230,8 +228,8 @@ def _setup(cfg: RunConfig) -> Setup:
     caveat = precision_caveat(objective, ds)
     if caveat and D.is_main():
         log.warning(caveat)
-    return Setup(cfg, ds, data, tokenizer, collator, train_set, dev, engine, objective,
-                 perturbation, store, zero3, clock, augmenter, resume)
+    return Setup(plan, data, tokenizer, collator, train_set, dev, engine, objective, perturbation, store, zero3,
+                 clock, augmenter)
 
 
 def optimizer_name(engine) -> str:
@@ -273,55 +271,6 @@ def _check_resume_blocks(resume: ResumePoint | None, blocks: int) -> None:
         raise ConfigError([f"model.embedding_blocks (--embedding-blocks) = {blocks}: the checkpoint {resume.root}/"
                            f"{resume.tag} holds the word embedding in {held} block(s); resume with "
                            f"--embedding-blocks {held}{where}"])
-
-
-def _find_resume(cfg: RunConfig, store: CheckpointStore) -> ResumePoint | None:
-    """The checkpoint ``--resume`` names, fetched to every node and verified, or None."""
-    found = resolve_resume(cfg.train.resume, store)
-    if found is None:
-        if cfg.train.resume:
-            log.info("--resume %s: no checkpoint yet, starting from step 0", cfg.train.resume)
-        return None
-    root, tag = found
-    local_root = store.fetch(root, tag, trust=cfg.train.trust_checkpoint)
-    return ResumePoint(root, tag, local_root, read_layout(local_root, tag))
-
-
-def _resolve_ds_config_for(cfg: RunConfig, resume: ResumePoint | None) -> dict:
-    """The run's ds_config; resuming on another number of ranks keeps the checkpoint's global batch.
-
-    The data position then carries over exactly (every optimizer step reads the same examples),
-    with gradient accumulation making up for the ranks that came or went.
-    """
-    ds = resolve_ds_config(cfg, D.world_size())
-    layout = resume.layout if resume is not None else None
-    if layout is not None:  # before the model is built: a stage the checkpoint cannot load at fails now
-        check_stage(layout, zero_stage(ds), f"{resume.root}/{resume.tag}")
-    if layout is None or layout["world_size"] == D.world_size():
-        return ds
-    micro, old_world = ds["train_micro_batch_size_per_gpu"], layout["world_size"]
-    src = cfg.ds_config_path or "the ds_config"
-    if micro != layout["micro_batch_size"]:
-        raise ConfigError([f"train.micro_batch_size (--micro-batch-size) = {micro}: the checkpoint {resume.root}/"
-                           f"{resume.tag} was trained with micro-batches of {layout['micro_batch_size']}; resuming "
-                           f"on another number of ranks needs the same micro-batch size"])
-    examples = layout["micro_batch_size"] * layout["grad_accum"] * old_world
-    accum, rest = divmod(examples, micro * D.world_size())
-    if rest or accum < 1:
-        raise ConfigError([f"the checkpoint {resume.root}/{resume.tag} was trained with {examples} examples per "
-                           f"step ({old_world} ranks x {layout['micro_batch_size']} x {layout['grad_accum']} "
-                           f"accumulated); {D.world_size()} ranks x {micro} cannot make that up: resume on a number "
-                           f"of ranks that divides {examples // micro}"])
-    if accum != user_grad_accum(ds, cfg.objective):
-        if cfg.ds_config.get("gradient_accumulation_steps", "auto") != "auto":
-            raise ConfigError([f"{src}: gradient_accumulation_steps = {cfg.ds_config['gradient_accumulation_steps']}"
-                               f": resuming a {old_world}-rank checkpoint on {D.world_size()} ranks needs {accum} "
-                               f"to keep its {examples} examples per step; set it to \"auto\" or {accum}"])
-        log.warning("resuming a %d-rank checkpoint on %d ranks: gradient accumulation %d (was %d) keeps its %d "
-                    "examples per step", old_world, D.world_size(), accum, layout["grad_accum"], examples)
-        cfg.train.grad_accum = accum
-        ds = resolve_ds_config(cfg, D.world_size())
-    return ds
 
 
 def _layout(setup: Setup) -> dict:
@@ -371,12 +320,12 @@ def _tokenizer(cfg: RunConfig, data: TaskData, store: CheckpointStore):
                 storage.download_dir(saved, local)
             elif D.local_rank() == 0:
                 train_tokenizer(data.tokenizer_corpus(), cfg.model.tokenizer_vocab_size, local, data.words)
-                store.publish_dir("tokenizer")
+                store.publisher.publish_dir("tokenizer")
     return load_tokenizer(local)
 
 
 def _resume(setup: Setup) -> State:
-    point = setup.resume
+    point = setup.plan.resume
     if point is None:
         return State()
     client_state = load_tag(setup.engine, point.local_root, point.tag, point.layout)
@@ -401,9 +350,17 @@ def _resume(setup: Setup) -> State:
 def _start_tracking(setup: Setup, state: State) -> None:
     cfg = setup.cfg
     uri = resolve_uri(cfg.tracking.mlflow_uri)
-    if not D.is_main() or uri is None:
-        return
-    name, description = describe_run(cfg, setup.ds_config, D.world_size())
+    if D.is_main() and uri is not None:
+        _open_run(setup, state, uri)
+    # Every rank's checkpoint carries the same state: on node-local disks each node writes the model
+    # states file, and its manifest entry must hold for every node's copy.
+    state.mlflow_run_id = D.from_main(state.mlflow_run_id)
+
+
+def _open_run(setup: Setup, state: State, uri: str) -> None:
+    """Rank 0: the MLflow run (a resumed run's own), with the config as its params."""
+    cfg = setup.cfg
+    name, description = describe_run(cfg, setup.plan.engine_config(), D.world_size())
     journal_dir = os.path.dirname(setup.store.local_root)  # the output directory, or its local staging
     setup.tracker = ResilientTracker(journal_dir, uri, resolve_experiment(cfg.tracking.experiment),
                                      cfg.tracking.run_name or name, run_id=cfg.tracking.run_id or state.mlflow_run_id,
@@ -412,7 +369,7 @@ def _start_tracking(setup: Setup, state: State) -> None:
                                            **dict(t.partition("=")[::2] for t in cfg.tracking.tags)})
     state.mlflow_run_id = setup.tracker.run_id
     params = flatten({k: v for k, v in cfg.to_dict().items() if k not in ("ds_config",)})
-    params.update(flatten(setup.ds_config, "ds."))
+    params.update(flatten(setup.plan.engine_config(), "ds."))
     params["world_size"] = D.world_size()
     params["optimizer"] = optimizer_name(setup.engine)
     setup.tracker.log_params(redact_tree(params))
@@ -464,27 +421,27 @@ def _train_batch(setup: Setup, batch_index: int) -> dict:
     return setup.collator(encode(rows, setup.tokenizer, setup.cfg.model.max_length), list(range(len(rows))))
 
 
-def _fit(setup: Setup, state: State, report) -> None:
+def _fit(setup: Setup, state: State, hooks: Callback) -> None:
     cfg = setup.cfg.train
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
     bar = _bar(cfg, cfg.max_steps, "train", "step", initial=state.step)
     lines = ProgressLines(cfg.log_interval, cfg.max_steps, state.step) if bar is None and D.is_main() else None
     times: list[float] = []
     with preemption_window(enabled=cfg.preempt_grace > 0):
-        _loop(setup, state, report, monitor, bar, lines, times)
+        _loop(setup, state, hooks, monitor, bar, lines, times)
     if bar is not None:
         bar.close()
     if times:
         state.seconds_per_step = statistics.median(times[1:] or times)
 
 
-def _loop(setup: Setup, state: State, report, monitor: BadStepMonitor, bar, lines, times: list[float]) -> None:
+def _loop(setup: Setup, state: State, hooks: Callback, monitor: BadStepMonitor, bar, lines,
+          times: list[float]) -> None:
     cfg = setup.cfg.train
     while state.step < cfg.max_steps:
-        faults.before_step(state.step + 1)
+        hooks.on_step_start(state.step + 1)
         t0 = time.perf_counter()
-        with _injected_nan(setup, state.step + 1):
-            stats = _train_step(setup, state)
+        stats = _train_step(setup, state)
         stop = stats.pop(STOP_KEY) > 0
         elapsed = time.perf_counter() - t0
         if not times:
@@ -496,7 +453,7 @@ def _loop(setup: Setup, state: State, report, monitor: BadStepMonitor, bar, line
         if monitor.check(state.step, stats["loss"]):
             state.skipped_steps += 1
             stats["skipped_steps"] = float(state.skipped_steps)
-        _log_step(setup, state, stats, elapsed)
+        hooks.on_step_end(state.step, _step_metrics(setup, stats, elapsed))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
@@ -505,11 +462,12 @@ def _loop(setup: Setup, state: State, report, monitor: BadStepMonitor, bar, line
         last = state.step == cfg.max_steps
         metrics, checkpoint = {}, None
         if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or last:
-            metrics = _evaluate_dev(setup, state)
-        if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
+            metrics = _evaluate_dev(setup, state, hooks)
+        wanted = hooks.wants_checkpoint(state.step)  # (collective: asked at every step)
+        if (cfg.save_steps and state.step % cfg.save_steps == 0) or last or wanted:
             checkpoint = _save(setup, state, step_tag(state.step))
-        if report is not None and (metrics or checkpoint):
-            report({**metrics, "step": state.step, "train/loss": stats["loss"]}, checkpoint)
+        if metrics or checkpoint:
+            hooks.on_checkpoint({**metrics, "step": state.step, "train/loss": stats["loss"]}, checkpoint)
         if stop:  # (at the last step too: its checkpoint is saved, and the rerun only evaluates)
             _preempt(setup, state, checkpoint is not None)
 
@@ -536,21 +494,6 @@ def _preempt(setup: Setup, state: State, saved: bool) -> None:
                   f"after the signal; a checkpoint took {need or 0:.1f} s)")
     resume = tag or setup.store.agreed(LATEST)
     raise Preempted(name, state.step, tag, resume, detail)
-
-
-@contextlib.contextmanager
-def _injected_nan(setup: Setup, step: int):
-    """Fault injection for tests: NaN word embeddings during the steps listed in ``$DIST_ROBUST_NAN_AT_STEPS``."""
-    steps = {int(s) for s in os.environ.get(NAN_ENV, "").replace(",", " ").split()}
-    if step not in steps:
-        yield
-        return
-    log.warning("%s: NaN word embeddings during step %d", NAN_ENV, step)
-    handle = word_embeddings(setup.engine.module).register_forward_hook(lambda m, i, out: out * float("nan"))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class ProgressLines:
@@ -589,7 +532,8 @@ def _bar(cfg, total: int, desc: str, unit: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
 
 
-def _log_step(setup: Setup, state: State, stats: dict[str, float], elapsed: float) -> None:
+def _step_metrics(setup: Setup, stats: dict[str, float], elapsed: float) -> dict[str, float]:
+    """What a step reports: its rank-mean statistics, the learning rate, gradient norm and throughput."""
     engine = setup.engine
     metrics = {f"train/{k}": v for k, v in stats.items()}
     metrics["train/lr"] = engine.get_lr()[0]
@@ -598,24 +542,24 @@ def _log_step(setup: Setup, state: State, stats: dict[str, float], elapsed: floa
         metrics["train/grad_norm"] = float(norm)
     metrics["train/samples_per_s"] = setup.ds_config["train_batch_size"] / max(elapsed, 1e-9) / \
         (setup.objective.micro_steps or 1)
-    setup.tracker.log_metrics(metrics, step=state.step)
+    return metrics
 
 
 def _client_state(state: State) -> dict:
     return {"dist_robust": dict(state.__dict__)}
 
 
-def _evaluate_dev(setup: Setup, state: State) -> dict[str, float]:
+def _evaluate_dev(setup: Setup, state: State, hooks: Callback) -> dict[str, float]:
     """Dev accuracy in every language; keep the best checkpoint by source-language accuracy."""
     cfg = setup.cfg
-    faults.before_evaluation(state.step)
+    hooks.on_evaluation_start(state.step)
     acc = E.accuracy(setup.engine, setup.dev, setup.collator, cfg.train.eval_batch_size)
     summary = E.summarize(acc, None, cfg.data.source_language)
     state.dev_history.append({"step": state.step, "per_language": acc, **summary})
     setup.dev_measured[state.step] = dict(acc)
     metrics = {f"dev_acc.{lang}": a for lang, a in acc.items()}
     metrics.update({f"dev_{k}": v for k, v in summary.items()})
-    setup.tracker.log_metrics(metrics, step=state.step)
+    hooks.on_evaluation(state.step, metrics)
     log.info("step %d dev: %s", state.step, "  ".join(f"{k} {100 * v:.2f}" for k, v in acc.items()))
     improved = summary["source_acc"] > state.best_score
     if improved:
@@ -661,7 +605,7 @@ def _final_evaluation(setup: Setup, state: State) -> dict:
         **E.summarize(per_language, matrix, cfg.data.source_language),
         "train_losses": state.train_losses,
         "dev_history": state.dev_history,
-        "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.ds_config, "world_size": D.world_size(),
+        "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.plan.engine_config(), "world_size": D.world_size(),
                                "optimizer": optimizer_name(setup.engine)}),
     }
 
@@ -724,15 +668,15 @@ def _load_best(setup: Setup, state: State) -> None:
 
 def _save_outputs(setup: Setup, state: State, results: dict) -> None:
     """Export the model (every rank: ZeRO-3 gathers it), then write results and logs on rank 0."""
-    t = setup.cfg.train
-    setup.store.publish_all()  # checkpoints still waiting for the store, if it was away
+    t, publisher = setup.cfg.train, setup.store.publisher
+    publisher.publish_all()  # checkpoints still waiting for the store, if it was away
     if t.export_model:
         results["model_uri"] = redact(export_model(setup.engine, setup.tokenizer, setup.store))
     if D.is_main():
         results["command"] = command_line()
         if t.export_model:  # the folder goes out as users share models: a card, and in MLflow as a pyfunc
-            setup.store.publish_text("model/README.md", model_card(results, list(setup.data.label_names)))
-        write_outputs(setup.store.publish_text, setup.tracker, results, state.step)
+            publisher.publish_text("model/README.md", model_card(results, list(setup.data.label_names)))
+        write_outputs(publisher.publish_text, setup.tracker, results, state.step)
         if t.export_model and t.log_model:
-            setup.tracker.log_model(os.path.join(setup.store.mirror, "model"))
-        setup.store.check_published()
+            setup.tracker.log_model(os.path.join(publisher.mirror, "model"))
+        publisher.check_published()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -11,10 +12,10 @@ import time
 import pytest
 
 from dist_robust.argparsing import add_run_arguments, config_from_args
-from dist_robust.config import OBJECTIVES, ConfigError, RunConfig
+from dist_robust.config import ConfigError, RunConfig
 from dist_robust.validation import validate
 from dist_robust.ds_config import default_ds_config, resolve_ds_config
-from dist_robust.objectives import BUILDERS
+from dist_robust.objectives import REGISTRY, ObjectiveConfig, build_objective
 from tests.launch import REPO
 
 
@@ -26,8 +27,39 @@ def _cfg(*argv: str) -> RunConfig:
     return config_from_args(parser.parse_args(list(argv)))
 
 
-def test_every_objective_name_has_a_builder():
-    assert set(BUILDERS) == set(OBJECTIVES)
+def test_every_objective_builds_from_its_own_options_read_off_the_flat_section():
+    assert list(REGISTRY) == ["erm", "pgd", "freelb", "gaussian", "smart"]
+    flat = {f.name: f for f in dataclasses.fields(ObjectiveConfig)}
+    assert flat["name"].metadata["choices"] == tuple(REGISTRY)
+    for name, spec in REGISTRY.items():
+        for f in spec.option_fields():  # each option is a config key with its flag, once for all objectives
+            assert flat[f.name].metadata["flag"] == f.metadata["flag"] and flat[f.name].default == f.default
+        objective = build_objective(ObjectiveConfig(name=name, epsilon=0.25, adv_steps=3, sigma=0.5))
+        assert objective.name == name
+    assert build_objective(ObjectiveConfig(name="pgd", epsilon=0.25)).epsilon == 0.25
+    assert build_objective(ObjectiveConfig(name="gaussian", sigma=0.5)).sigma == 0.5
+    assert build_objective(ObjectiveConfig(name="freelb", adv_steps=3)).micro_steps == 3
+    # a shared option's help says which objectives read it
+    assert flat["epsilon"].metadata["help"].startswith("pgd/freelb/smart: ")
+
+
+def test_options_are_checked_by_the_named_objectives_own_declaration():
+    assert not validate_problems(objective="smart", adv_steps=0)  # R3F
+    assert validate_problems(objective="pgd", adv_steps=0) == ["objective.adv_steps (--adv-steps) = 0: must be >= 1"]
+    assert validate_problems(objective="pgd", adv_weight=1.5) == [
+        "objective.adv_weight (--adv-weight) = 1.5: must be in [0, 1]"]
+    assert validate_problems(objective="freelb", init_mag=-1.0) == [
+        "objective.init_mag (--init-mag) = -1.0: must be >= 0 (or unset)"]
+    assert validate_problems(objective="pgd", norm="l3") == ["objective.norm (--norm) = 'l3': accepted: l2, linf"]
+
+
+def validate_problems(**values) -> list[str]:
+    from dist_robust.config import config_problems
+
+    cfg = RunConfig()
+    for key, value in values.items():
+        setattr(cfg.objective, "name" if key == "objective" else key, value)
+    return [p for p in config_problems(cfg, 1) if p.startswith("objective.")]
 
 
 def test_precedence_file_then_overrides_then_flags(tmp_path):
@@ -128,7 +160,7 @@ def test_ds_config_problems_name_the_file_and_key(tmp_path):
 
 
 def test_unknown_keys_list_what_is_accepted(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'objective.epsilonn'; objective accepts name, epsilon"):
+    with pytest.raises(ConfigError, match="unknown key 'objective.epsilonn'; objective accepts name, scale, epsilon"):
         _cfg("objective.epsilonn=0.1")
     run = tmp_path / "bad.yaml"
     run.write_text("optimizer:\n  lr: 1\n")
@@ -183,3 +215,21 @@ def test_unknown_language_is_a_config_error_before_anything_starts():
         get_task(DataConfig(languages=["en", "xx"]))
     with pytest.raises(ConfigError, match=r"pawsx has no such language; accepted: en de es fr ja ko zh"):
         get_task(DataConfig(task="pawsx", languages=["en", "xx"]))  # the hub has only these
+
+
+def test_validation_changes_nothing_and_a_frozen_config_stays_as_resolved():
+    cfg = _cfg("--objective", "freelb", "--adv-steps", "3", "--deepspeed", str(REPO / "ds_configs" / "zero2.json"))
+    before = cfg.to_dict()
+    validate(cfg, world_size=2)
+    assert cfg.to_dict() == before
+    frozen = cfg.frozen()
+    assert frozen.to_dict() == before
+    with pytest.raises(dataclasses.FrozenInstanceError, match="TrainConfig.grad_accum cannot change"):
+        frozen.train.grad_accum = 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        frozen.objective.epsilon = 0.5
+    with pytest.raises(TypeError):
+        frozen.ds_config["zero_optimization"]["stage"] = 3
+    changed = frozen.with_values({"train.grad_accum": 4})  # a new config; the frozen one is as it was
+    assert changed.train.grad_accum == 4 and frozen.train.grad_accum == 1
+    changed.train.seed = 7  # (a copy is assembled like any config)

@@ -3,6 +3,8 @@
 * a 2-node Ray cluster (``ray.cluster_utils.Cluster``) running a PBT sweep of two trials side by
   side, each with its two Train workers on different nodes (STRICT_SPREAD), one cloned into the
   other's checkpoint at step 2;
+* the same cluster preempting a trial's second node (``ray drain-node`` with a 10 s notice): the
+  trial checkpoints the step it is at and its restart continues from there;
 * ``cluster/deepspeed-multinode.sh`` started once per node (node ranks, rendezvous address),
   training the tiny config, each node with its own working directory as on local disks,
   crashing, and resuming there.
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +179,75 @@ def test_deepspeed_launch_script_on_two_loopback_nodes_with_node_local_dirs(tmp_
         ckpt = tmp_path / f"node{rank}" / "checkpoints"
         assert (ckpt / "latest").read_text() == "step-00000006"
         assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004", "step-00000006"]
+
+
+def _drain(cluster, node, deadline_s: int) -> None:
+    """``ray drain-node`` with the preemption reason, as a cloud autoscaler does when a spot node is reclaimed."""
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray, "drain-node", "--address", cluster.address, "--node-id", node.node_id,
+                    "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed",
+                    "--deadline-remaining-seconds", str(deadline_s)], check=True, capture_output=True, text=True,
+                   env=launcher_env(RAY_AUTH_MODE="disabled"), timeout=120)
+
+
+@pytest.mark.slow  # make test-all; not in CI
+@needs_loopback
+def test_a_preempted_ray_node_loses_no_step(two_node_cluster, tmp_path):
+    """A trial with a worker on each node; its second node is drained for preemption mid-run (10 s notice).
+
+    The workers checkpoint the step they are at when Ray Train tells them, and the restart on the node
+    left continues from that very step: every step before it is trained once, the steps after it twice
+    (before the deadline and after the restart) with the same losses, and the trial finishes.
+    """
+    from mlflow import MlflowClient
+
+    steps = 30
+    flags = [f for f in TINY if f not in ("--mlflow-uri", "none")]
+    flags += ["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--max-steps", str(steps),
+              "--eval-steps", str(steps), "--save-steps", str(steps), "--no-export-model", "--no-generalized"]
+    space = {"name": "preempted", "base": {"flags": flags}, "params": {"train.seed": {"type": "grid", "values": [1]}},
+             "workers_per_trial": 2, "placement": "SPREAD", "max_failures": 0, "scheduler": {"type": "fifo"},
+             "scratch_dir": str(tmp_path / "scratch"), "worker_env": {"DIST_ROBUST_STEP_SECONDS": "1"}}
+    (tmp_path / "space.yaml").write_text(json.dumps(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = launcher_env(RAY_AUTH_MODE="disabled", RAY_TMPDIR=os.environ["RAY_TMPDIR"])
+    with open(tmp_path / "sweep.log", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dist_robust.tuning", "--space", str(tmp_path / "space.yaml"),
+                                 "--storage", str(tmp_path / "results"), "--mlflow-uri", uri, "--experiment", "pre",
+                                 "--address", two_node_cluster.address], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        client = MlflowClient(uri)
+
+        def trained(n: int) -> bool:
+            exp = client.get_experiment_by_name("pre") if (tmp_path / "mlflow.db").exists() else None
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return any(len(client.get_metric_history(r.info.run_id, "train/loss")) >= n for r in runs
+                       if "mlflow.parentRunId" in r.data.tags)
+
+        deadline = time.monotonic() + 900
+        while not trained(3):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "sweep.log").read_text()[-4000:]
+            time.sleep(1)
+        (node,) = two_node_cluster.worker_nodes
+        _drain(two_node_cluster, node, deadline_s=10)
+        assert proc.wait(timeout=900) == 0, (tmp_path / "sweep.log").read_text()[-6000:]
+
+    workers = "".join(p.read_text(errors="replace") for p in Path(os.environ["RAY_TMPDIR"]).glob("ray/session_*/logs/**/*")
+                      if p.is_file() and p.suffix in (".out", ".err", ".log"))
+    noticed = re.search(r"being preempted \(in \d+ s, ranks \[1\]\): checkpointing step (\d+) now", workers)
+    assert noticed, workers[-6000:]
+    at = int(noticed.group(1))
+    assert 3 <= at < steps
+    assert re.search(rf"resumed from \S+/step-{at:08d} at step {at}\b", workers), workers[-6000:]
+    exp = client.get_experiment_by_name("pre")
+    (child,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED"
+    losses: dict[int, list[float]] = {}
+    for m in client.get_metric_history(child.info.run_id, "train/loss"):
+        losses.setdefault(m.step, []).append(m.value)
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert all(len(losses[s]) == 1 for s in range(1, at + 1)), losses  # no step before the notice is trained again
+    again = [s for s in losses if len(losses[s]) == 2]
+    assert again and min(again) == at + 1, losses  # the restart took up at the step after the notice
+    for s in again:
+        assert losses[s][0] == pytest.approx(losses[s][1], rel=1e-6, abs=1e-7), (s, losses[s])

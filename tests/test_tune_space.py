@@ -306,3 +306,14 @@ def test_concurrency_defaults_to_what_the_cluster_holds(tmp_path):
     assert use_gpu(spec, {"CPU": 1.0})  # an autoscaling cluster may have no GPU node yet
     spec.max_concurrent_trials = 3
     assert max_concurrent_trials(spec, {"CPU": 2.0}) == 3
+
+
+def test_checks_change_nothing_and_short_forms_work_with_smoke(tmp_path):
+    from dist_robust.tuning.space_checks import check_options, with_defaults
+
+    spec = load_space(_space(tmp_path, GOOD + "scheduler: asha\nsearch: random\n"), smoke=True)
+    assert spec.scheduler == {"type": "asha", "grace_period": 2, "reduction_factor": 2}
+    assert spec.search == {"type": "random"}
+    before = spec.to_dict()
+    assert check_options(spec) == [] and spec.to_dict() == before
+    assert with_defaults(spec).to_dict() == before  # (written out once: filling in again changes nothing)

@@ -9,9 +9,38 @@ everything is made on ``mask``'s device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from dist_robust.objectives.base import draw
+from dist_robust.objectives.base import PerturbationOptions, draw
+from dist_robust.objectives.options import option
+
+NORMS = ("l2", "linf")
+LINF_STEPS = ("sign", "normalized")
+
+
+@dataclass
+class RadiusOptions(PerturbationOptions):
+    """A perturbation ball and the ascent inside it (PGD, FreeLB, SMART)."""
+
+    epsilon: float = option(0.01, "radius of the perturbation ball on word-embedding outputs (relative: the most "
+                            "||delta|| / ||e(x)|| may reach). The default is what English dev chose for a "
+                            "pretrained BERT on XNLI (0.1 kept it from learning; docs/results.md).", "--epsilon",
+                            low=0)
+    alpha: float = option(0.005, "ascent step size (in epsilon's units).", "--alpha", low=0)
+    adv_steps: int = option(2, "number of ascent steps K (smart: 0 is R3F, noise only).", "--adv-steps", low=1)
+
+
+@dataclass
+class BallOptions(RadiusOptions):
+    """Adversarial training in a norm ball (PGD, FreeLB)."""
+
+    norm: str = option("l2", "ball norm (l2 per example over real tokens, or linf).", "--norm", choices=NORMS)
+    linf_step: str = option("sign", "with --norm linf: ascent along sign(g) or g / ||g||_inf (normalized, the "
+                            "FreeLB code's).", "--linf-step", choices=LINF_STEPS)
+    adv_begin_step: int = option(0, "train without perturbation (the ERM gradient) for this many optimizer steps "
+                                 "first.", "--adv-begin-step", low=0)
 
 _TINY = 1e-12
 

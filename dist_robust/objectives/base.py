@@ -17,6 +17,19 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from dist_robust.objectives.options import option
+
+SCALES = ("relative", "absolute")
+
+
+@dataclass
+class PerturbationOptions:
+    """What every objective that perturbs the word embeddings shares."""
+
+    scale: str = option("relative", "Units of epsilon, alpha and sigma: relative (fractions of each example's "
+                        "word-embedding norm ||e(x)||, the same meaning on every model) or absolute (raw "
+                        "embedding units).", "--perturbation-scale", choices=SCALES)
+
 
 class EmbeddingPerturbation:
     """Adds a perturbation to the word-embedding *output* from inside the model's forward.

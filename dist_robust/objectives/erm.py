@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_robust.objectives.base import StepContext, cross_entropy, logits_of
+from dist_robust.objectives.options import ObjectiveSpec, register
 
 
 @dataclass
@@ -21,3 +22,11 @@ class ERM:
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach()}
+
+
+@dataclass
+class ERMOptions:
+    """ERM has no options."""
+
+
+register(ObjectiveSpec("erm", ERMOptions, lambda o: ERM()))

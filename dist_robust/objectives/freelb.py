@@ -8,6 +8,7 @@ import torch
 
 from dist_robust.objectives import ball
 from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of, unit_of
+from dist_robust.objectives.options import ObjectiveSpec, option, register
 
 
 @dataclass
@@ -89,3 +90,18 @@ class FreeLB:
         norms = ball.ball_norms(delta, mask, self.norm)
         return {"loss": torch.stack(losses).mean(), "loss_clean": losses[0] if clean is None else clean,
                 "loss_adv": losses[-1], "delta_norm": norms.max(), "delta_ratio": ctx.perturbation.last_ratio}
+
+
+@dataclass
+class FreeLBOptions(ball.BallOptions):
+    init_mag: float | None = option(None, "start from U(-1, 1) * init_mag / sqrt(L * H) on the L real tokens "
+                                    "(FreeLB's init, in epsilon's units; 0: start at delta = 0). Default: a random "
+                                    "point of the epsilon-ball.", "--init-mag", low=0)
+    same_dropout: bool = option(False, "the same dropout masks in all K passes of a batch (as FreeLB does).",
+                                "--same-dropout")
+
+
+register(ObjectiveSpec("freelb", FreeLBOptions,
+                       lambda o: FreeLB(o.epsilon, o.alpha, o.adv_steps, o.norm, o.scale == "relative", o.init_mag,
+                                        o.linf_step, o.same_dropout, o.adv_begin_step),
+                       micro_steps=lambda o: o.adv_steps))  # a real engine backward per ascent pass

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, draw, logits_of
+from dist_robust.objectives.base import (PerturbationOptions, StepContext, cross_entropy, delta_shape, draw,
+                                         logits_of)
+from dist_robust.objectives.options import ObjectiveSpec, option, register
 
 
 @dataclass
@@ -37,3 +39,15 @@ class Gaussian:
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach(), "delta_ratio": ctx.perturbation.last_ratio}
+
+
+@dataclass
+class GaussianOptions(PerturbationOptions):
+    sigma: float = option(0.1, "standard deviation of the noise on word-embedding outputs (relative: a fraction "
+                          "of the example's root-mean-square coordinate, i.e. the expected ||noise|| / ||e(x)||).",
+                          "--sigma", low=0)
+    noise_samples: int = option(1, "noisy copies of every example per step.", "--noise-samples", low=1)
+
+
+register(ObjectiveSpec("gaussian", GaussianOptions,
+                       lambda o: Gaussian(o.sigma, o.noise_samples, o.scale == "relative")))

@@ -8,6 +8,7 @@ import torch
 
 from dist_robust.objectives import ball
 from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, logits_of, unit_of
+from dist_robust.objectives.options import ObjectiveSpec, option, register
 
 
 @dataclass
@@ -80,3 +81,12 @@ class PGD:
         norms = ball.ball_norms(delta, batch["perturb_mask"], self.norm)
         return {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach(),
                 "delta_norm": norms.max(), "delta_ratio": ctx.perturbation.last_ratio}
+
+
+@dataclass
+class PGDOptions(ball.BallOptions):
+    adv_weight: float = option(0.5, "loss = (1 - w) * clean CE + w * adversarial CE.", "--adv-weight", low=0, high=1)
+
+
+register(ObjectiveSpec("pgd", PGDOptions, lambda o: PGD(o.epsilon, o.alpha, o.adv_steps, o.norm, o.adv_weight,
+                                                         o.scale == "relative", o.linf_step, o.adv_begin_step)))

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from dist_robust.objectives import ball
 from dist_robust.objectives.base import StepContext, cross_entropy, delta_shape, draw, logits_of
+from dist_robust.objectives.options import ObjectiveSpec, option, register
+
+NOISE_TYPES = ("normal", "uniform")
 
 
 # Measured with bench/precision_probe.py (docs/benchmarks.md, "Half precision at the same parameters").
@@ -101,6 +104,22 @@ class SMART:
         norms = ball.l2_norms(delta, batch["perturb_mask"])
         return {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_kl": divergence.detach(),
                 "delta_norm": norms.max(), "delta_ratio": ctx.perturbation.last_ratio}
+
+
+@dataclass
+class SMARTOptions(ball.RadiusOptions):
+    adv_steps: int = option(2, "number of ascent steps K (smart: 0 is R3F, noise only).", "--adv-steps", low=0)
+    smart_lambda: float = option(1.0, "weight of the symmetric KL between clean and perturbed predictions.",
+                                 "--smart-lambda", low=0)
+    noise_type: str = option("normal", "distribution of the random start (normal or uniform).", "--noise-type",
+                             choices=NOISE_TYPES)
+    noise_scale: float = option(1e-3, "size of the random start, ||delta_0|| (uniform: / sqrt(3)), in epsilon's "
+                                "units.", "--noise-scale", low=0)
+
+
+register(ObjectiveSpec("smart", SMARTOptions,
+                       lambda o: SMART(o.epsilon, o.alpha, o.adv_steps, o.smart_lambda, o.noise_type, o.noise_scale,
+                                       o.scale == "relative")))
 
 
 def precision_caveat(objective, ds_config: dict) -> str | None:

@@ -10,6 +10,7 @@ The sweep file is checked in full before Ray starts (see :mod:`dist_robust.tunin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ def _sweep(args: argparse.Namespace) -> tuple[SweepSpec, dict | None]:
             raise FileNotFoundError(f"--resume: no sweep {name!r} under --storage {args.storage} (no {path})")
         saved = json.loads(storage.read_text(path))
         spec = SweepSpec.from_dict(saved["spec"])
-        spec.worker_env = _worker_env_again(spec.worker_env, args)
+        spec = dataclasses.replace(spec, worker_env=_worker_env_again(spec.worker_env, args))
         tracking = saved.get("tracking")
         if tracking and MASK in tracking["uri"] and not args.mlflow_uri:
             raise SpaceError("(saved sweep)", [f"the sweep's MLflow URI {tracking['uri']} carries a password, which "
@@ -111,8 +112,8 @@ def _sweep(args: argparse.Namespace) -> tuple[SweepSpec, dict | None]:
     if not args.space:
         raise SpaceError("(none)", ["--space FILE is required (e.g. tuning/smoke.yaml)"])
     spec = load_space(args.space, args.smoke)
-    if args.name:
-        spec.name = args.name
+    if args.name:  # (checked above, as the file's name was)
+        spec = dataclasses.replace(spec, name=args.name)
     path = storage.join(_storage_root(args.storage), spec.name)
     if storage.exists(storage.join(path, SWEEP_FILE)):
         raise FileNotFoundError(f"sweep {spec.name!r} already exists at {path}: pass --resume to continue it, "

@@ -33,7 +33,7 @@ import yaml
 from dist_robust.argparsing import add_run_arguments, config_from_args
 from dist_robust.config import ConfigError, RunConfig, field_kind, get_key, iter_fields, parse_yaml, set_key
 from dist_robust.validation import validate
-from dist_robust.tuning.space_checks import LISTED_TYPES, check_options
+from dist_robust.tuning.space_checks import LISTED_TYPES, check_options, with_defaults
 from dist_robust.tuning.spec import ParamSpec, SweepSpec
 
 # type -> the arguments it takes (randint: high exclusive, as in ray.tune).
@@ -99,9 +99,9 @@ def parse_space(raw: dict, origin: str, default_name: str, smoke: bool = False) 
     options = {k: raw[k] for k in TOP_KEYS if k in raw and k not in ("base", "params")}
     options.setdefault("name", default_name)
     params = _params(raw.get("params") or {}, problems)
-    spec = SweepSpec(base=base, params=params, **options)
+    spec = with_defaults(SweepSpec(base=base, params=params, **options))
     if smoke:
-        _shrink_for_smoke(spec)
+        spec = _for_smoke(spec)
     problems.extend(check_options(spec))
     if not problems:  # values are checked against a base that is itself sound
         problems.extend(_check_base(spec))
@@ -209,15 +209,16 @@ def _check_type(key: str, kind: str, args: dict, field_type: str, value_kind: st
     return []
 
 
-def _shrink_for_smoke(spec: SweepSpec) -> None:
+def _for_smoke(spec: SweepSpec) -> SweepSpec:
     """A few samples, and scheduler intervals that fit the smoke run's 6 steps."""
-    spec.num_samples = min(spec.num_samples, SMOKE_MAX_SAMPLES)
-    spec.use_gpu, spec.max_concurrent_trials = "auto", 0
-    t = spec.base.train
-    if spec.scheduler.get("type") == "asha":
-        spec.scheduler["grace_period"] = t.eval_steps
-    if spec.scheduler.get("type") == "pbt":
-        spec.scheduler["perturbation_interval"] = t.save_steps
+    t, scheduler = spec.base.train, spec.scheduler
+    if isinstance(scheduler, dict) and scheduler.get("type") == "asha":
+        scheduler = {**scheduler, "grace_period": t.eval_steps}
+    if isinstance(scheduler, dict) and scheduler.get("type") == "pbt":
+        scheduler = {**scheduler, "perturbation_interval": t.save_steps}
+    samples = min(spec.num_samples, SMOKE_MAX_SAMPLES) if isinstance(spec.num_samples, int) else spec.num_samples
+    return dataclasses.replace(spec, num_samples=samples, use_gpu="auto",
+                               max_concurrent_trials=0, scheduler=scheduler)
 
 
 def _check_base(spec: SweepSpec) -> list[str]:

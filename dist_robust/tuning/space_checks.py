@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 from typing import Any
 
@@ -21,8 +23,28 @@ ZERO_SHOT_METRICS = ("dev_source_acc",)
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+def with_defaults(spec: SweepSpec) -> SweepSpec:
+    """A copy with the short forms written out (``scheduler: asha``) and the scheduler's defaults filled in, so the
+    checks and the sweep read one spelling; the checks below change nothing. Malformed values stay as they are
+    (the checks report them)."""
+    worker_env = {str(k): str(v) for k, v in spec.worker_env.items()} if isinstance(spec.worker_env, dict) \
+        else spec.worker_env
+    scheduler = {"type": spec.scheduler} if isinstance(spec.scheduler, str) else spec.scheduler
+    search = {"type": spec.search} if isinstance(spec.search, str) else spec.search
+    if isinstance(scheduler, dict):
+        t = spec.base.train
+        defaults = {
+            "asha": {"grace_period": max(t.eval_steps, 1), "reduction_factor": 2},
+            "pbt": {"perturbation_interval": t.save_steps, "quantile_fraction": 0.25, "resample_probability": 0.25,
+                    "synch": False, "mutate": [k for k, v in spec.params.items() if v.type != "grid"]},
+        }.get(scheduler.get("type"), {})
+        scheduler = {**defaults, **scheduler}
+    return dataclasses.replace(spec, worker_env=worker_env, scheduler=scheduler,
+                               search=dict(search) if isinstance(search, dict) else search)
+
+
 def check_options(spec: SweepSpec) -> list[str]:
-    """Problems with everything but the base and the params; fills scheduler defaults in place."""
+    """Problems with everything but the base and the params (of a spec :func:`with_defaults` filled in)."""
     p = []
 
     def bad(key: str, value: Any, accepted: str) -> None:
@@ -57,16 +79,12 @@ def check_options(spec: SweepSpec) -> list[str]:
         bad("placement", spec.placement, f"accepted: {', '.join(PLACEMENTS)}")
     if not isinstance(spec.worker_env, dict):
         bad("worker_env", spec.worker_env, "expected a mapping of environment variable names to values")
-    else:
-        spec.worker_env = {str(k): str(v) for k, v in spec.worker_env.items()}
     p.extend(_check_scheduler(spec))
     p.extend(_check_search(spec))
     return p
 
 
 def _check_scheduler(spec: SweepSpec) -> list[str]:
-    if isinstance(spec.scheduler, str):  # `scheduler: asha` is short for `scheduler: {type: asha}`
-        spec.scheduler = {"type": spec.scheduler}
     s, t = spec.scheduler, spec.base.train
     kind = s.get("type") if isinstance(s, dict) else s
     if not isinstance(s, dict) or not isinstance(kind, str) or kind not in SCHEDULERS:
@@ -79,8 +97,7 @@ def _check_scheduler(spec: SweepSpec) -> list[str]:
     if kind != "fifo" and t.eval_steps < 1:
         p.append(f"scheduler.type = {kind!r} compares trials at evaluations: base train.eval_steps must be >= 1")
     if kind == "asha":
-        grace = s.setdefault("grace_period", max(t.eval_steps, 1))
-        rf = s.setdefault("reduction_factor", 2)
+        grace, rf = s["grace_period"], s["reduction_factor"]
         if not isinstance(grace, int) or not 1 <= grace < t.max_steps:
             p.append(f"scheduler.grace_period = {grace!r}: must be an integer in [1, train.max_steps = {t.max_steps})")
         if not isinstance(rf, (int, float)) or rf <= 1:
@@ -92,17 +109,17 @@ def _check_scheduler(spec: SweepSpec) -> list[str]:
 
 def _check_pbt(spec: SweepSpec, s: dict) -> list[str]:
     t, p = spec.base.train, []
-    interval = s.setdefault("perturbation_interval", t.save_steps)
+    interval = s["perturbation_interval"]
     if not isinstance(interval, int) or interval < 1 or not t.save_steps or interval % t.save_steps:
         p.append(f"scheduler.perturbation_interval = {interval!r}: must be a positive multiple of base "
                  f"train.save_steps ({t.save_steps}), so a checkpoint exists at every perturbation")
-    for key, default in (("quantile_fraction", 0.25), ("resample_probability", 0.25)):
-        value = s.setdefault(key, default)
+    for key in ("quantile_fraction", "resample_probability"):
+        value = s[key]
         if not isinstance(value, (int, float)) or not 0 <= value <= (0.5 if key == "quantile_fraction" else 1):
             p.append(f"scheduler.{key} = {value!r}: must be in [0, {0.5 if key == 'quantile_fraction' else 1}]")
-    if not isinstance(s.setdefault("synch", False), bool):
+    if not isinstance(s["synch"], bool):
         p.append(f"scheduler.synch = {s['synch']!r}: true (perturb when every trial reached the interval) or false")
-    mutate = s.setdefault("mutate", [k for k, v in spec.params.items() if v.type != "grid"])
+    mutate = s["mutate"]
     unknown = [k for k in mutate if k not in spec.params] if isinstance(mutate, list) else [mutate]
     if unknown or not mutate:
         p.append(f"scheduler.mutate = {mutate!r}: must list searched params ({', '.join(spec.params) or 'none'})")
@@ -110,8 +127,6 @@ def _check_pbt(spec: SweepSpec, s: dict) -> list[str]:
 
 
 def _check_search(spec: SweepSpec) -> list[str]:
-    if isinstance(spec.search, str):  # `search: grid` is short for `search: {type: grid}`
-        spec.search = {"type": spec.search}
     s = spec.search
     kind = s.get("type") if isinstance(s, dict) else s
     if not isinstance(s, dict) or not isinstance(kind, str) or kind not in SEARCHERS:

@@ -21,11 +21,13 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from typing import Any
 
 from dist_robust import distributed as D
 from dist_robust import faults
-from dist_robust.checkpointing import BEST, BEST_PREFIX, LATEST, read_pointer
+from dist_robust.callbacks import Callback
+from dist_robust.tags import BEST, BEST_PREFIX, LATEST, read_pointer
 from dist_robust.config import RunConfig
 from dist_robust.toolchain import use_environment_build_cache
 
@@ -43,23 +45,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     use_environment_build_cache()
     os.environ.update(loop_config["env"].value)
-    cfg: RunConfig = loop_config["cfg"].value
+    trial_cfg: RunConfig = loop_config["cfg"].value
     # One working directory per node, as on machines with local disks (also when scratch is shared).
-    scratch, segment = os.path.split(cfg.train.output_dir.rstrip("/"))
-    cfg.train.output_dir = os.path.join(scratch, ray.util.get_node_ip_address(), segment)
+    scratch, segment = os.path.split(trial_cfg.train.output_dir.rstrip("/"))
+    node = {"train.output_dir": os.path.join(scratch, ray.util.get_node_ip_address(), segment)}
     checkpoint = ray.train.get_checkpoint() or _initial(loop_config.get("initial_checkpoint"))
     if checkpoint is not None:
-        restore_checkpoint(checkpoint, cfg.train.output_dir)
-        cfg.train.resume = "auto"
+        restore_checkpoint(checkpoint, node["train.output_dir"])
+        node["train.resume"] = "auto"
     else:  # the trial's own directory: an attempt that failed before its first Ray checkpoint left nothing to keep
-        cfg.train.overwrite = True
+        node["train.overwrite"] = True
     copies = loop_config.get("augment_copies")
     if copies:
-        offline_augment(cfg, int(copies))
+        node.update(offline_augment(trial_cfg.with_values(node), int(copies)))
+    cfg = trial_cfg.with_values(node)  # the trial's config is not changed: this node's is a copy
     from dist_robust.tuning.cleanup import PG_KEY, current_placement_group_id
 
-    report = RayReport(cfg.train.output_dir, {"num_nodes": _num_nodes(), PG_KEY: current_placement_group_id()})
-    trainer.run(cfg, report=report)
+    trial = RayTrial(cfg.train.output_dir, {"num_nodes": _num_nodes(), PG_KEY: current_placement_group_id()},
+                     check_preemption=cfg.train.preempt_grace > 0)
+    trainer.run(cfg, callbacks=[trial])
 
 
 def _initial(uri: str | None):
@@ -160,13 +164,39 @@ def _link_or_copy(src: str, dest: str) -> None:
         shutil.copy2(src, dest)
 
 
-class RayReport:
-    """The trainer's ``report`` hook: metrics from every rank, and each rank's checkpoint files."""
+class RayTrial(Callback):
+    """The trainer's callback in a Ray Train worker: metrics from every rank and each rank's checkpoint files
+    through ``ray.train.report``, and Ray Train's preemption notice.
 
-    def __init__(self, output_dir: str, extra: dict[str, Any]):
+    When a node of this trial is about to be reclaimed (a spot instance, a drained node), Ray Train tells
+    every worker (``ray.train.get_preemption_info``, asked after every step: a barrier over the trial's
+    workers). The step just done is then checkpointed and reported at once, and training goes on until the
+    node is gone: Ray Train restarts the workers on the nodes left and they continue from that step, not
+    from the last periodic checkpoint. ``--preempt-grace 0`` turns the question off.
+    """
+
+    def __init__(self, output_dir: str, extra: dict[str, Any], check_preemption: bool = True):
         self.output_dir, self.extra = output_dir, extra
+        self.check_preemption = check_preemption
+        self.noticed = None  # the preemption already checkpointed for
 
-    def __call__(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def wants_checkpoint(self, step: int) -> bool:
+        import ray.train
+
+        if not self.check_preemption:
+            return False
+        info = ray.train.get_preemption_info()  # collective: rank 0's answer on every rank
+        if info is None or info == self.noticed:
+            return False
+        self.noticed = info
+        if D.is_main():
+            deadline = f"in {info.deadline_ms / 1000 - time.time():.0f} s" if info.deadline_ms else "deadline unknown"
+            log.warning("Ray Train: node(s) %s of this trial are being preempted (%s, ranks %s): checkpointing "
+                        "step %d now, the restart continues from it", ", ".join(info.preempted_node_ids), deadline,
+                        info.preempted_ranks, step)
+        return True
+
+    def on_checkpoint(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
 
         staging = stage_node_files(checkpoint_dir, self.output_dir) if checkpoint_dir else None
@@ -216,8 +246,9 @@ def _materialize(checkpoint, output_dir: str, root: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def offline_augment(cfg: RunConfig, copies: int) -> None:
-    """Train on ``copies`` synonym-substituted copies of every pair (``dist-robust augment``), made once per node."""
+def offline_augment(cfg: RunConfig, copies: int) -> dict[str, str]:
+    """``copies`` synonym-substituted copies of every pair (``dist-robust augment``), made once per node: the
+    config values that train on them."""
     from dist_robust.data.augment import augment_main
 
     d = cfg.data
@@ -235,7 +266,7 @@ def offline_augment(cfg: RunConfig, copies: int) -> None:
             if augment_main(argv) != 0:
                 raise RuntimeError(f"dist-robust augment {' '.join(argv)} failed")
             os.replace(tmp, out)
-    d.train_file, d.augment = out, "none"
+    return {"data.train_file": out, "data.augment": "none"}
 
 
 def _read(path: str) -> str | None:
