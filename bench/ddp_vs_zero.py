@@ -84,8 +84,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from dist_robust import distributed as D
-    from dist_robust.models import BUILTIN_CONFIGS, build_model
+    from dist_robust.infra import distributed as D
+    from dist_robust.model.build import BUILTIN_CONFIGS, build_model
 
     with D.releasing_shm_files():
         if args.worker in DDP:
@@ -119,10 +119,10 @@ def worker(args: argparse.Namespace) -> None:
     else:
         import deepspeed
 
-        from dist_robust.config import RunConfig
-        from dist_robust.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
-        from dist_robust.models import split_word_embeddings
-        from dist_robust.zero import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
+        from dist_robust.config.run_config import RunConfig
+        from dist_robust.config.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
+        from dist_robust.model.build import split_word_embeddings
+        from dist_robust.infra.zero import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
 
         path, _, suffix = args.worker.partition("+")
         if suffix not in ("", AS_DEEPSPEED, ONE_MATRIX):
@@ -205,7 +205,7 @@ class _Tok:
 
 
 def driver(args: argparse.Namespace) -> None:
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"}

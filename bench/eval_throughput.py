@@ -5,7 +5,7 @@
 
 The same model and the same pairs (real dev sets: the diagonal and off-diagonal cells of the
 generalized matrix over ``--languages``, at most ``--max-pairs`` per cell, evenly spaced), one
-process. ``ours`` is ``dist_robust.evaluate.accuracy`` on a DeepSpeed engine (ZeRO-2, the
+process. ``ours`` is ``dist_robust.run.evaluate.accuracy`` on a DeepSpeed engine (ZeRO-2, the
 trainer's collator and batching); ``plain`` sorts the same encoded pairs by length, pads each
 batch to its longest row and runs the Hugging Face model under ``torch.inference_mode()``.
 The two take turns for ``--rounds``; both must count the same correct pairs. The report is
@@ -46,13 +46,13 @@ def main() -> None:
     import deepspeed
     import torch
 
-    from dist_robust import evaluate as E
-    from dist_robust.config import DataConfig, RunConfig
+    from dist_robust.run import evaluate as E
+    from dist_robust.config.run_config import DataConfig, RunConfig
     from dist_robust.data.pipeline import Collator
     from dist_robust.data.tasks import get_task
-    from dist_robust.distributed import releasing_shm_files
-    from dist_robust.ds_config import default_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, load_tokenizer
+    from dist_robust.infra.distributed import releasing_shm_files
+    from dist_robust.config.ds_config import default_ds_config, resolve_ds_config
+    from dist_robust.model.build import build_model, load_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     with releasing_shm_files():
@@ -117,6 +117,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from dist_robust.distributed import end_process_group
+    from dist_robust.infra.distributed import end_process_group
 
     end_process_group()  # as the trainer's commands do: left to interpreter exit, a rank can abort

@@ -90,9 +90,9 @@ def train(model: str, tokenizer: str, config: str, objective: str, out: Path) ->
 
 
 def make_tokenizer(root: Path) -> str:
-    from dist_robust.config import DataConfig
+    from dist_robust.config.run_config import DataConfig
     from dist_robust.data.tasks import get_task
-    from dist_robust.models import train_tokenizer
+    from dist_robust.model.build import train_tokenizer
 
     data = get_task(DataConfig(synthetic_train_size=512, synthetic_eval_size=16))
     path = root / "tokenizer"

@@ -34,11 +34,11 @@ LABELS = ("a", "b", "c")  # the synthetic task's three classes
 def _engines(model_name: str, tokenizer, objectives: dict):
     import deepspeed
 
-    from dist_robust.config import RunConfig
-    from dist_robust.ds_config import default_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, word_embeddings
+    from dist_robust.config.run_config import RunConfig
+    from dist_robust.config.ds_config import default_ds_config, resolve_ds_config
+    from dist_robust.model.build import build_model, word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, build_objective
-    from dist_robust.zero import chunked_zero_grad_norm
+    from dist_robust.infra.zero import chunked_zero_grad_norm
 
     out = {}
     for name, obj_cfg in objectives.items():
@@ -72,12 +72,12 @@ def main() -> None:
         os.environ.setdefault(key, value)
     import deepspeed
 
-    from dist_robust.config import DataConfig, ObjectiveConfig
+    from dist_robust.config.run_config import DataConfig, ObjectiveConfig
     from dist_robust.data.augment import SynonymAugmenter, load_neighbors
     from dist_robust.data.pipeline import Collator, encode, to_device, train_batch_indices
     from dist_robust.data.tasks import get_task
-    from dist_robust import distributed as D
-    from dist_robust.models import is_builtin, load_tokenizer, train_tokenizer
+    from dist_robust.infra import distributed as D
+    from dist_robust.model.build import is_builtin, load_tokenizer, train_tokenizer
     from dist_robust.objectives import StepContext
 
     with D.releasing_shm_files():
@@ -145,6 +145,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from dist_robust.distributed import end_process_group
+    from dist_robust.infra.distributed import end_process_group
 
     end_process_group()  # as the trainer's commands do: left to interpreter exit, a rank can abort

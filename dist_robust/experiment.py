@@ -38,10 +38,10 @@ import subprocess
 import sys
 import time
 
-from dist_robust import storage
-from dist_robust.argparsing import without_flags
-from dist_robust.clock import duration
-from dist_robust.redaction import redact
+from dist_robust.infra import storage
+from dist_robust.config.parsing import without_flags
+from dist_robust.infra.clock import duration
+from dist_robust.infra.redaction import redact
 
 METHODS: dict[str, list[str]] = {
     "erm": ["--objective", "erm"],
@@ -265,7 +265,7 @@ def select(runner: Runner, grid: dict[str, list[float]], seeds: list[int],
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dist_robust.argparsing import Parser
+    from dist_robust.config.parsing import Parser
 
     p = Parser(prog="dist-robust experiment", description=__doc__.split("\n")[0],
                usage="dist-robust experiment --experiment NAME [options] [-- TRAIN_OPTIONS...]",
@@ -337,7 +337,7 @@ def experiment_main(argv: list[str] | None = None) -> int:
         return 1
     print(f"experiment {args.experiment}: {len(args.methods)} method(s) x {len(args.seeds)} seed(s) in "
           f"{(time.monotonic() - start) / 60:.1f} min", flush=True)
-    from dist_robust.compare import compare_main
+    from dist_robust.analysis.compare import compare_main
 
     def summary(phase: str) -> list[str]:
         flags = ["--experiment", args.experiment, "--filter", f"tags.phase = '{phase}'", "--group-by", "tags.method"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.distributed import free_port
+from dist_robust.infra.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 tests/engine_pair.py OUT.json DS_CONFIG ADJUSTMENT
 
-``ADJUSTMENT`` names a function of :mod:`dist_robust.zero` that the trainer applies to its engine
+``ADJUSTMENT`` names a function of :mod:`dist_robust.infra.zero` that the trainer applies to its engine
 after ``deepspeed.initialize`` (``share_zero3_master_weights``, ``chunked_zero_grad_norm``). Each
 engine (the tiny built-in model, fp32, dropout off, gradients clipped to norm 0.25) trains a few
 steps on the same batches; rank 0 writes, per engine, what the adjustment returned, whether every
@@ -46,9 +46,10 @@ def _shares_master(engine) -> bool:
 def train(ds_path: str, adjustment: str | None) -> dict:
     import deepspeed
 
-    from dist_robust import models, zero
-    from dist_robust.config import RunConfig
-    from dist_robust.ds_config import load_ds_config, resolve_ds_config
+    from dist_robust.model import build as models
+    from dist_robust.infra import zero
+    from dist_robust.config.run_config import RunConfig
+    from dist_robust.config.ds_config import load_ds_config, resolve_ds_config
 
     cfg = RunConfig(ds_config=load_ds_config(ds_path))
     cfg.train.micro_batch_size, cfg.train.lr, cfg.train.max_steps = BATCH, 1e-3, STEPS
@@ -84,7 +85,7 @@ def train(ds_path: str, adjustment: str | None) -> dict:
 def main(out: str, ds_path: str, adjustment: str) -> None:
     import deepspeed
 
-    from dist_robust.distributed import end_process_group, releasing_shm_files
+    from dist_robust.infra.distributed import end_process_group, releasing_shm_files
 
     with releasing_shm_files():  # DeepSpeed's CPU all-reduce buffers, as the trainer releases them
         deepspeed.init_distributed()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dist_robust.distributed import free_port
+from dist_robust.infra.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

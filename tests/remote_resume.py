@@ -10,7 +10,7 @@ import sys
 import fsspec
 
 from dist_robust.cli import leave, train_main
-from dist_robust.faults import CRASH_ENV
+from dist_robust.run.faults import CRASH_ENV
 
 
 def main(flags: list[str]) -> None:

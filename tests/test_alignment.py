@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from dist_robust.alignment import measure, metrics_of
+from dist_robust.analysis.alignment import measure, metrics_of
 
 
 def test_measures_against_closed_forms():
@@ -36,7 +36,7 @@ def test_metrics_are_named_by_language_measure_and_layer():
 def test_gap_slopes_against_a_constructed_relation():
     """Gaps that grow by exactly 10 points per unit of misalignment (ERM) and 4 (a robust objective):
     the slopes, their paired difference, and a perfect rank correlation."""
-    from dist_robust.alignment import gap_slope, slopes_by_objective
+    from dist_robust.analysis.alignment import gap_slope, slopes_by_objective
 
     mis = {"en": 0.0, "de": 0.2, "fr": 0.3, "zh": 0.9}
 

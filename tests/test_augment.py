@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.config import DataConfig
+from dist_robust.config.run_config import DataConfig
 from dist_robust.data.augment import (SynonymAugmenter, augment_copies, augment_main, load_neighbors,
                                       substitute)
 from dist_robust.data.examples import PairExample

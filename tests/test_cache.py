@@ -11,7 +11,7 @@ from dist_robust.data.cache import encode_cached, tokenizer_fingerprint
 from dist_robust.data.examples import PairExample
 from dist_robust.data.pipeline import encode
 from dist_robust.data.readers import PAWSX_LABELS, read_pairs
-from dist_robust.models import train_tokenizer
+from dist_robust.model.build import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_tokenizer_fingerprint_ignores_truncation_state(tokenizer):
 
 def test_locally_trained_tokenizer_fits_any_alphabet(tmp_path):
     """CJK text has more distinct characters than a small vocabulary: the size grows to hold them all."""
-    from dist_robust.models import train_tokenizer
+    from dist_robust.model.build import train_tokenizer
 
     chars = [chr(0x4E00 + i) for i in range(900)]  # 900 distinct CJK ideographs
     texts = ["".join(chars[i:i + 12]) + " and some english words" for i in range(0, 900, 3)]
@@ -91,7 +91,7 @@ def test_locally_trained_tokenizer_is_the_same_in_every_process(tmp_path):
     words = [f"w{i:02d}" for i in range(40)]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(500)))
-    code = ("import sys; from dist_robust.models import train_tokenizer; "
+    code = ("import sys; from dist_robust.model.build import train_tokenizer; "
             "train_tokenizer(open(sys.argv[1]).read().splitlines(), 200, sys.argv[2])")
     saved = []
     for i in range(2):

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_robust import certify as C
+from dist_robust.run import certify as C
 from dist_robust.data.examples import PairExample
 from dist_robust.data.pipeline import Collator, encode
-from dist_robust.models import train_tokenizer
+from dist_robust.model.build import train_tokenizer
 from dist_robust.objectives import EmbeddingPerturbation
 
 WORDS = ["good", "fine", "nice", "great", "film", "movie", "bad", "plot"]

@@ -15,9 +15,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from dist_robust import storage
-from dist_robust.checkpointing import CheckpointStore, resolve_resume
-from dist_robust.tags import BEST, MANIFEST, CheckpointError, best_tag, step_tag
+from dist_robust.infra import storage
+from dist_robust.run.checkpointing import CheckpointStore, resolve_resume
+from dist_robust.run.tags import BEST, MANIFEST, CheckpointError, best_tag, step_tag
 
 FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 

@@ -11,14 +11,14 @@ import sys
 import pytest
 
 from dist_robust.cli import relaunch_command, train_main
-from dist_robust.config import RunConfig, apply_mapping, apply_overrides
-from dist_robust.tracking import resolve_experiment, resolve_uri
+from dist_robust.config.run_config import RunConfig, apply_mapping, apply_overrides
+from dist_robust.run.tracking import resolve_experiment, resolve_uri
 from tests.launch import REPO, TINY, launcher_env
 
 
 def _parse(argv: list[str]) -> RunConfig:
-    from dist_robust.argparsing import Parser
-    from dist_robust.argparsing import add_run_arguments, config_from_args
+    from dist_robust.config.parsing import Parser
+    from dist_robust.config.parsing import add_run_arguments, config_from_args
 
     parser = Parser(prog="t")
     add_run_arguments(parser)
@@ -62,7 +62,7 @@ def test_null_means_the_default_in_files_and_overrides(tmp_path, monkeypatch):
 def test_mlflow_environment_conventions(monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
     assert resolve_experiment(None) == "from-env" and resolve_experiment("given") == "given"
-    from dist_robust.compare import build_parser
+    from dist_robust.analysis.compare import build_parser
 
     assert build_parser().parse_args([]).experiment == "from-env"
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
@@ -72,7 +72,7 @@ def test_mlflow_environment_conventions(monkeypatch):
 def test_experiments_open_on_mlflows_training_view(tmp_path):
     from mlflow import MlflowClient
 
-    from dist_robust.tracking import MLflowTracker
+    from dist_robust.run.tracking import MLflowTracker
 
     uri = f"sqlite:///{tmp_path}/m.db"
     MLflowTracker(uri, "fresh", "run").finish()
@@ -182,7 +182,7 @@ def test_a_command_that_succeeded_ends_its_process_group_before_exit():
     code = ("import torch.distributed as dist, sys; from dist_robust.cli import leave; "
             "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=1); "
             "leave(int(sys.argv[1])); print(dist.is_initialized())")
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     for status, still in ((0, "False"), (1, "True")):
         out = subprocess.run([sys.executable, "-c", code.format(port=free_port()), str(status)], capture_output=True,

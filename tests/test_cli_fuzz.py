@@ -67,7 +67,7 @@ def _values(action: argparse.Action):
 
 
 def _parser_of(command: str) -> argparse.ArgumentParser:
-    from dist_robust.argparsing import Parser, add_run_arguments
+    from dist_robust.config.parsing import Parser, add_run_arguments
 
     if command in ("train", "eval", "certify", "config"):
         parser = Parser(prog=command)
@@ -82,7 +82,7 @@ def _parser_of(command: str) -> argparse.ArgumentParser:
         from dist_robust.tuning.cli import _parser
 
         return _parser()
-    from dist_robust.compare import build_parser
+    from dist_robust.analysis.compare import build_parser
 
     return build_parser()
 
@@ -114,7 +114,7 @@ def _argv(command: str):
 def contained(monkeypatch, tmp_path):
     """Each command's real work replaced by :class:`Reached`; no network, files only under ``tmp_path``."""
     import dist_robust.experiment as experiment
-    import dist_robust.trainer as trainer
+    import dist_robust.run.trainer as trainer
     import dist_robust.tuning.cli as tune_cli
 
     monkeypatch.chdir(tmp_path)
@@ -190,7 +190,7 @@ def test_a_model_folder_without_a_config_and_a_data_dir_without_a_language(conta
 
 
 def test_comma_lists_are_lists(contained):
-    from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
+    from dist_robust.config.parsing import Parser, add_run_arguments, config_from_args
 
     parser = Parser(prog="t")
     add_run_arguments(parser)
@@ -201,7 +201,7 @@ def test_comma_lists_are_lists(contained):
 def test_an_unreachable_hub_is_known_in_seconds(monkeypatch):
     import time
 
-    from dist_robust import preflight
+    from dist_robust.run import preflight
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens

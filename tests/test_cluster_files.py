@@ -179,7 +179,7 @@ def test_a_ray_head_started_as_the_slurm_script_does_refuses_a_driver_without_th
     import secrets
     import sys
 
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     token = tmp_path / "token"
     token.write_text(secrets.token_hex(32))

@@ -24,10 +24,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from dist_robust.compare import build_table, compare_main, compare_runs
-from dist_robust.compare_format import MISSING, to_csv
-from dist_robust.compare_plots import log_sweep_plots
-from dist_robust.mlflow_runs import PARENT_TAG, fetch_runs, open_client
+from dist_robust.analysis.compare import build_table, compare_main, compare_runs
+from dist_robust.analysis.compare_format import MISSING, to_csv
+from dist_robust.analysis.compare_plots import log_sweep_plots
+from dist_robust.analysis.mlflow_runs import PARENT_TAG, fetch_runs, open_client
 
 LANG_METRICS = ("acc.en", "acc.de", "acc.fr", "standard_avg", "generalized_avg")
 RUNS = {
@@ -192,13 +192,13 @@ def test_text_formats_mark_missing_metrics(logged, capsys):
 
 
 def test_partial_group_is_marked():
-    from dist_robust.mlflow_runs import RunRecord
+    from dist_robust.analysis.mlflow_runs import RunRecord
 
     records = [RunRecord("a" * 32, "a", "FINISHED", 0, {"objective.name": "pgd"}, {}, {"acc.en": 0.9}),
                RunRecord("b" * 32, "b", "FINISHED", 1, {"objective.name": "pgd"}, {}, {"acc.en": 0.8, "acc.de": 0.7})]
     text = to_csv(build_table("e", records, ["objective"]))
     assert text.splitlines()[1].endswith("0.850000,0.070711,0.700000,,,,,")
-    from dist_robust.compare_format import to_text
+    from dist_robust.analysis.compare_format import to_text
 
     out = to_text(build_table("e", records, ["objective"]))
     assert "70.00*" in out and "*: mean over fewer runs" in out
@@ -207,8 +207,8 @@ def test_partial_group_is_marked():
 def test_certified_accuracy_sits_beside_clean_accuracy():
     """Runs that were certified (``cert.<lang>``, logged by ``dist-robust certify``) get a
     certified column beside each language's clean one and the certified averages."""
-    from dist_robust.compare_format import to_text
-    from dist_robust.mlflow_runs import RunRecord
+    from dist_robust.analysis.compare_format import to_text
+    from dist_robust.analysis.mlflow_runs import RunRecord
 
     params = {"objective.name": "gaussian", "data.task": "synthetic"}
     records = [RunRecord("a" * 32, "a", "FINISHED", 0, {**params, "train.seed": "1"}, {},
@@ -358,7 +358,7 @@ def test_520_runs_in_a_local_store_come_back_page_by_page(tmp_path, capsys):
 
 
 def test_reruns_count_once_and_float_groups_are_rounded(caplog):
-    from dist_robust.mlflow_runs import RunRecord
+    from dist_robust.analysis.mlflow_runs import RunRecord
 
     def record(run_id, seed, eps, en, out):
         params = {"objective.name": "pgd", "objective.epsilon": eps, "train.seed": seed, "train.output_dir": out}
@@ -379,9 +379,9 @@ def test_reruns_count_once_and_float_groups_are_rounded(caplog):
 def test_reruns_are_one_sample_in_every_output():
     """Seed 1 run twice and seed 2 once: n is 2 in text, CSV and JSON (no partial-row mark), the
     mean weights seed 1 once, and the generalized heatmap averages seed 1's reruns before the seeds."""
-    from dist_robust.compare_format import render, to_dict
-    from dist_robust.compare_plots import generalized_matrix
-    from dist_robust.mlflow_runs import RunRecord
+    from dist_robust.analysis.compare_format import render, to_dict
+    from dist_robust.analysis.compare_plots import generalized_matrix
+    from dist_robust.analysis.mlflow_runs import RunRecord
 
     def record(run_id, seed, en, gen_en_de, out):
         params = {"objective.name": "pgd", "train.seed": seed, "train.output_dir": out}
@@ -404,8 +404,8 @@ def test_reruns_are_one_sample_in_every_output():
 
 
 def test_rows_evaluated_on_different_splits_say_so_and_one_split_is_in_the_title():
-    from dist_robust.compare_format import to_dict, to_text
-    from dist_robust.mlflow_runs import RunRecord
+    from dist_robust.analysis.compare_format import to_dict, to_text
+    from dist_robust.analysis.mlflow_runs import RunRecord
 
     def record(name: str, objective: str, split: str) -> RunRecord:
         return RunRecord(name, name, "FINISHED", 0, params={"objective.name": objective, "train.seed": "1",

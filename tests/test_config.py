@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from dist_robust.argparsing import add_run_arguments, config_from_args
-from dist_robust.config import ConfigError, RunConfig
-from dist_robust.validation import validate
-from dist_robust.ds_config import default_ds_config, resolve_ds_config
+from dist_robust.config.parsing import add_run_arguments, config_from_args
+from dist_robust.config.run_config import ConfigError, RunConfig
+from dist_robust.config.validation import validate
+from dist_robust.config.ds_config import default_ds_config, resolve_ds_config
 from dist_robust.objectives import REGISTRY, ObjectiveConfig, build_objective
 from tests.launch import REPO
 
@@ -54,7 +54,7 @@ def test_options_are_checked_by_the_named_objectives_own_declaration():
 
 
 def validate_problems(**values) -> list[str]:
-    from dist_robust.config import config_problems
+    from dist_robust.config.run_config import config_problems
 
     cfg = RunConfig()
     for key, value in values.items():
@@ -194,8 +194,8 @@ def test_unknown_objective_flag_lists_choices():
 
 
 def test_non_finite_numbers_are_refused_by_name():
-    from dist_robust.config import ConfigError, RunConfig
-    from dist_robust.validation import validate
+    from dist_robust.config.run_config import ConfigError, RunConfig
+    from dist_robust.config.validation import validate
 
     cfg = RunConfig()
     cfg.objective.epsilon, cfg.train.lr, cfg.objective.sigma = float("nan"), float("inf"), float("-inf")
@@ -207,7 +207,7 @@ def test_non_finite_numbers_are_refused_by_name():
 
 
 def test_unknown_language_is_a_config_error_before_anything_starts():
-    from dist_robust.config import ConfigError, DataConfig
+    from dist_robust.config.run_config import ConfigError, DataConfig
     from dist_robust.data.tasks import get_task
 
     with pytest.raises(ConfigError, match=r"data.languages \(--languages\) = xx: synthetic has no such language; "

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust import storage
-from dist_robust.config import ConfigError, DataConfig, RunConfig
-from dist_robust.validation import validate
-from dist_robust.ds_config import default_ds_config
+from dist_robust.infra import storage
+from dist_robust.config.run_config import ConfigError, DataConfig, RunConfig
+from dist_robust.config.validation import validate
+from dist_robust.config.ds_config import default_ds_config
 from dist_robust.data import hub
 from dist_robust.data.readers import (PAWSX_LABELS, XNLI_LABELS, DataFileError, MissingDataFileError,
                                       MissingLabelsError, read_pairs, write_pairs)

@@ -166,7 +166,7 @@ def test_eval_of_exported_model_reproduces_final_accuracies(default_run, tmp_pat
     """``dist-robust eval`` on the exported model gives the training run's own numbers: the
     export holds the selected weights and the tokenizer, and evaluation is deterministic."""
 
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     cwd, _ = default_run
     trained = json.loads((cwd / "runs" / "default" / "results.json").read_text())

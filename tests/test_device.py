@@ -15,7 +15,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
 from dist_robust.data.pipeline import Collator, Encoded, to_device
-from dist_robust.evaluate import EvalGroups, count_correct
+from dist_robust.run.evaluate import EvalGroups, count_correct
 from dist_robust.objectives import ERM, PGD, EmbeddingPerturbation, FreeLB, Gaussian, StepContext, ball
 from dist_robust.objectives.base import cross_entropy, logits_of
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dist_robust import distributed as D
+from dist_robust.infra import distributed as D
 
 ENV = (*D.LAUNCHER_ENV, *D.MPI_ENV, "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "SLURM_NTASKS")
 
@@ -43,6 +43,6 @@ def test_large_frees_go_back_to_the_os_on_linux():
     import sys
 
     # in a fresh process: the setting is process-wide
-    out = subprocess.run([sys.executable, "-c", "from dist_robust.distributed import return_large_frees_to_os as f; "
+    out = subprocess.run([sys.executable, "-c", "from dist_robust.infra.distributed import return_large_frees_to_os as f; "
                           "print(f())"], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("True" if sys.platform.startswith("linux") else "False")

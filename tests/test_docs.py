@@ -58,8 +58,8 @@ def commands(block: str) -> list[list[str]]:
 
 def _parser_for(tokens: list[str]):
     """(parser, its arguments) for a dist-robust command, or None for other commands."""
-    from dist_robust.argparsing import Parser
-    from dist_robust.argparsing import add_run_arguments
+    from dist_robust.config.parsing import Parser
+    from dist_robust.config.parsing import add_run_arguments
 
     def run_parser():
         p = Parser(prog="train")
@@ -77,7 +77,7 @@ def _parser_for(tokens: list[str]):
         parser.add_argument("--world-size", type=int)
         return parser, args
     if sub == "compare":
-        from dist_robust.compare import build_parser
+        from dist_robust.analysis.compare import build_parser
 
         return build_parser(), args
     if sub == "experiment":  # its own options, then "--" and training options (checked by the train parser)
@@ -100,7 +100,7 @@ def _parser_for(tokens: list[str]):
 
         return {"import-model": cli.import_model_parser, "trim-vocab": cli.trim_vocab_parser}[sub](), args
     if sub == "align":
-        from dist_robust.alignment import _parser
+        from dist_robust.analysis.alignment import _parser
 
         return _parser(), args
     raise AssertionError(f"unknown command in the docs: dist-robust {sub}")

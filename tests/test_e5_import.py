@@ -91,7 +91,7 @@ def test_the_config_is_bert_with_xlm_r_s_special_ids(e5_dir):
 
 
 def test_q4_0_dequantization_against_its_definition():
-    from dist_robust.e5_import import dequantize_q4_0
+    from dist_robust.model.e5_import import dequantize_q4_0
 
     nibbles = np.arange(32) % 16  # weight j -> nibble j mod 16
     packed = bytes((nibbles[j] | (nibbles[j + 16] << 4)) for j in range(16))

@@ -14,11 +14,11 @@ import json
 import pytest
 import torch
 
-from dist_robust.config import ConfigError, RunConfig
-from dist_robust.ds_config import load_ds_config
-from dist_robust.models import (RowBlockEmbedding, embedding_block_count, join_word_embedding_blocks,
+from dist_robust.config.run_config import ConfigError, RunConfig
+from dist_robust.config.ds_config import load_ds_config
+from dist_robust.model.build import (RowBlockEmbedding, embedding_block_count, join_word_embedding_blocks,
                                 split_word_embeddings, word_embeddings)
-from dist_robust.validation import validate
+from dist_robust.config.validation import validate
 from tests.launch import REPO, TINY, deepspeed, results, rewind, train_process
 
 STEPS = 4
@@ -177,7 +177,7 @@ def test_resume_with_other_blocks_is_refused_with_the_fix(block_runs):
     ("zero2", False, None, 1),
 ])
 def test_default_blocks_follow_the_ds_config(config, frozen, asked, expected):
-    from dist_robust.ds_config import embedding_blocks
+    from dist_robust.config.ds_config import embedding_blocks
 
     cfg = RunConfig(ds_config=load_ds_config(str(REPO / "ds_configs" / f"{config}.json")))
     cfg.model.embedding_blocks = asked

@@ -23,9 +23,9 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """One tokenizer for every launch, so stages differ in nothing but the engine."""
-    from dist_robust.config import DataConfig
+    from dist_robust.config.run_config import DataConfig
     from dist_robust.data.tasks import get_task
-    from dist_robust.models import train_tokenizer
+    from dist_robust.model.build import train_tokenizer
 
     d = tmp_path_factory.mktemp("tokenizer")
     data = get_task(DataConfig(synthetic_train_size=256, synthetic_eval_size=32))

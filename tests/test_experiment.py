@@ -11,9 +11,9 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from dist_robust.config import ObjectiveConfig
+from dist_robust.config.run_config import ObjectiveConfig
 from dist_robust.experiment import choose, parse_select, run_flags
-from dist_robust.paired import paired, paired_against
+from dist_robust.analysis.paired import paired, paired_against
 from tests.launch import REPO, TINY, launcher_env, results
 
 
@@ -63,8 +63,8 @@ def test_paired_statistics_against_closed_forms():
 
 
 def test_the_paired_legend_states_the_smallest_p_its_seeds_allow():
-    from dist_robust.compare_format import paired_note
-    from dist_robust.compare_table import Table
+    from dist_robust.analysis.compare_format import paired_note
+    from dist_robust.analysis.compare_table import Table
 
     for n in (3, 5):
         diffs = [0.01 * (k + 1) for k in range(n)]  # every seed won: the most extreme sign pattern
@@ -136,10 +136,10 @@ def test_experiment_command_selects_on_source_dev_runs_resumes_and_summarises(tm
 
 
 def test_progress_lines_wait_for_the_interval_then_average_the_window(caplog):
-    from dist_robust.trainer import ProgressLines
+    from dist_robust.run.trainer import ProgressLines
 
     lines = ProgressLines(seconds=3600, max_steps=4)
-    with caplog.at_level("INFO", logger="dist_robust.trainer"):
+    with caplog.at_level("INFO", logger="dist_robust.run.trainer"):
         for step, loss in enumerate([1.0, 2.0, 3.0, 6.0], start=1):
             lines.step(step, loss, elapsed=0.5 * step)
     assert [r.getMessage() for r in caplog.records] == [  # only the last step, within the hour
@@ -149,12 +149,12 @@ def test_progress_lines_wait_for_the_interval_then_average_the_window(caplog):
 def test_the_time_left_follows_the_wall_clock_pace_not_the_last_steps(caplog, monkeypatch):
     """Steps that compute in 0.1 s but take 10 s of wall time each (evaluations, a busy machine): the
     estimate is the wall pace, steady, where the compute time alone would promise seconds."""
-    from dist_robust import trainer
+    from dist_robust.run import trainer
 
     clock = [1000.0]
     monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
     lines = trainer.ProgressLines(seconds=0, max_steps=100, first_step=50)  # resumed at step 50
-    with caplog.at_level("INFO", logger="dist_robust.trainer"):
+    with caplog.at_level("INFO", logger="dist_robust.run.trainer"):
         for step in range(51, 55):
             clock[0] += 10.0
             lines.step(step, 1.0, elapsed=0.1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_robust.evaluate import spaced_subset
+from dist_robust.run.evaluate import spaced_subset
 from tests.launch import deepspeed, results
 from tests.test_best_checkpoint import write_keyword_task
 

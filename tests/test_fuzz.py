@@ -19,12 +19,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dist_robust.argparsing import Parser
-from dist_robust.argparsing import add_run_arguments, config_from_args
-from dist_robust.config import RunConfig, ConfigError
-from dist_robust.validation import validate
+from dist_robust.config.parsing import Parser
+from dist_robust.config.parsing import add_run_arguments, config_from_args
+from dist_robust.config.run_config import RunConfig, ConfigError
+from dist_robust.config.validation import validate
 from dist_robust.data.readers import PAWSX_LABELS, DataFileError, read_pairs
-from dist_robust.ds_config import resolve_ds_config
+from dist_robust.config.ds_config import resolve_ds_config
 from dist_robust.tuning.space import SpaceError, load_space
 
 CASES = int(os.environ.get("DIST_ROBUST_FUZZ_CASES", "100"))  # per test; CI runs 100

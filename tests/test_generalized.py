@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.config import DataConfig
+from dist_robust.config.run_config import DataConfig
 from dist_robust.data.tasks import get_task
-from dist_robust.evaluate import ParallelIdError, generalized_sets
+from dist_robust.run.evaluate import ParallelIdError, generalized_sets
 
 PAWSX_LANGS = ["en", "de", "es", "fr", "ja", "ko", "zh"]
 

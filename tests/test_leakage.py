@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.config import DataConfig
+from dist_robust.config.run_config import DataConfig
 from dist_robust.data.examples import PairExample
 from dist_robust.data.leakage import LeakageError, check_leakage, find_overlaps, normalize
 from dist_robust.data.readers import PAWSX_LABELS, read_pairs

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.distributed import free_port
+from dist_robust.infra.distributed import free_port
 from tests.launch import REPO, TINY, launcher_env
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]  # a minute of a browser: make test-all, not CI

@@ -67,7 +67,7 @@ def test_mlflow_loads_the_logged_model_and_it_labels_pairs_as_the_folder_does(tr
 
 @pytest.mark.launcher
 def test_mlflow_models_serve_classifies_a_pair_over_http(tracked_run):
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     root, uri, run_id = tracked_run
     port = free_port()

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.distributed import free_port
-from dist_robust.faults import CRASH_ENV
+from dist_robust.infra.distributed import free_port
+from dist_robust.run.faults import CRASH_ENV
 from tests.launch import REPO, TINY, launcher_env
 
 pytestmark = pytest.mark.launcher

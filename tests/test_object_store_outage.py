@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from dist_robust.distributed import free_port
+from dist_robust.infra.distributed import free_port
 from tests.launch import REPO, TINY, launcher_env
 from tests.netgate import Gate
 
@@ -125,7 +125,7 @@ def test_store_lost_mid_run_then_back_then_resume_from_it_then_lost_for_good(sto
     assert f"Nothing is lost: all of it is in {staging}" in error
     assert "Traceback" not in log
     # the local copy is complete: pointer, manifest-verified checkpoint, results continuing run 1's
-    from dist_robust.checkpointing import verify
+    from dist_robust.run.checkpointing import verify
 
     assert (staging / "checkpoints" / "latest").read_text() == "step-00000008"
     verify(str(staging / "checkpoints"), "step-00000008")

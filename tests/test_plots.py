@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from dist_robust import plots
-from dist_robust.tracking import MLflowTracker, NullTracker
+from dist_robust.run import plots
+from dist_robust.run.tracking import MLflowTracker, NullTracker
 
 MATRIX = {"en": {"en": 0.93, "de": 0.80, "ja": 0.70},
           "de": {"en": 0.81, "de": 0.86, "ja": 0.69},
@@ -188,7 +188,7 @@ def test_certified_accuracy_plot_has_a_line_per_language(tmp_path):
 
 
 def test_heatmap_scales_are_stated_symmetric_for_differences_and_never_a_sliver_for_accuracy():
-    from dist_robust.plots import heatmap_figure
+    from dist_robust.run.plots import heatmap_figure
 
     langs = ("en", "de", "fr")
     narrow = {a: {b: 0.569 + 0.005 * (i + j) for j, b in enumerate(langs)} for i, a in enumerate(langs)}
@@ -206,7 +206,7 @@ def test_heatmap_scales_are_stated_symmetric_for_differences_and_never_a_sliver_
 
 
 def test_a_run_s_heatmap_says_how_noisy_its_cells_are():
-    from dist_robust.plots import run_figures
+    from dist_robust.run.plots import run_figures
 
     langs = ("en", "de")
     results = {"task": "xnli", "objective": "erm", "eval_split": "dev", "generalized_examples": 300,

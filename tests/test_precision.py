@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_robust.config import ObjectiveConfig
+from dist_robust.config.run_config import ObjectiveConfig
 from dist_robust.objectives import build_objective
 from dist_robust.objectives.smart import BF16_CAVEAT, precision_caveat
 
@@ -54,7 +54,7 @@ def test_sum_of_squares_keeps_float64_accuracy_where_torchs_cpu_norm_does_not():
     the same sum in float64, over 32M standard normal float32 values and a few small tensors: within
     1e-6 of it, where torch 2.13's own float32 CPU norm of the big tensor is off by about 1e-3
     (pytorch/pytorch#169237)."""
-    from dist_robust.zero import sum_of_squares
+    from dist_robust.infra.zero import sum_of_squares
 
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(1 << 25, generator=g), torch.randn(300, 7, generator=g), torch.zeros(0), torch.ones(5)]

@@ -70,7 +70,7 @@ def test_training_starts_from_the_pretrained_encoder(runs, minilm, stage):
 def test_exported_model_reproduces_results_with_its_labels(runs, stage):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from dist_robust.config import DataConfig
+    from dist_robust.config.run_config import DataConfig
     from dist_robust.data.tasks import get_task
 
     res = results(runs[stage])
@@ -94,7 +94,7 @@ def _eval(args: list[str], out: Path) -> dict:
     import subprocess
     import sys
 
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
     from tests.launch import launcher_env
 
     env = launcher_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

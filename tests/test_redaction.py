@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dist_robust.redaction import redact, redact_tree
+from dist_robust.infra.redaction import redact, redact_tree
 from tests.launch import REPO, TINY, launcher_env
 
 SECRET = "pl4nted-S3CRET"
@@ -48,7 +48,7 @@ def test_a_tracked_run_writes_no_credential(mlflow_server, tmp_path):
 
     uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
     env = launcher_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(__import__("dist_robust.distributed").distributed.free_port()))
+                       MASTER_PORT=str(__import__("dist_robust.infra.distributed").distributed.free_port()))
     flags = [f for f in TINY if f not in ("--mlflow-uri", "none")]
     proc = subprocess.run([sys.executable, "train.py", *flags, "--max-steps", "2", "--eval-steps", "0",
                            "--mlflow-uri", uri, "--experiment", "secrets", "--output-dir", str(tmp_path / "run")],
@@ -98,8 +98,8 @@ def test_a_trial_s_loop_config_shows_ray_s_dashboard_no_credential():
 
     from ray.train.v2._internal.state.schema import _to_json_serializable_value
 
-    from dist_robust.config import RunConfig
-    from dist_robust.redaction import sealed_config, sealed_env
+    from dist_robust.config.run_config import RunConfig
+    from dist_robust.infra.redaction import sealed_config, sealed_env
 
     cfg = RunConfig()
     cfg.tracking.mlflow_uri = f"http://alice:{SECRET}@mlflow:5000"
@@ -125,7 +125,7 @@ def test_experiment_children_get_credentialed_options_from_a_private_file_not_th
     assert argv[:4] == plain[:4] and len(argv) == 5 and argv[4].startswith("@") and SECRET not in " ".join(argv)
     path = argv[4][1:]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and open(path).read().splitlines() == secret[4:]
-    from dist_robust.argparsing import Parser, add_run_arguments, config_from_args
+    from dist_robust.config.parsing import Parser, add_run_arguments, config_from_args
 
     parser = Parser(prog="t")
     add_run_arguments(parser)

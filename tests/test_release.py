@@ -35,7 +35,7 @@ for name, ds, crash in [("zero2", "zero2", ""), ("zero3", "zero3", ""), ("zero2 
                 "engines": sum(isinstance(o, deepspeed.DeepSpeedEngine) for o in objects),
                 "parameter_elements": sum(o.numel() for o in objects if isinstance(o, torch.nn.Parameter))})
 print("RESULT " + json.dumps(out))
-from dist_robust.distributed import end_process_group
+from dist_robust.infra.distributed import end_process_group
 end_process_group()  # one rank: safe after the crash, and no abort at exit
 """
 

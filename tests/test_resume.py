@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from dist_robust.checkpointing import MANIFEST
+from dist_robust.run.checkpointing import MANIFEST
 from tests.launch import REPO, TINY, deepspeed, deepspeed_command, launcher_env, results, torchrun
 
 pytestmark = pytest.mark.launcher

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust import run_folder
-from dist_robust.config import RunConfig
+from dist_robust.run import run_folder
+from dist_robust.config.run_config import RunConfig
 from tests.launch import TINY, results, train_process
 
 FLAGS = [*TINY, "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2"]
@@ -97,7 +97,7 @@ def test_overwrite_and_resume_together_are_a_config_error():
 
 
 def test_check_on_an_object_store(tmp_path):
-    from dist_robust import storage
+    from dist_robust.infra import storage
 
     cfg = RunConfig()
     cfg.train.output_dir = "memory://run-folder-test/a"

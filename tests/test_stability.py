@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from dist_robust.distributed import LAUNCHER_ENV
+from dist_robust.infra.distributed import LAUNCHER_ENV
 from tests.launch import REPO, TINY, deepspeed, launcher_env, results
 
 pytestmark = pytest.mark.launcher

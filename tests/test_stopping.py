@@ -8,8 +8,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dist_robust.stopping import Stopped, shielded, stops_as_exceptions
-from dist_robust.tracking import ResilientTracker
+from dist_robust.run.stopping import Stopped, shielded, stops_as_exceptions
+from dist_robust.run.tracking import ResilientTracker
 
 
 class _SignalsOnFloat:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_robust.config import DataConfig
+from dist_robust.config.run_config import DataConfig
 from dist_robust.data import synthetic
 from dist_robust.data.tasks import get_task
-from dist_robust.models import align_word_embeddings, build_model, train_tokenizer, word_embeddings
+from dist_robust.model.build import align_word_embeddings, build_model, train_tokenizer, word_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_robust.toolchain import build_cache_dir, use_environment_build_cache
+from dist_robust.infra.toolchain import build_cache_dir, use_environment_build_cache
 from tests.launch import REPO, TINY, launcher_env
 
 
@@ -32,11 +32,11 @@ def test_the_build_cache_belongs_to_this_environment(monkeypatch):
 
 @pytest.mark.launcher
 def test_a_run_after_set_up_compiles_nothing(tmp_path):
-    """``python -m dist_robust.toolchain`` (what ``make setup`` runs), then a training run: the op's
+    """``python -m dist_robust.infra.toolchain`` (what ``make setup`` runs), then a training run: the op's
     library is not rebuilt (same file, same time) and the run's output shows no compiler step."""
     env = {k: v for k, v in launcher_env().items() if k not in ("TORCH_EXTENSIONS_DIR", "DIST_ROBUST_EXTENSIONS_FOR")}
     env["PATH"] = "/usr/bin:/bin"  # as a shell without the environment activated: set-up must not depend on it
-    setup = subprocess.run([sys.executable, "-m", "dist_robust.toolchain"], cwd=REPO, env=env, capture_output=True,
+    setup = subprocess.run([sys.executable, "-m", "dist_robust.infra.toolchain"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=600)
     assert setup.returncode == 0, setup.stderr[-3000:]
     built = sorted(Path(build_cache_dir()).rglob("*.so"))

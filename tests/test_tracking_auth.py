@@ -25,7 +25,7 @@ EXPERIMENT = "auth"
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     """An MLflow server that takes only its users; ``alice`` is one of them."""
-    from dist_robust.distributed import free_port
+    from dist_robust.infra.distributed import free_port
 
     port = free_port()
     proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), port, admin_password=ADMIN)

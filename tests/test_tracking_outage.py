@@ -17,8 +17,8 @@ import time
 
 from mlflow import MlflowClient
 
-from dist_robust.distributed import free_port
-from dist_robust.tracking import JOURNAL, ResilientTracker
+from dist_robust.infra.distributed import free_port
+from dist_robust.run.tracking import JOURNAL, ResilientTracker
 from tests.conftest import start_mlflow_server, stop_mlflow_server
 from tests.launch import REPO, TINY, launcher_env
 
@@ -34,7 +34,7 @@ def test_server_killed_mid_run_then_back(tmp_path, caplog):
     server = start_mlflow_server(root, port)
     journal_dir = tmp_path / "run"
     try:
-        with caplog.at_level(logging.WARNING, logger="dist_robust.tracking"):
+        with caplog.at_level(logging.WARNING, logger="dist_robust.run.tracking"):
             tracker = ResilientTracker(str(journal_dir), uri, "outage", "mid-run", retry_s=1.0)
             tracker.log_params({"lr": 0.1})
             for step in (1, 2):

@@ -111,7 +111,7 @@ def test_smoke_shrinks_any_space_to_the_tiny_config():
 
 
 def test_set_key_keeps_field_types():
-    from dist_robust.config import RunConfig, set_key
+    from dist_robust.config.run_config import RunConfig, set_key
 
     cfg = RunConfig()
     set_key(cfg, "objective.adv_steps", 3.0)

@@ -15,8 +15,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from dist_robust import storage
-from dist_robust.checkpointing import CheckpointError, CheckpointStore, checked_tag, resolve_resume
+from dist_robust.infra import storage
+from dist_robust.run.checkpointing import CheckpointError, CheckpointStore, checked_tag, resolve_resume
 from tests.launch import REPO, TINY, launcher_env, train_process
 
 

@@ -112,4 +112,4 @@ def test_checkpoint_of_another_stage_format_is_refused_before_the_model_is_built
     assert ("step-00000002 was written at ZeRO-2 and this run is at ZeRO-3: DeepSpeed loads a checkpoint only at a "
             "stage of its format" in proc.stderr)
     assert "resume it with a ds_config at ZeRO-1 or 2, e.g. --deepspeed ds_configs/zero2.json" in proc.stderr
-    assert "dist_robust.trainer: resumed" not in proc.stderr and "parameters, 1 rank(s)" not in proc.stderr
+    assert "dist_robust.run.trainer: resumed" not in proc.stderr and "parameters, 1 rank(s)" not in proc.stderr

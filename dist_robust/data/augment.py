@@ -23,8 +23,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from dist_robust import storage
-from dist_robust.config import DATA_FORMATS, DataConfig
+from dist_robust.infra import storage
+from dist_robust.config.run_config import DATA_FORMATS, DataConfig
 from dist_robust.data import real_tasks
 from dist_robust.data.examples import PairExample
 from dist_robust.data.readers import write_pairs
@@ -123,7 +123,7 @@ def augment_copies(examples: Sequence[PairExample], augmenter: SynonymAugmenter,
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dist_robust.argparsing import Parser
+    from dist_robust.config.parsing import Parser
 
     p = Parser(prog="dist-robust augment", description="Write an RS-DA synonym-augmented copy of an English "
                                                        "training set.")

@@ -18,7 +18,7 @@ import os
 from contextlib import contextmanager
 from typing import Any
 
-from dist_robust import distributed as D
+from dist_robust.infra import distributed as D
 from dist_robust.data.examples import PairExample
 from dist_robust.data.pipeline import Encoded
 

@@ -9,7 +9,7 @@ Two layouts are understood, tried in this order:
 
 from __future__ import annotations
 
-from dist_robust import storage
+from dist_robust.infra import storage
 from dist_robust.data.readers import MissingDataFileError
 
 EXTENSIONS = ("tsv", "jsonl", "parquet")

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_robust import storage
-from dist_robust.config import DATA_FORMATS
+from dist_robust.infra import storage
+from dist_robust.config.run_config import DATA_FORMATS
 from dist_robust.data.examples import PairExample
 
 COLUMN_ALIASES = {

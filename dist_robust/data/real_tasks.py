@@ -27,9 +27,9 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from dist_robust import distributed as D
-from dist_robust import storage
-from dist_robust.config import DataConfig
+from dist_robust.infra import distributed as D
+from dist_robust.infra import storage
+from dist_robust.config.run_config import DataConfig
 from dist_robust.data import hub, layout
 from dist_robust.data.leakage import check_leakage
 from dist_robust.data.readers import (PAWSX_LABELS, XNLI_LABELS, LabelSet, MissingDataFileError,

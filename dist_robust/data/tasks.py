@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dist_robust.config import ConfigError, DataConfig
+from dist_robust.config.run_config import ConfigError, DataConfig
 from dist_robust.data import synthetic
 from dist_robust.data.real_tasks import pawsx, xnli
 from dist_robust.data.taskdata import TaskData

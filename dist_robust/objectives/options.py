@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_robust.section import Section
+from dist_robust.infra.section import Section
 
 Problem = Callable[[str, Any, str], None]  # bad(key, value, accepted)
 

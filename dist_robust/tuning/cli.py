@@ -17,10 +17,10 @@ import os
 import signal
 import sys
 
-from dist_robust import storage
-from dist_robust.argparsing import Parser
-from dist_robust.redaction import MASK, redact_tree
-from dist_robust.tracking import resolve_experiment
+from dist_robust.infra import storage
+from dist_robust.config.parsing import Parser
+from dist_robust.infra.redaction import MASK, redact_tree
+from dist_robust.run.tracking import resolve_experiment
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.console import ray_session_logs, send_ray_logs_to
 from dist_robust.tuning.space import SpaceError, load_space

@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from dist_robust.argparsing import add_run_arguments, config_from_args
-from dist_robust.config import ConfigError, RunConfig, field_kind, get_key, iter_fields, parse_yaml, set_key
-from dist_robust.validation import validate
+from dist_robust.config.parsing import add_run_arguments, config_from_args
+from dist_robust.config.run_config import ConfigError, RunConfig, field_kind, get_key, iter_fields, parse_yaml, set_key
+from dist_robust.config.validation import validate
 from dist_robust.tuning.space_checks import LISTED_TYPES, check_options, with_defaults
 from dist_robust.tuning.spec import ParamSpec, SweepSpec
 

@@ -7,7 +7,7 @@ import dataclasses
 import importlib.util
 from typing import Any
 
-from dist_robust.storage import safe_segment
+from dist_robust.infra.storage import safe_segment
 from dist_robust.tuning.spec import SweepSpec
 
 LISTED_TYPES = ("choice", "grid")

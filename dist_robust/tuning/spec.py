@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_robust.config import RunConfig, from_dict
+from dist_robust.config.run_config import RunConfig, from_dict
 
 
 @dataclass

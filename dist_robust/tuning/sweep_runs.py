@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dist_robust.mlflow_runs import PARENT_TAG, quote
-from dist_robust.redaction import redact_tree
-from dist_robust.tracking import MLflowTracker, flatten, resolve_uri
+from dist_robust.analysis.mlflow_runs import PARENT_TAG, quote
+from dist_robust.infra.redaction import redact_tree
+from dist_robust.run.tracking import MLflowTracker, flatten, resolve_uri
 from dist_robust.tuning.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def log_summary(tracking: SweepTracking, spec: SweepSpec, trials: list[dict], be
 def _log_plots(tracking: SweepTracking) -> None:
     """Accuracy against epsilon / sigma over the trials, when the plotting code is there."""
     try:
-        from dist_robust.compare_plots import log_sweep_plots
+        from dist_robust.analysis.compare_plots import log_sweep_plots
     except ImportError:
         return
     try:

@@ -34,9 +34,9 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from dist_robust import storage
-from dist_robust.config import RunConfig, set_key
-from dist_robust.redaction import sealed_config, sealed_env
+from dist_robust.infra import storage
+from dist_robust.config.run_config import RunConfig, set_key
+from dist_robust.infra.redaction import sealed_config, sealed_env
 from dist_robust.tuning import sweep_runs
 from dist_robust.tuning.cleanup import RUN_KEY
 from dist_robust.tuning.spec import SweepSpec

@@ -24,12 +24,12 @@ import tempfile
 import time
 from typing import Any
 
-from dist_robust import distributed as D
-from dist_robust import faults
-from dist_robust.callbacks import Callback
-from dist_robust.tags import BEST, BEST_PREFIX, LATEST, read_pointer
-from dist_robust.config import RunConfig
-from dist_robust.toolchain import use_environment_build_cache
+from dist_robust.infra import distributed as D
+from dist_robust.run import faults
+from dist_robust.run.callbacks import Callback
+from dist_robust.run.tags import BEST, BEST_PREFIX, LATEST, read_pointer
+from dist_robust.config.run_config import RunConfig
+from dist_robust.infra.toolchain import use_environment_build_cache
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from dist_robust import trainer
+    from dist_robust.run import trainer
 
     use_environment_build_cache()
     os.environ.update(loop_config["env"].value)

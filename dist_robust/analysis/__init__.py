@@ -1,0 +1,2 @@
+"""Reading runs back: comparison tables, paired statistics and figures from MLflow, and cross-lingual
+alignment."""

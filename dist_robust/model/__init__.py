@@ -1,0 +1,1 @@
+"""Models in and out: building, importing, trimming, serving."""
