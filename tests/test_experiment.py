@@ -136,10 +136,10 @@ def test_experiment_command_selects_on_source_dev_runs_resumes_and_summarises(tm
 
 
 def test_progress_lines_wait_for_the_interval_then_average_the_window(caplog):
-    from dist_robust.run.trainer import ProgressLines
+    from dist_robust.run.progress import ProgressLines
 
     lines = ProgressLines(seconds=3600, max_steps=4)
-    with caplog.at_level("INFO", logger="dist_robust.run.trainer"):
+    with caplog.at_level("INFO", logger="dist_robust.run.progress"):
         for step, loss in enumerate([1.0, 2.0, 3.0, 6.0], start=1):
             lines.step(step, loss, elapsed=0.5 * step)
     assert [r.getMessage() for r in caplog.records] == [  # only the last step, within the hour
@@ -149,12 +149,12 @@ def test_progress_lines_wait_for_the_interval_then_average_the_window(caplog):
 def test_the_time_left_follows_the_wall_clock_pace_not_the_last_steps(caplog, monkeypatch):
     """Steps that compute in 0.1 s but take 10 s of wall time each (evaluations, a busy machine): the
     estimate is the wall pace, steady, where the compute time alone would promise seconds."""
-    from dist_robust.run import trainer
+    from dist_robust.run import progress
 
     clock = [1000.0]
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
-    lines = trainer.ProgressLines(seconds=0, max_steps=100, first_step=50)  # resumed at step 50
-    with caplog.at_level("INFO", logger="dist_robust.run.trainer"):
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    lines = progress.ProgressLines(seconds=0, max_steps=100, first_step=50)  # resumed at step 50
+    with caplog.at_level("INFO", logger="dist_robust.run.progress"):
         for step in range(51, 55):
             clock[0] += 10.0
             lines.step(step, 1.0, elapsed=0.1)

@@ -10,6 +10,7 @@ ignores the scale).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -118,3 +119,29 @@ def test_sweep_files_search_its_options(tmp_path, toy_env):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert "params.objective.toy_weight = 11.0: objective.toy_weight (--toy-weight) = 11.0: must be in [0, 10]" \
         in bad.stderr
+
+
+@pytest.mark.slow  # make test-all; not in CI (a local Ray cluster)
+def test_a_sweep_trains_it_on_ray(tmp_path, toy_env, tmp_path_factory):
+    flags = [f for f in TINY if f not in ("--mlflow-uri", "none")]
+    space = {"name": "toy-sweep", "base": {"flags": [*flags, "--objective", "toy", "--max-steps", "4",
+                                                     "--eval-steps", "2", "--save-steps", "2", "--no-export-model",
+                                                     "--no-generalized"]},
+             "params": {"objective.toy_weight": {"type": "uniform", "low": 1.0, "high": 2.0}},
+             "num_samples": 1, "workers_per_trial": 2, "scheduler": {"type": "fifo"},
+             "scratch_dir": str(tmp_path / "scratch")}
+    (tmp_path / "space.yaml").write_text(json.dumps(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**toy_env, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray"))}
+    proc = subprocess.run([sys.executable, "-m", "dist_robust.tuning", "--space", str(tmp_path / "space.yaml"),
+                           "--storage", str(tmp_path / "results"), "--mlflow-uri", uri, "--experiment", "toy",
+                           "--num-cpus", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    (trial,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert trial.info.status == "FINISHED" and trial.data.params["objective.name"] == "toy"
+    assert 1.0 <= float(trial.data.params["objective.toy_weight"]) <= 2.0
+    assert len(client.get_metric_history(trial.info.run_id, "train/loss")) == 4

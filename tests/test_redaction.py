@@ -48,7 +48,7 @@ def test_a_tracked_run_writes_no_credential(mlflow_server, tmp_path):
 
     uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
     env = launcher_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(__import__("dist_robust.infra.distributed").distributed.free_port()))
+                       MASTER_PORT=str(__import__("dist_robust.infra.distributed").infra.distributed.free_port()))
     flags = [f for f in TINY if f not in ("--mlflow-uri", "none")]
     proc = subprocess.run([sys.executable, "train.py", *flags, "--max-steps", "2", "--eval-steps", "0",
                            "--mlflow-uri", uri, "--experiment", "secrets", "--output-dir", str(tmp_path / "run")],

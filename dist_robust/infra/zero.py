@@ -233,3 +233,14 @@ def save_checkpoint_or_failure(engine, save_dir: str, tag: str, client_state: di
             dist.barrier()  # the one save_checkpoint ends with, where the ranks that did not fail wait
         return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
     return None
+
+
+def optimizer_name(engine) -> str:
+    """The torch optimizer that updates the weights, under DeepSpeed's wrappers: "AdamW (fused)".
+
+    Read from its parameter groups, which a resumed checkpoint's settings replace."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    fused = isinstance(opt, torch.optim.Optimizer) and any(g.get("fused") for g in opt.param_groups)
+    return type(opt).__name__ + (" (fused)" if fused else "")

@@ -23,7 +23,7 @@ class Callback:
     """No-op hooks to override."""
 
     def on_start(self, setup: Any) -> None:
-        """Local: the engine is built (``setup``: the run's :class:`dist_robust.run.trainer.Setup`)."""
+        """Local: the engine is built (``setup``: the run's :class:`dist_robust.run.state.Setup`)."""
 
     def on_step_start(self, step: int) -> None:
         """Local: optimizer step ``step`` (1-based) is about to run."""

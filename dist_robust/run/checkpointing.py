@@ -143,7 +143,8 @@ class CheckpointStore:
         failures = [f for f in D.gather_objects(failure) if f]
         if not failures:
             return
-        written = _bytes_under(os.path.join(self.local_root, tag))
+        # rank 0 measures before any node's first rank removes the tag (reading while another rank deletes races)
+        written = D.from_main(_bytes_under(os.path.join(self.local_root, tag)) if D.is_main() else 0)
         if D.local_rank() == 0:
             shutil.rmtree(os.path.join(self.local_root, tag), ignore_errors=True)  # the space the torn tag took
         D.barrier()

@@ -9,97 +9,47 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from dist_robust.run import certify as C
-from dist_robust.infra import distributed as D
-from dist_robust.infra import quiet
-from dist_robust.run import run_folder
-from dist_robust.run import evaluate as E
-from dist_robust.infra import storage
-from dist_robust.run.callbacks import Callback, Callbacks, TrackMetrics
-from dist_robust.run.faults import FaultInjection
-from dist_robust.infra.clock import StartupClock, duration
-from dist_robust.run.checkpointing import CheckpointStore, export_model, load_tag, read_layout
-from dist_robust.run.plan import Plan, ResumePoint, resolve
-from dist_robust.config.run_config import ConfigError, RunConfig
 from dist_robust.config.ds_config import embedding_blocks, user_grad_accum
+from dist_robust.config.run_config import ConfigError, RunConfig
 from dist_robust.config.validation import validate
 from dist_robust.data.augment import SynonymAugmenter
 from dist_robust.data.cache import encode_cached
-from dist_robust.data.pipeline import (Collator, micro_batch_number, batches_per_epoch, continue_batch_index, encode,
+from dist_robust.data.pipeline import (Collator, batches_per_epoch, continue_batch_index, encode, micro_batch_number,
                                        to_device, train_batch_indices)
 from dist_robust.data.tasks import TaskData, get_task
-from dist_robust.model.build import (align_word_embeddings, build_model, count_parameters, embedding_block_count,
-                                is_builtin, load_tokenizer, split_word_embeddings, train_tokenizer, word_embeddings)
-from dist_robust.objectives import EmbeddingPerturbation, Objective, StepContext, build_objective
-from dist_robust.objectives.smart import precision_caveat
-from dist_robust.run.outputs import command_line, final_metrics, model_card, write_outputs
-from dist_robust.run.preflight import check_inputs
+from dist_robust.infra import distributed as D
+from dist_robust.infra import quiet, storage
+from dist_robust.infra.clock import StartupClock
 from dist_robust.infra.redaction import redact, redact_tree
+from dist_robust.infra.zero import (chunked_zero_grad_norm, forget_zero3_module, norm_overflow_check, optimizer_name,
+                                    share_zero3_master_weights, zero3_context)
+from dist_robust.model.build import (align_word_embeddings, build_model, count_parameters, embedding_block_count,
+                                     is_builtin, load_tokenizer, split_word_embeddings, train_tokenizer,
+                                     word_embeddings)
+from dist_robust.objectives import EmbeddingPerturbation, StepContext, build_objective
+from dist_robust.objectives.smart import precision_caveat
+from dist_robust.run import evaluate as E
+from dist_robust.run import progress, run_folder
+from dist_robust.run.callbacks import Callback, Callbacks, TrackMetrics
+from dist_robust.run.checkpointing import CheckpointStore, export_model, load_tag
+from dist_robust.run.faults import FaultInjection
+from dist_robust.run.final import certify_final, check_final_sets, final_evaluation
+from dist_robust.run.outputs import command_line, final_metrics, model_card, write_outputs
+from dist_robust.run.plan import ResumePoint, resolve
+from dist_robust.run.preflight import check_inputs
 from dist_robust.run.stability import BadStepMonitor, fp16_loss_scale, guard_plain_optimizer
+from dist_robust.run.state import Setup, State
 from dist_robust.run.stopping import PREEMPTION, Preempted, preemption_window
 from dist_robust.run.tags import BEST, LATEST, best_tag, step_tag
-from dist_robust.run.tracking import (NullTracker, ResilientTracker, Tracker, describe_run, flatten, resolve_experiment,
-                                  resolve_uri)
-from dist_robust.infra.zero import (chunked_zero_grad_norm, forget_zero3_module, norm_overflow_check,
-                              share_zero3_master_weights, zero3_context)
+from dist_robust.run.tracking import ResilientTracker, describe_run, flatten, resolve_experiment, resolve_uri
 
 log = logging.getLogger(__name__)
 
 STOP_KEY = "_stop"  # in a step's reduced statistics: some rank got a preemption signal
-
-
-@dataclass
-class Setup:
-    """Everything built once before the first step."""
-
-    plan: Plan  # the config, the resolved ds_config and the resume point, frozen
-    data: TaskData
-    tokenizer: Any
-    collator: Collator
-    train_set: Any
-    dev: E.EvalGroups
-    engine: Any
-    objective: Objective
-    perturbation: EmbeddingPerturbation
-    store: CheckpointStore
-    zero3: zero3_context
-    clock: StartupClock
-    augmenter: SynonymAugmenter | None = None
-    tracker: Tracker = field(default_factory=NullTracker)
-    # Per-language dev accuracy by step, measured by this process on ``dev`` (not carried across a
-    # resume: a later process may have other evaluation sets).
-    dev_measured: dict[int, dict[str, float]] = field(default_factory=dict)
-    save_seconds: float | None = None  # how long this process's last checkpoint took
-
-    @property
-    def cfg(self) -> RunConfig:
-        return self.plan.cfg
-
-    @property
-    def ds_config(self) -> Mapping:
-        return self.plan.ds_config
-
-
-@dataclass
-class State:
-    """What a checkpoint's client_state carries so a resumed run continues exactly."""
-
-    step: int = 0
-    batch_index: int = 0
-    train_losses: list[float] = field(default_factory=list)
-    dev_history: list[dict] = field(default_factory=list)
-    best_score: float = -1.0
-    best_step: int = -1
-    skipped_steps: int = 0
-    max_delta_norm: float = 0.0  # largest perturbation norm an objective reported (rank mean of batch maxima)
-    seconds_per_step: float = float("nan")  # median over this session's steps after the first
-    mlflow_run_id: str | None = None
 
 
 def run(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict | None:
@@ -121,9 +71,9 @@ def run(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict | None:
                 state.best_step = state.step  # evaluate the weights as they are
             else:
                 _fit(setup, state, hooks)
-            results = _final_evaluation(setup, state)
+            results = final_evaluation(setup, state)
             if cfg.certify.method != "none":
-                results["certify"] = _certify(setup)
+                results["certify"] = certify_final(setup)
             _save_outputs(setup, state, results)
             hooks.on_checkpoint(final_metrics(results, state.step), None)
         except BaseException as err:  # a stop (Ctrl+C, SIGTERM, a preemption) is KILLED, the rest FAILED
@@ -168,7 +118,7 @@ def _setup(cfg: RunConfig) -> Setup:
     run_folder.check(cfg)  # before anything is written: another run's outputs stay as they are
     # Data errors (bad rows, leakage) surface before any process group.
     data = get_task(cfg.data, train=not cfg.train.eval_only)
-    _check_final_sets(cfg, data)
+    check_final_sets(cfg, data)
     augmenter = SynonymAugmenter.from_config(cfg.data, cfg.train.seed, data.synonyms)
     clock.mark("data")
     with quiet.printed_aside():  # (DeepSpeed prints a line per rank when it loads its compiled op)
@@ -195,7 +145,7 @@ def _setup(cfg: RunConfig) -> Setup:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.label_names, tokenizer, cfg.model.dropout, cfg.train.seed)
     frozen = _pretrained_lexicon(cfg, data, tokenizer, model)
-    blocks = split_word_embeddings(model, embedding_blocks(cfg, ds, frozen), ds)
+    blocks = split_word_embeddings(model, embedding_blocks(cfg, ds, frozen), plan.engine_config())
     _check_resume_blocks(plan.resume, blocks)
     if blocks > 1:
         log.info("word embedding: %d blocks of rows, each gathered and reduced on its own (ZeRO-3; "
@@ -230,17 +180,6 @@ def _setup(cfg: RunConfig) -> Setup:
         log.warning(caveat)
     return Setup(plan, data, tokenizer, collator, train_set, dev, engine, objective, perturbation, store, zero3,
                  clock, augmenter)
-
-
-def optimizer_name(engine) -> str:
-    """The torch optimizer that updates the weights, under DeepSpeed's wrappers: "AdamW (fused)".
-
-    Read from its parameter groups, which a resumed checkpoint's settings replace."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    fused = isinstance(opt, torch.optim.Optimizer) and any(g.get("fused") for g in opt.param_groups)
-    return type(opt).__name__ + (" (fused)" if fused else "")
 
 
 def _pretrained_lexicon(cfg: RunConfig, data: TaskData, tokenizer, model) -> bool:
@@ -286,24 +225,6 @@ def _save(setup: Setup, state: State, tag: str, pointer: str = LATEST) -> str:
     local = setup.store.save(setup.engine, tag, _client_state(state), pointer=pointer, layout=_layout(setup))
     setup.save_seconds = time.monotonic() - start  # what a checkpoint costs, for a preemption's grace period
     return local
-
-
-def final_split(cfg: RunConfig, data: TaskData) -> str:
-    """The split the final evaluation reports: as asked, or test when the task has labelled test sets."""
-    if cfg.train.eval_split != "auto":
-        return cfg.train.eval_split
-    return "test" if data.test else "dev"
-
-
-def _check_final_sets(cfg: RunConfig, data: TaskData) -> None:
-    """Problems of the final evaluation's sets, found before the first step rather than after the last."""
-    split = final_split(cfg, data)
-    sets = data.test if split == "test" else data.dev
-    if not sets:
-        raise ConfigError([f"train.eval_split (--eval-split) = {cfg.train.eval_split!r}: the {cfg.data.task} data "
-                           f"has no labelled {split} sets here; use --eval-split dev or auto"])
-    if cfg.train.generalized:
-        E.generalized_sets(sets)  # raises ParallelIdError when two languages' ids differ
 
 
 def _tokenizer(cfg: RunConfig, data: TaskData, store: CheckpointStore):
@@ -424,8 +345,8 @@ def _train_batch(setup: Setup, batch_index: int) -> dict:
 def _fit(setup: Setup, state: State, hooks: Callback) -> None:
     cfg = setup.cfg.train
     monitor = BadStepMonitor(setup.engine, cfg.max_bad_steps)
-    bar = _bar(cfg, cfg.max_steps, "train", "step", initial=state.step)
-    lines = ProgressLines(cfg.log_interval, cfg.max_steps, state.step) if bar is None and D.is_main() else None
+    bar = progress.bar(cfg, cfg.max_steps, "train", "step", initial=state.step)
+    lines = progress.ProgressLines(cfg.log_interval, cfg.max_steps, state.step) if bar is None and D.is_main() else None
     times: list[float] = []
     with preemption_window(enabled=cfg.preempt_grace > 0):
         _loop(setup, state, hooks, monitor, bar, lines, times)
@@ -496,42 +417,6 @@ def _preempt(setup: Setup, state: State, saved: bool) -> None:
     raise Preempted(name, state.step, tag, resume, detail)
 
 
-class ProgressLines:
-    """What the bar shows, as a log line every ``seconds`` (and at the last step), for runs without one.
-
-    The time left is the wall-clock pace of this process so far (evaluations, checkpoints and a busy
-    machine included), not the last few steps' compute time, which swings with whatever else runs.
-    """
-
-    def __init__(self, seconds: float, max_steps: int, first_step: int = 0):
-        self.seconds, self.max_steps = seconds, max_steps
-        self.started, self.first_step = time.monotonic(), first_step
-        self.last = self.started
-        self.losses: list[float] = []
-        self.times: list[float] = []
-
-    def step(self, step: int, loss: float, elapsed: float) -> None:
-        self.losses.append(loss)
-        self.times.append(elapsed)
-        now = time.monotonic()
-        if now - self.last < self.seconds and step < self.max_steps:
-            return
-        pace = (now - self.started) / max(step - self.first_step, 1)
-        log.info("step %d/%d: loss %.4f (mean of %d step(s)), %.2f s/step, about %s left", step, self.max_steps,
-                 statistics.fmean(self.losses), len(self.losses), statistics.median(self.times),
-                 duration((self.max_steps - step) * pace))
-        self.last, self.losses, self.times = now, [], []
-
-
-def _bar(cfg, total: int, desc: str, unit: str, initial: int = 0):
-    """A progress bar on rank 0 when ``--progress`` is on (``cfg``: the train section), else None."""
-    if not (cfg.progress and D.is_main()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
-
-
 def _step_metrics(setup: Setup, stats: dict[str, float], elapsed: float) -> dict[str, float]:
     """What a step reports: its rank-mean statistics, the learning rate, gradient norm and throughput."""
     engine = setup.engine
@@ -568,102 +453,6 @@ def _evaluate_dev(setup: Setup, state: State, hooks: Callback) -> dict[str, floa
     if improved and not last:
         _save(setup, state, best_tag(state.step), pointer=BEST)
     return metrics
-
-
-def _final_evaluation(setup: Setup, state: State) -> dict:
-    """Test (or dev) accuracy per language and the generalized matrix, for the best model."""
-    cfg = setup.cfg
-    if state.best_step != state.step:
-        _load_best(setup, state)
-    split, cells = _final_cells(setup)
-    # The diagonal cells are the per-language sets: every distinct pair is run once, and on dev
-    # the per-language accuracies of the selected model were measured when it was selected.
-    known = setup.dev_measured.get(state.best_step) if split == "dev" else None
-    k = cfg.train.generalized_examples
-    known = {lang: a for lang, a in (known or {}).items() if (lang, lang) in cells}
-    all_sets = {("gen", a, b): rows if a == b else E.spaced_subset(rows, k) for (a, b), rows in cells.items()
-                if not (a == b and a in known)}
-    acc = _run_final_sets(setup, split, all_sets) if all_sets else {}
-    acc.update({("gen", lang, lang): a for lang, a in known.items()})
-    acc = {("gen", a, b): acc[("gen", a, b)] for a, b in cells}  # in the sets' order
-    per_language = {key[1]: a for key, a in acc.items() if key[1] == key[2]}
-    matrix = E.matrix_from_cells({key[1:]: a for key, a in acc.items()}) if cfg.train.generalized else {}
-    return {
-        "task": cfg.data.task,
-        "objective": cfg.objective.name,
-        "eval_split": split,
-        "source_language": cfg.data.source_language,
-        "best_step": state.best_step,
-        "best_dev_source_acc": state.best_score,
-        "skipped_steps": state.skipped_steps,
-        "max_delta_norm": state.max_delta_norm,
-        "seconds_per_step": state.seconds_per_step,
-        "per_language": per_language,
-        "generalized": matrix,
-        "generalized_examples": cfg.train.generalized_examples,
-        "eval_sizes": {a: len(rows) for (a, b), rows in cells.items() if a == b},  # pairs per language's set
-        **E.summarize(per_language, matrix, cfg.data.source_language),
-        "train_losses": state.train_losses,
-        "dev_history": state.dev_history,
-        "config": redact_tree({**setup.cfg.to_dict(), "ds_config": setup.plan.engine_config(), "world_size": D.world_size(),
-                               "optimizer": optimizer_name(setup.engine)}),
-    }
-
-
-def _final_cells(setup: Setup) -> tuple[str, dict]:
-    """The final split, and its sets as (sentence1 language, sentence2 language) cells: the
-    generalized matrix, or the per-language diagonal alone with --no-generalized."""
-    split = final_split(setup.cfg, setup.data)
-    sets = setup.data.test if split == "test" else setup.data.dev
-    if setup.cfg.train.generalized:
-        return split, E.generalized_sets(sets)
-    return split, {(lang, lang): rows for lang, rows in sets.items()}
-
-
-def _certify(setup: Setup) -> dict:
-    """Certified accuracy of the smoothed model on the final evaluation's sets (dist_robust.run.certify)."""
-    cfg, c = setup.cfg, setup.cfg.certify
-    split, cells = _final_cells(setup)
-    named = {f"{a}>{b}": E.spaced_subset(rows, c.examples) for (a, b), rows in cells.items()}
-    smoothing = C.smoothing_for(cfg, setup.data.synonyms)
-    certifier = C.Certifier(setup.engine, setup.perturbation, setup.tokenizer, setup.collator, cfg.model.max_length,
-                            smoothing)
-    local = -(-sum(len(rows) for rows in named.values()) // D.world_size())
-    bar = _bar(cfg.train, local, f"certify {split} ({c.method})", "pair")
-    acc = C.certify_sets(certifier, named, bar)
-    if bar is not None:
-        bar.close()
-    return C.report(cfg, smoothing, split, {(a, b): acc[f"{a}>{b}"] for a, b in cells})
-
-
-def _run_final_sets(setup: Setup, split: str, sets: dict) -> dict:
-    cfg = setup.cfg
-    prepared = E.prepare(sets, setup.tokenizer, cfg.model.max_length)
-    bar = _bar(cfg.train, E.num_batches(prepared, cfg.train.eval_batch_size), f"evaluate {split}", "batch")
-    acc = E.accuracy(setup.engine, prepared, setup.collator, cfg.train.eval_batch_size, bar)
-    if bar is not None:
-        bar.close()
-    return acc
-
-
-def _load_best(setup: Setup, state: State) -> None:
-    """Load the checkpoint ``best`` names into the engine, at any ZeRO stage.
-
-    A full ``load_checkpoint`` of that tag: DeepSpeed's module-only load under ZeRO-3 rebuilds
-    the weights from the checkpoint root *without* the tag (the ``latest`` one), which would
-    evaluate and export the last step while reporting the best. The best step and score are
-    read from the loaded checkpoint itself, so the report always describes the weights it used.
-    """
-    tag = setup.store.agreed(BEST)
-    if tag is None:
-        raise RuntimeError(f"the best checkpoint (step {state.best_step}) is missing from {setup.store.root}: "
-                           f"no '{BEST}' pointer")
-    local_root = setup.store.fetch(setup.store.root, tag)
-    client_state = load_tag(setup.engine, local_root, tag, read_layout(local_root, tag), load_lr_scheduler_states=False)
-    best = client_state["dist_robust"]
-    state.best_step, state.best_score = best["best_step"], best["best_score"]
-    log.info("loaded the best checkpoint %s (step %d, %s dev accuracy %.4f)", tag, state.best_step,
-             setup.cfg.data.source_language, state.best_score)
 
 
 def _save_outputs(setup: Setup, state: State, results: dict) -> None:
