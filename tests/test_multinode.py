@@ -234,7 +234,7 @@ def test_a_preempted_ray_node_loses_no_step(two_node_cluster, tmp_path):
 
     workers = "".join(p.read_text(errors="replace") for p in Path(os.environ["RAY_TMPDIR"]).glob("ray/session_*/logs/**/*")
                       if p.is_file() and p.suffix in (".out", ".err", ".log"))
-    noticed = re.search(r"being preempted \(in \d+ s, ranks \[1\]\): checkpointing step (\d+) now", workers)
+    noticed = re.search(r"being preempted \(in \d+ s, ranks \[\d\]\): checkpointing step (\d+) now", workers)
     assert noticed, workers[-6000:]
     at = int(noticed.group(1))
     assert 3 <= at < steps

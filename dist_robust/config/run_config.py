@@ -165,7 +165,9 @@ class TrainConfig(Section):
                               "process is killed: the run finishes the step in progress (and its evaluation, if "
                               "one is due), checkpoints it when the time left allows (judged by this run's last "
                               "checkpoint), and exits with status 75 (resumable: --resume auto). 0: stop at once "
-                              "(the last periodic checkpoint is where a resume starts).", "--preempt-grace")
+                              "(the last periodic checkpoint is where a resume starts). In a Ray Tune trial, Ray Train's notice "
+                              "that a node is being preempted checkpoints the step at once (0: it is not asked).",
+                              "--preempt-grace")
     preempt_signal: str = _f("SIGTERM", "A signal that also means preemption, for schedulers that warn with another "
                              "one (SLURM's --signal=USR1@60).", "--preempt-signal", choices=PREEMPT_SIGNALS)
     dist_timeout: int = _f(1800, "Seconds a collective waits for a rank that stopped answering (killed, hung) "
