@@ -55,10 +55,26 @@ class CheckpointStore:
 
     def __init__(self, output_dir: str, staging_dir: str | None, keep: int, publish_timeout: float = 600.0):
         self.publisher = Publisher(output_dir, staging_dir, publish_timeout)
-        self.output_dir, self.remote = output_dir, self.publisher.remote
-        self.local_root, self.root = self.publisher.local_root, self.publisher.root  # this node's copy; the store's
         self.keep = keep
         self.node_local = False  # set by detect_node_local(): nodes write to their own disks
+
+    @property
+    def output_dir(self) -> str:
+        return self.publisher.output_dir
+
+    @property
+    def remote(self) -> bool:
+        return self.publisher.remote
+
+    @property
+    def local_root(self) -> str:
+        """This node's checkpoints directory (the output directory's, or its staging copy)."""
+        return self.publisher.local_root
+
+    @property
+    def root(self) -> str:
+        """The output directory's checkpoints folder (on the store, when remote)."""
+        return self.publisher.root
 
     def detect_node_local(self) -> bool:
         """Find out (collectively, before the engine exists) whether nodes share the output directory.

@@ -88,7 +88,7 @@ class Plan:
 
     cfg: RunConfig  # frozen (its ds_config is the file's, with "auto" values)
     ds_config: Mapping  # resolved, read-only; the engine gets a copy (:meth:`engine_config`)
-    world_size: int
+    batches_per_step: int  # data batches per optimizer step on each rank (the accumulation, without FreeLB's K)
     resume: ResumePoint | None  # the verified checkpoint it continues from
 
     def engine_config(self) -> dict:
@@ -103,4 +103,4 @@ def resolve(cfg: RunConfig, store: CheckpointStore, node_local: bool) -> Plan:
     if node_local:  # DeepSpeed then writes the model states on every node, not on rank 0 alone
         ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
     D.settle_zero3_host_memory(ds)  # gathered parameters would otherwise pile up in the heap
-    return Plan(cfg.frozen(), read_only(ds), D.world_size(), resume)
+    return Plan(cfg.frozen(), read_only(ds), user_grad_accum(ds, cfg.objective), resume)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_robust.config.ds_config import embedding_blocks, user_grad_accum
+from dist_robust.config.ds_config import embedding_blocks
 from dist_robust.config.run_config import ConfigError, RunConfig
 from dist_robust.config.validation import validate
 from dist_robust.data.augment import SynonymAugmenter
@@ -215,7 +215,7 @@ def _check_resume_blocks(resume: ResumePoint | None, blocks: int) -> None:
 def _layout(setup: Setup) -> dict:
     """What a resume on another world size needs to know about this run's batches."""
     return {"world_size": D.world_size(), "micro_batch_size": setup.ds_config["train_micro_batch_size_per_gpu"],
-            "grad_accum": user_grad_accum(setup.ds_config, setup.cfg.objective),
+            "grad_accum": setup.plan.batches_per_step,
             "zero_stage": setup.engine.zero_optimization_stage(), "train_size": len(setup.train_set),
             "embedding_blocks": embedding_block_count(setup.engine.module)}
 
@@ -306,7 +306,7 @@ def _train_step(setup: Setup, state: State) -> dict[str, float]:
     """One optimizer step: ``grad_accum`` data batches, each through the objective."""
     cfg, engine = setup.cfg, setup.engine
     per_batch: list[dict[str, float]] = []
-    for _ in range(user_grad_accum(setup.ds_config, cfg.objective)):
+    for _ in range(setup.plan.batches_per_step):
         batch = to_device(_train_batch(setup, state.batch_index), engine.device)
         position = micro_batch_number(len(setup.train_set), setup.ds_config["train_micro_batch_size_per_gpu"],
                                       D.world_size(), D.rank(), state.batch_index)
