@@ -314,7 +314,7 @@ def import_model_main(argv: list[str] | None = None) -> int:
 
 
 def align_main(argv: list[str] | None = None) -> int:
-    from dist_robust.analysis.alignment import align_main as run_align
+    from dist_robust.analysis.align_cli import align_main as run_align
 
     return run_align(argv)
 

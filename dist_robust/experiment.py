@@ -25,7 +25,8 @@ is the one that was evaluated. These runs are tagged ``phase=extra`` and summari
 Resumable: a run whose ``results.json`` exists is skipped, an interrupted one continues from
 its last checkpoint (``--resume auto``), and ``selection.json`` is reused. At the end the
 experiment is summarised by ``dist-robust compare`` (mean +- std per language, the averages,
-and paired differences against ERM over seeds).
+and paired differences against ERM over seeds) and, with ``--align``, by ``dist-robust align
+--runs``: every model's alignment with English and the zero-shot gap against it.
 """
 
 from __future__ import annotations
@@ -293,7 +294,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-languages", nargs="+", default=[], metavar="LANG",
                    help="Also evaluate every run's exported model on these languages, per language only "
                         "(no generalized matrix), tagged phase=extra and summarised apart; e.g. tr vi sw.")
+    p.add_argument("--align", action="store_true",
+                   help="At the end, measure the alignment of every run's exported model and of the pretrained "
+                        "one (dist-robust align --runs), and relate each language's zero-shot gap to it, per "
+                        "method over seeds. Needs the runs' --task (xnli or pawsx: parallel dev sets) and --model.")
+    p.add_argument("--align-sentences", type=int, default=1000, metavar="N",
+                   help="--align: parallel dev sentences per language.")
     return p
+
+
+def option_value(argv: list[str], name: str) -> str | None:
+    """The last value of ``name`` in a training command line (``--name V`` or ``--name=V``)."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def align_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """``dist-robust align --runs`` for the experiment's runs, or ValueError saying what is missing."""
+    task, model = option_value(extra, "--task"), option_value(extra, "--model")
+    if task not in ("xnli", "pawsx") or not model:
+        raise ValueError(f"--align measures on a task's parallel dev sets from the pretrained model: pass the "
+                         f"runs' --task xnli or --task pawsx and --model after -- (given: --task {task}, "
+                         f"--model {model})")
+    if args.align_sentences < 2:
+        raise ValueError(f"--align-sentences {args.align_sentences}: must be >= 2")
+    if "--no-export-model" in extra:
+        raise ValueError("--align measures every run's exported model: drop --no-export-model from the training "
+                         "options")
+    data_dir = option_value(extra, "--data-dir")
+    return ["--runs", args.output_root, "--model", model, "--task", task, "--experiment", args.experiment,
+            "--max-sentences", str(args.align_sentences), *(["--data-dir", data_dir] if data_dir else []),
+            *(["--mlflow-uri", args.mlflow_uri] if args.mlflow_uri else [])]
 
 
 def experiment_main(argv: list[str] | None = None) -> int:
@@ -307,6 +343,7 @@ def experiment_main(argv: list[str] | None = None) -> int:
         if args.extra_languages and "--no-export-model" in extra:
             raise ValueError("--extra-languages evaluates every run's exported model: drop --no-export-model "
                              "from the training options")
+        align = align_argv(args, extra) if args.align else None
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -351,4 +388,9 @@ def experiment_main(argv: list[str] | None = None) -> int:
     if args.extra_languages:
         print(f"\n--extra-languages ({', '.join(args.extra_languages)}), per language:", flush=True)
         code = compare_main(summary("extra")) or code
+    if align:
+        from dist_robust.analysis.align_cli import align_main
+
+        print("\nalignment of every model against English, and the zero-shot gap against it:", flush=True)
+        code = align_main(align) or code
     return code

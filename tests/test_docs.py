@@ -100,7 +100,7 @@ def _parser_for(tokens: list[str]):
 
         return {"import-model": cli.import_model_parser, "trim-vocab": cli.trim_vocab_parser}[sub](), args
     if sub == "align":
-        from dist_robust.analysis.alignment import _parser
+        from dist_robust.analysis.align_cli import _parser
 
         return _parser(), args
     raise AssertionError(f"unknown command in the docs: dist-robust {sub}")

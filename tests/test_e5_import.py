@@ -181,3 +181,75 @@ def test_align_measures_a_multilingual_space_that_aligns_with_depth(e5_dir, tmp_
         assert values["retrieval"][-1] >= 0.9 and values["retrieval"][-1] > values["retrieval"][0]
         assert values["cosine"][-1] > values["cosine"][0]
     assert "retrieval (%)" in proc.stdout and "LOAD REPORT" not in proc.stdout + proc.stderr
+
+
+def test_align_over_an_experiment_relates_each_methods_gap_to_the_pretrained_misalignment(e5_dir, tmp_path,
+                                                                                          shared_data):
+    """`dist-robust align --runs`: an experiment folder whose runs all hold the pretrained weights and whose
+    accuracies were written so that each gap is exactly 10 (erm) or 4 (pgd) points per unit of the pretrained
+    model's misalignment, plus an offset per seed. The slopes, their paired difference, the rank correlation
+    and the models' own alignment (equal to the pretrained one's) follow in closed form; every report goes
+    into its training run in MLflow; a rerun measures nothing again."""
+    from mlflow import MlflowClient
+
+    langs = ["de", "sw", "zh", "ar"]
+    root, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--task", "xnli", "--data-dir", str(shared_data), "--languages", ",".join(langs), "--max-sentences",
+              "24", "--mlflow-uri", uri, "--experiment", "e"]
+    # the pretrained report first, as the docs do it: the --runs pass keeps it
+    proc = _cli("align", "--model", str(e5_dir), *common, "--output", str(root / "align" / "pretrained.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = json.loads((root / "align" / "pretrained.json").read_text())
+    x = {lang: before["languages"][lang]["relative_distance"][0] for lang in langs}
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("e").experiment_id
+    training = {}
+    for method, rate in (("erm", 10.0), ("pgd", 4.0)):
+        for seed, offset in ((1, 1.0), (2, 3.0)):
+            folder = root / f"{method}-s{seed}"
+            folder.mkdir(parents=True)
+            (folder / "model").symlink_to(e5_dir, target_is_directory=True)
+            acc = {"en": 0.9, **{lang: 0.9 - (rate * x[lang] + offset) / 100 for lang in langs}}
+            (folder / "results.json").write_text(json.dumps({"source_language": "en", "per_language": acc}))
+            training[folder.name] = client.create_run(exp, run_name=f"{method} s{seed}",
+                                                      tags={"phase": "main"}).info.run_id
+    (root / "select-lr-5e-05-s101").mkdir()  # a selection run: not part of the comparison
+    (root / "select-lr-5e-05-s101" / "results.json").write_text(json.dumps({"per_language": {"en": 0.5}}))
+    (root / "..-s1").mkdir()  # a crafted folder name is never a run
+
+    proc = _cli("align", "--runs", str(root), "--model", str(e5_dir), *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 kept from before" in proc.stdout and "4 model(s) measured now" in proc.stdout
+    summary = json.loads((root / "align" / "summary.json").read_text())
+    slopes = summary["slopes"]
+    assert set(slopes) == {"erm", "pgd"} and summary["misalignment"] == pytest.approx(x, abs=0)
+    assert slopes["erm"]["slope"]["mean"] == pytest.approx(10.0, abs=1e-6)
+    assert slopes["pgd"]["slope"]["mean"] == pytest.approx(4.0, abs=1e-6)
+    assert slopes["pgd"]["slope_vs_erm"]["mean"] == pytest.approx(-6.0, abs=1e-6)
+    assert slopes["erm"]["spearman"]["mean"] == pytest.approx(1.0)
+    for where in ("embeddings", "last"):  # the same weights everywhere: the same alignment as before
+        assert summary["alignment"]["pgd"][where]["vs_erm"]["mean"] == 0.0
+    mean_before = sum(x.values()) / len(x)
+    assert summary["alignment"]["erm"]["embeddings"]["mean"]["mean"] == pytest.approx(mean_before, rel=1e-6)
+    assert (root / "align" / "gap_vs_misalignment.png").stat().st_size > 10_000
+    assert not (root / "align" / "select-lr-5e-05-s101.json").exists()
+    assert "slope - erm" in proc.stdout and "Traceback" not in proc.stderr
+
+    for folder, run_id in training.items():  # each model's alignment beside its accuracy
+        metrics = client.get_run(run_id).data.metrics
+        assert metrics["align.sw.relative_distance.embeddings"] == pytest.approx(x["sw"], rel=1e-5), folder
+    found = client.search_runs([exp], "tags.phase = 'align-summary'")
+    assert len(found) == 1 and found[0].data.metrics["gap_vs_misalignment.pgd.slope_vs_erm"] == pytest.approx(-6.0)
+
+    stamp = (root / "align" / "erm-s1.json").stat().st_mtime_ns
+    again = _cli("align", "--runs", str(root), "--model", str(e5_dir), *common)
+    assert again.returncode == 0 and "0 model(s) measured now, 5 kept" in again.stdout, again.stderr[-2000:]
+    assert (root / "align" / "erm-s1.json").stat().st_mtime_ns == stamp
+    assert len(client.search_runs([exp], "tags.phase = 'align-summary'")) == 1
+
+    empty = _cli("align", "--runs", str(tmp_path / "nothing"), "--model", str(e5_dir), *common)
+    assert empty.returncode == 2 and "no finished run with an exported model" in empty.stderr
+    layer = _cli("align", "--runs", str(root), "--model", str(e5_dir), *common, "--layer", "top")
+    assert layer.returncode == 2 and "--layer top: embeddings, layer<k>" in layer.stderr
+    assert "Traceback" not in empty.stderr + layer.stderr

@@ -41,6 +41,29 @@ def test_extra_languages_without_an_exported_model_fail_before_any_run(tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--task", "synthetic"], "pass the runs' --task xnli or --task pawsx and --model after --"),
+    (["--task", "xnli", "--model", "m", "--no-export-model"], "--align measures every run's exported model"),
+])
+def test_align_without_what_it_measures_fails_before_any_run(tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, "-m", "dist_robust.cli", "experiment", "--experiment", "x", "--output-root",
+                           str(tmp_path / "runs"), "--align", "--", *extra], cwd=REPO, env=launcher_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_align_runs_with_the_experiments_task_model_data_and_tracking():
+    from types import SimpleNamespace
+
+    from dist_robust.experiment import align_argv
+
+    args = SimpleNamespace(output_root="runs/x", experiment="x", align_sentences=500, mlflow_uri="sqlite:///m.db")
+    argv = align_argv(args, ["--task", "pawsx", "--model", "a", "--data-dir=D", "--model", "b"])
+    assert argv == ["--runs", "runs/x", "--model", "b", "--task", "pawsx", "--experiment", "x", "--max-sentences",
+                    "500", "--data-dir", "D", "--mlflow-uri", "sqlite:///m.db"]
+
+
 def test_chosen_values_go_to_every_method_that_has_them():
     chosen = {"epsilon": 0.2, "sigma": 0.05, "synonym_prob": 0.5}
     assert run_flags("erm", chosen) == ["--objective", "erm"]

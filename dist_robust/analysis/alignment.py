@@ -1,4 +1,4 @@
-"""``dist-robust align``: how far each language's sentences lie from their English translations, layer by layer.
+"""How far each language's sentences lie from their English translations, layer by layer.
 
 The method's premise is that languages' representations are misaligned and that the zero-shot gap
 follows from it. On a parallel evaluation set (XNLI dev is 15-way parallel by row: row i of every
@@ -17,10 +17,7 @@ spaced rows. Results go to a JSON file, the console, and MLflow (``align.<lang>.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
 from typing import Any
 
 import torch
@@ -162,70 +159,3 @@ def slopes_by_objective(runs: dict[str, dict[int, dict[str, float]]], misalignme
                                                              for s in shared]))
         out[obj] = entry
     return out
-
-
-def _parser():
-    from dist_robust.config.parsing import Parser
-
-    p = Parser(prog="dist-robust align", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="Model folder (an exported run's model/) or hub name.")
-    p.add_argument("--task", choices=("xnli", "pawsx"), default="xnli", help="Parallel dev sets of this task.")
-    p.add_argument("--data-dir", default=None, help="As in training (default: the hub).")
-    p.add_argument("--languages", nargs="+", default=[], help="Languages against English (default: all).")
-    p.add_argument("--max-sentences", type=int, default=1000, help="Evenly spaced rows per language.")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--output", default=None, help="Write the report here as JSON.")
-    p.add_argument("--mlflow-uri", default=None, help="Tracking URI (as training: 'none' turns it off).")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (as training).")
-    p.add_argument("--run-id", default=None, help="Log into this run (e.g. the model's training run).")
-    p.add_argument("--tags", nargs="+", default=[], metavar="KEY=VALUE", help="Tags of a new run.")
-    return p
-
-
-def align_main(argv: list[str] | None = None) -> int:
-    """``dist-robust align --model DIR --task xnli --data-dir D``: the report, as JSON, on the console, in MLflow."""
-    from dist_robust.config.run_config import ConfigError
-    from dist_robust.data.readers import DataFileError
-    from dist_robust.data.tasks import task_languages
-    from dist_robust.run.evaluate import ParallelIdError
-    from dist_robust.run.preflight import model_problem
-
-    args = _parser().parse_args(argv)
-    langs = [lang for item in args.languages for lang in item.split(",") if lang] or \
-        [lang for lang in task_languages(args.task) if lang != "en"]
-    problems = [f"--languages {lang}: {args.task} has no such language; accepted: "
-                f"{' '.join(task_languages(args.task))}" for lang in langs if lang not in task_languages(args.task)]
-    problem = model_problem("model.name", args.model)
-    problems += [problem] if problem else []
-    if args.max_sentences < 2:
-        problems.append(f"--max-sentences {args.max_sentences}: must be >= 2")
-    if problems:
-        print(f"error: {ConfigError(problems)}", file=sys.stderr)
-        return 2
-    try:
-        report = align_report(args.model, args.task, args.data_dir, langs, args.max_sentences, args.batch_size)
-    except (ConfigError, DataFileError, ParallelIdError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_report(report), flush=True)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-    _track(report, args)
-    return 0
-
-
-def _track(report: dict, args) -> None:
-    from dist_robust.run.tracking import MLflowTracker, resolve_experiment, resolve_uri
-
-    uri = resolve_uri(args.mlflow_uri)
-    if uri is None:
-        return
-    tags = {"phase": "align", "model": report["model"], **dict(t.partition("=")[::2] for t in args.tags)}
-    tracker = MLflowTracker(uri, resolve_experiment(args.experiment),
-                            f"align {os.path.basename(report['model'].rstrip('/'))}", run_id=args.run_id,
-                            tags=None if args.run_id else tags)
-    tracker.log_metrics(metrics_of(report), step=0)
-    tracker.log_dict(report, "alignment.json")
-    tracker.finish()
