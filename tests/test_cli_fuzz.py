@@ -114,6 +114,7 @@ def _argv(command: str):
 def contained(monkeypatch, tmp_path):
     """Each command's real work replaced by :class:`Reached`; no network, files only under ``tmp_path``."""
     import dist_robust.experiment as experiment
+    import dist_robust.run.launch as launch
     import dist_robust.run.trainer as trainer
     import dist_robust.tuning.cli as tune_cli
 
@@ -122,8 +123,8 @@ def contained(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(trainer, "run", _stop)
-    monkeypatch.setattr(cli, "_relaunch", _stop)
-    monkeypatch.setattr(cli, "_supervise", _stop)
+    monkeypatch.setattr(launch, "relaunch", _stop)
+    monkeypatch.setattr(launch, "supervise", _stop)
     monkeypatch.setattr(experiment.subprocess, "call", _stop)
     monkeypatch.setattr(tune_cli, "_init_ray", _stop)
     return tmp_path

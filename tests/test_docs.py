@@ -96,9 +96,9 @@ def _parser_for(tokens: list[str]):
 
         return _parser(), args
     if sub in ("import-model", "trim-vocab"):
-        from dist_robust import cli
+        from dist_robust.model import commands
 
-        return {"import-model": cli.import_model_parser, "trim-vocab": cli.trim_vocab_parser}[sub](), args
+        return {"import-model": commands.import_model_parser, "trim-vocab": commands.trim_vocab_parser}[sub](), args
     if sub == "align":
         from dist_robust.analysis.align_cli import _parser
 
