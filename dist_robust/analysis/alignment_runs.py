@@ -140,7 +140,7 @@ class Measurer:
         kept = _kept_report(path, self.languages, self.args.max_sentences)
         if kept is not None:
             return kept
-        print(f"measuring {name} ({model})", flush=True)
+        print(f"measuring {name} ({redact(model)})", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             local = model
             if not storage.is_local(model):
@@ -148,7 +148,7 @@ class Measurer:
                 storage.download_dir(model, local)
             report = align_report(storage.local_path(local), self.args.task, self.args.data_dir, self.languages,
                                   self.args.max_sentences, self.args.batch_size)
-        report["model"] = model
+        report["model"] = redact(model)
         report["requested_sentences"] = self.args.max_sentences
         storage.write_text(path, json.dumps(report, indent=1))
         self.measured += 1
@@ -311,8 +311,12 @@ def run_over_experiment(args) -> int:
     if summary["gaps"]:
         title = f"{os.path.basename(args.runs.rstrip('/'))}: zero-shot gap against misalignment"
         paths = plots.save_figure(gap_figure(summary, title), plot_dir, "gap_vs_misalignment")
-        if args.plot_dir or storage.is_local(args.runs):
-            print(f"\nplot: {paths[0]}", flush=True)
+        where = paths[0]
+        if not (args.plot_dir or storage.is_local(args.runs)):  # beside the reports in the store
+            for path in paths:
+                storage.upload_file(path, storage.join(args.runs, "align", os.path.basename(path)))
+            where = storage.join(args.runs, "align", os.path.basename(paths[0]))
+        print(f"\nplot: {where}", flush=True)
     tracking.log_summary(summary, paths)
     print(f"{measurer.measured} model(s) measured now, {len(runs) + 1 - measurer.measured} kept from before",
           flush=True)
