@@ -159,7 +159,6 @@ def summarize(runs: list[ExperimentRun], reports: dict[str, dict], pretrained: d
               layer: str) -> dict[str, Any]:
     """The gap-against-misalignment slopes and the alignment change per method (see the module's text)."""
     from dist_robust.analysis.alignment import slopes_by_objective
-    from dist_robust.analysis.paired import paired
 
     x = misalignment_of(pretrained, measure, layer)
     by_method: dict[str, dict[int, dict[str, float]]] = {}
@@ -168,29 +167,36 @@ def summarize(runs: list[ExperimentRun], reports: dict[str, dict], pretrained: d
     usable = {m: seeds for m, seeds in by_method.items()
               if all(len([lang for lang in x if lang in acc]) >= 3 for acc in seeds.values())}
     slopes = slopes_by_objective(usable, x, baseline=BASELINE)
-    own = {layer: {}, "last": {}}  # method -> seed -> mean misalignment over languages of the fine-tuned model
-    for where in own:
-        for run in runs:
-            mis = misalignment_of(reports[run.folder], measure, where)
-            own[where].setdefault(run.label, {})[run.seed] = statistics.fmean(mis[lang] for lang in x if lang in mis)
-    before = {where: statistics.fmean(misalignment_of(pretrained, measure, where).values()) for where in own}
-    alignment = {}
-    for method in by_method:
-        entry = {}
-        for where, values in own.items():
-            seeds = values[method]
-            item = {"mean": vars(paired(list(seeds.values()))), "pretrained": before[where]}
-            shared = sorted(set(seeds) & set(values.get(BASELINE, {})))
-            if method != BASELINE and shared:
-                item["vs_" + BASELINE] = vars(paired([seeds[s] - values[BASELINE][s] for s in shared]))
-            entry[where] = item
-        alignment[method] = entry
+    alignment = alignment_change(runs, reports, pretrained, measure, layer, languages=list(x))
     gaps = {method: {lang: [100 * (acc[run_source(runs, method, seed)] - acc[lang])
                             for seed, acc in seeds.items() if lang in acc]
                      for lang in x} for method, seeds in usable.items()}
     return {"measure": measure, "layer": layer, "misalignment": x, "slopes": slopes, "alignment": alignment,
             "gaps": gaps, "runs": {m: sorted(seeds) for m, seeds in by_method.items()},
             "left_out": sorted(set(by_method) - set(usable))}
+
+
+def alignment_change(runs: list[ExperimentRun], reports: dict[str, dict], pretrained: dict, measure: str, layer: str,
+                     languages: list[str]) -> dict[str, dict]:
+    """Per method, at ``layer`` and at the last layer: the fine-tuned models' misalignment (mean over
+    ``languages``) over seeds, the pretrained model's, and the per-seed difference from ERM's."""
+    from dist_robust.analysis.paired import paired
+
+    out: dict[str, dict] = {}
+    for where in dict.fromkeys((layer, "last")):
+        own: dict[str, dict[int, float]] = {}  # method -> seed -> mean misalignment
+        for run in runs:
+            mis = misalignment_of(reports[run.folder], measure, where)
+            own.setdefault(run.label, {})[run.seed] = statistics.fmean(mis[lang] for lang in languages if lang in mis)
+        before = misalignment_of(pretrained, measure, where)
+        for method, seeds in own.items():
+            item = {"mean": vars(paired(list(seeds.values()))),
+                    "pretrained": statistics.fmean(before[lang] for lang in languages if lang in before)}
+            shared = sorted(set(seeds) & set(own.get(BASELINE, {})))
+            if method != BASELINE and shared:
+                item["vs_" + BASELINE] = vars(paired([seeds[s] - own[BASELINE][s] for s in shared]))
+            out.setdefault(method, {})[where] = item
+    return out
 
 
 def run_source(runs: list[ExperimentRun], method: str, seed: int) -> str:
