@@ -22,8 +22,8 @@ def _parser():
                    help="Measure every exported model of an experiment (its --output-root: folders <method>-s<seed>) "
                         "and relate each language's zero-shot gap to its misalignment, per method over seeds; "
                         "reports kept in ROOT/align (see docs/results.md).")
-    p.add_argument("--measure", default="relative_distance", help=f"With --runs: the misalignment, one of "
-                   f"{', '.join(MEASURES)} (cosine and retrieval as 1 - value).")
+    p.add_argument("--measure", default="relative_distance", choices=MEASURES,
+                   help="With --runs: the misalignment (cosine and retrieval as 1 - value).")
     p.add_argument("--layer", default="embeddings", help="With --runs: where it is measured: embeddings (what the "
                    "perturbations perturb), layer<k> or last.")
     p.add_argument("--plot-dir", default=None, help="With --runs: the plot's folder (default ROOT/align).")
@@ -60,8 +60,6 @@ def align_main(argv: list[str] | None = None) -> int:
     if args.runs and (args.output or args.run_id or args.tags):
         problems.append("--output, --run-id and --tags are for one model: with --runs every report goes to "
                         "ROOT/align and into its training run")
-    if args.runs and args.measure not in MEASURES:
-        problems.append(f"--measure {args.measure}: one of {', '.join(MEASURES)}")
     if args.runs and not (args.layer in ("embeddings", "last") or re.fullmatch(r"layer[1-9][0-9]{0,2}", args.layer)):
         problems.append(f"--layer {args.layer}: embeddings, layer<k> (layer1 is the first) or last")
     if problems:

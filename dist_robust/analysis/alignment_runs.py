@@ -61,15 +61,16 @@ class ExperimentRun:
     source: str = "en"
 
 
-def _accuracies(uri: str, what: str) -> dict[str, float]:
-    """``per_language`` of a results.json, each key a language code and each value a fraction."""
+def _results(uri: str) -> tuple[dict[str, float], str]:
+    """A results.json's ``per_language`` (each key a language code, each value a fraction) and source language."""
     try:
         data = json.loads(storage.read_text(uri))
-        per_language = data["per_language"]
-        return {str(lang): float(acc) for lang, acc in per_language.items()
-                if LANGUAGE.match(str(lang)) and 0.0 <= float(acc) <= 1.0}
+        accuracy = {str(lang): float(acc) for lang, acc in data["per_language"].items()
+                    if LANGUAGE.match(str(lang)) and 0.0 <= float(acc) <= 1.0}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise AlignRunsError(f"{what}: not a results file of dist-robust ({type(err).__name__}: {err})") from None
+        raise AlignRunsError(f"{uri}: not a results file of dist-robust ({type(err).__name__}: {err})") from None
+    source = data.get("source_language", "en")
+    return accuracy, source if isinstance(source, str) and LANGUAGE.match(source) else "en"
 
 
 def experiment_runs(root: str) -> list[ExperimentRun]:
@@ -82,13 +83,11 @@ def experiment_runs(root: str) -> list[ExperimentRun]:
         results = storage.join(root, name, "results.json")
         if not storage.exists(results) or not storage.exists(storage.join(root, name, "model", "config.json")):
             continue  # unfinished, or trained with --no-export-model
-        accuracy = _accuracies(results, results)
+        accuracy, source = _results(results)
         extra = storage.join(root, "extra", name, "results.json")
         if storage.exists(extra):
-            accuracy = {**_accuracies(extra, extra), **accuracy}  # the run's own figures win for the source
-        source = json.loads(storage.read_text(results)).get("source_language", "en")
-        runs.append(ExperimentRun(match["label"], int(match["seed"]), name, accuracy,
-                                  source if isinstance(source, str) and LANGUAGE.match(source) else "en"))
+            accuracy = {**_results(extra)[0], **accuracy}  # the run's own figures win for the source
+        runs.append(ExperimentRun(match["label"], int(match["seed"]), name, accuracy, source))
     return sorted(runs, key=lambda r: (r.label != BASELINE, r.label, r.seed))
 
 
@@ -168,8 +167,8 @@ def summarize(runs: list[ExperimentRun], reports: dict[str, dict], pretrained: d
               if all(len([lang for lang in x if lang in acc]) >= 3 for acc in seeds.values())}
     slopes = slopes_by_objective(usable, x, baseline=BASELINE)
     alignment = alignment_change(runs, reports, pretrained, measure, layer, languages=list(x))
-    gaps = {method: {lang: [100 * (acc[run_source(runs, method, seed)] - acc[lang])
-                            for seed, acc in seeds.items() if lang in acc]
+    source = {(run.label, run.seed): run.source for run in runs}
+    gaps = {method: {lang: [100 * (acc[source[method, seed]] - acc[lang]) for seed, acc in seeds.items() if lang in acc]
                      for lang in x} for method, seeds in usable.items()}
     return {"measure": measure, "layer": layer, "misalignment": x, "slopes": slopes, "alignment": alignment,
             "gaps": gaps, "runs": {m: sorted(seeds) for m, seeds in by_method.items()},
@@ -197,10 +196,6 @@ def alignment_change(runs: list[ExperimentRun], reports: dict[str, dict], pretra
                 item["vs_" + BASELINE] = vars(paired([seeds[s] - own[BASELINE][s] for s in shared]))
             out.setdefault(method, {})[where] = item
     return out
-
-
-def run_source(runs: list[ExperimentRun], method: str, seed: int) -> str:
-    return next(r.source for r in runs if r.label == method and r.seed == seed)
 
 
 def _interval(stats: dict, scale: float = 1.0, digits: int = 2) -> str:
