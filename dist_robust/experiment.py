@@ -20,7 +20,8 @@ written to ``selection.json`` and used by every method that has the hyperparamet
 With ``--extra-languages``, each run's exported model is then evaluated on more languages, per
 language only (the generalized matrix grows with the square of the languages), together with
 the source language, whose accuracy must repeat the run's own: a check that the exported model
-is the one that was evaluated. These runs are tagged ``phase=extra`` and summarised apart.
+is the one that was evaluated. These runs are tagged ``phase=extra``; the summary joins each
+with its training run (``compare --join tags.method seed``), so every language is one table.
 
 Resumable: a run whose ``results.json`` exists is skipped, an interrupted one continues from
 its last checkpoint (``--resume auto``), and ``selection.json`` is reused. At the end the
@@ -65,6 +66,8 @@ SELECTABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "sigma": ("gaussian", ("gaussian",)),
     "synonym_prob": ("synonym", ("synonym", "synonym+pgd", OFFLINE)),
 }
+# The training runs and the --extra-languages evaluations of their models (MLflow's search has no OR).
+EVERY_LANGUAGE = "tags.phase != 'select' and tags.phase != 'align' and tags.phase != 'align-summary'"
 _FLAG = {"lr": "--lr", "epsilon": "--epsilon", "sigma": "--sigma", "synonym_prob": "--synonym-prob"}
 _WITH_ALPHA = ("epsilon",)  # the ascent step follows the radius: alpha = epsilon / 2
 
@@ -293,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
                         "others see the pair.")
     p.add_argument("--extra-languages", nargs="+", default=[], metavar="LANG",
                    help="Also evaluate every run's exported model on these languages, per language only "
-                        "(no generalized matrix), tagged phase=extra and summarised apart; e.g. tr vi sw.")
+                        "(no generalized matrix), tagged phase=extra and summarised with the runs; e.g. tr vi sw.")
     p.add_argument("--align", action="store_true",
                    help="At the end, measure the alignment of every run's exported model and of the pretrained "
                         "one (dist-robust align --runs), and relate each language's zero-shot gap to it, per "
@@ -377,7 +380,9 @@ def experiment_main(argv: list[str] | None = None) -> int:
     from dist_robust.analysis.compare import compare_main
 
     def summary(phase: str) -> list[str]:
-        flags = ["--experiment", args.experiment, "--filter", f"tags.phase = '{phase}'", "--group-by", "tags.method"]
+        flags = ["--experiment", args.experiment, "--group-by", "tags.method", "--filter",
+                 f"tags.phase = '{phase}'" if phase == "main" else EVERY_LANGUAGE]
+        flags += [] if phase == "main" else ["--join", "tags.method", "seed"]
         flags += ["--baseline", "erm", "--paired"] if "erm" in args.methods else []
         return flags + (["--mlflow-uri", args.mlflow_uri] if args.mlflow_uri else [])
 
@@ -386,8 +391,9 @@ def experiment_main(argv: list[str] | None = None) -> int:
               "finished runs are kept)", flush=True)
     code = compare_main(summary("main") + (["--plot-dir", args.plot_dir] if args.plot_dir else []))
     if args.extra_languages:
-        print(f"\n--extra-languages ({', '.join(args.extra_languages)}), per language:", flush=True)
-        code = compare_main(summary("extra")) or code
+        print(f"\nevery language: each run joined with its --extra-languages ({', '.join(args.extra_languages)}) "
+              "evaluation, standard_avg over all of their target languages:", flush=True)
+        code = compare_main(summary("every language")) or code
     if align:
         from dist_robust.analysis.align_cli import align_main
 

@@ -421,3 +421,53 @@ def test_rows_evaluated_on_different_splits_say_so_and_one_split_is_in_the_title
                        None, lambda f: [])
     text = to_text(same)
     assert "dev accuracy (%)" in text.splitlines()[0] and "[dev]" not in text
+
+
+def test_join_puts_a_run_and_the_evaluations_of_its_model_in_one_row(caplog):
+    """--join tags.method seed: a training run (en, de; generalized) and the later evaluation of its model
+    on more languages (en again, fr, zh) are one sample: every accuracy, standard_avg over de, fr and zh
+    (not either run's own), the training run's generalized average; the paired differences use the joined
+    values; a second evaluation that disagrees on en is warned about and the training run's value kept."""
+    from dist_robust.analysis.compare import add_paired
+    from dist_robust.analysis.mlflow_runs import RunRecord
+
+    def record(name, method, seed, start, **metrics):
+        params = {"train.seed": str(seed), "data.source_language": "en", "objective.name": method if start < 5 else "erm",
+                  "model.name": "e5" if start < 5 else f"runs/{method}-s{seed}/model"}
+        return RunRecord(name * 4, name, "FINISHED", start, params, {"method": method}, metrics)
+
+    runs = [record("t-erm-1", "erm", 1, 1, **{"acc.en": .90, "acc.de": .80, "standard_avg": .80, "generalized_avg": .6}),
+            record("t-pgd-1", "pgd", 1, 2, **{"acc.en": .91, "acc.de": .83, "standard_avg": .83, "generalized_avg": .7}),
+            record("t-erm-2", "erm", 2, 3, **{"acc.en": .92, "acc.de": .84, "standard_avg": .84, "generalized_avg": .6}),
+            record("t-pgd-2", "pgd", 2, 4, **{"acc.en": .93, "acc.de": .84, "standard_avg": .84, "generalized_avg": .7}),
+            record("x-erm-1", "erm", 1, 5, **{"acc.en": .90, "acc.fr": .70, "acc.zh": .60, "standard_avg": .65}),
+            record("x-pgd-1", "pgd", 1, 6, **{"acc.en": .91, "acc.fr": .76, "acc.zh": .63, "standard_avg": .695}),
+            record("x-erm-2", "erm", 2, 7, **{"acc.en": .95, "acc.fr": .72, "acc.zh": .62, "standard_avg": .67}),
+            record("x-pgd-2", "pgd", 2, 8, **{"acc.en": .93, "acc.fr": .72, "acc.zh": .65, "standard_avg": .685}),
+            record("no-seed", "pretrained", 1, 9, **{"acc.sw": .5})]
+    del runs[-1].params["train.seed"]
+    table = build_table("e", runs, ["tags.method"], "erm", lambda f: [], join=["tags.method", "seed"])
+    assert "acc.en is 92.00 in t-erm-2 but 95.00 in x-erm-2" in caplog.text
+    erm, pgd, alone = table.rows
+    assert erm.samples == 2 and pgd.samples == 2 and alone.records == runs[-1:]  # a run without a seed stays apart
+    assert set(erm.run_ids) == {"t-erm-1" * 4, "x-erm-1" * 4, "t-erm-2" * 4, "x-erm-2" * 4}
+    assert [c for c in table.columns if c.startswith("acc.")] == ["acc.en", "acc.de", "acc.fr", "acc.sw", "acc.zh"]
+    # seed 1: (.80 + .70 + .60) / 3 = .70, seed 2: (.84 + .72 + .62) / 3 = .7267
+    assert erm.cells["standard_avg"].mean == pytest.approx((.70 + .72666667) / 2)
+    assert erm.cells["acc.en"].mean == pytest.approx(.91)  # the training runs' .90 and .92
+    assert pgd.cells["generalized_avg"].mean == pytest.approx(.7) and pgd.cells["acc.zh"].n == 2
+    add_paired(table)
+    # pgd - erm, standard_avg: seed 1 (.83 + .76 + .63) / 3 - .70 = +.04, seed 2 (.84 + .72 + .65) / 3 - .72667 = +.01
+    assert table.paired["pgd"]["standard_avg"].mean == pytest.approx(.025)
+    assert table.paired["pgd"]["acc.fr"].wins == 1
+
+    # Without --join the same runs are eight separate samples, and standard_avg is each run's own.
+    plain = build_table("e", runs[:-1], ["tags.method"])
+    assert plain.rows[0].samples == 4 and plain.rows[0].cells["standard_avg"].mean == pytest.approx(.74)
+
+
+def test_join_with_a_key_no_run_has_says_what_there_is(logged, capsys):
+    code, out, err = run_cli(logged, capsys, "--join", "tags.phase", "seed")
+    assert code == 2 and "--join 'tags.phase': no run has it" in err and "tags.objective" in err
+    code, out, err = run_cli(logged, capsys, "--join", "nonsense")
+    assert code == 2 and "--join 'nonsense': expected params.<key>, tags.<key>" in err

@@ -186,7 +186,7 @@ def test_the_time_left_follows_the_wall_clock_pace_not_the_last_steps(caplog, mo
     assert "0.10 s/step" in caplog.records[-1].getMessage()
 
 
-def test_extra_languages_evaluate_each_exported_model_and_repeat_its_source_accuracy(tmp_path):
+def test_extra_languages_evaluate_each_exported_model_and_repeat_its_source_accuracy(tmp_path, capsys):
     """--extra-languages: every run's exported model, reloaded in a new process, on more languages.
 
     The source language is evaluated again from the export: it must give the run's own accuracy,
@@ -206,7 +206,21 @@ def test_extra_languages_evaluate_each_exported_model_and_repeat_its_source_accu
     assert extra["eval_split"] == run["eval_split"] and not extra["generalized"]
     assert (extra["config"]["train"]["seed"], extra["config"]["model"]["name"]) == (3, run["model_uri"])
     assert re.search(r"\n    fr [\d.]+, zh [\d.]+ \(en [\d.]+, as the run's own\)\n", first.stdout), first.stdout
-    assert "--extra-languages (fr, zh), per language:" in first.stdout
+    assert "every language: each run joined with its --extra-languages (fr, zh) evaluation" in first.stdout
+    summary = first.stdout.split("every language:")[1]
+    assert re.search(r"\n\s*method\s+n\s+en\s+de\s+fr\s+zh\s+standard_avg", summary), summary
+
+    # One row of every language: the training run's, the evaluation's, and standard_avg over de, fr and zh.
+    from dist_robust.analysis.compare import compare_main
+
+    assert compare_main(["--experiment", "more", "--mlflow-uri", uri, "--group-by", "tags.method", "--filter",
+                         "tags.phase != 'select'", "--join", "tags.method", "seed", "--format", "json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["rows"]
+    values, acc = row["values"], {**extra["per_language"], **run["per_language"]}
+    assert row["n"] == 1 and len(row["run_ids"]) == 2
+    assert {k: v["mean"] for k, v in values.items() if not k.endswith("_avg")} == pytest.approx(acc)
+    assert values["standard_avg"]["mean"] == pytest.approx((acc["de"] + acc["fr"] + acc["zh"]) / 3)
+    assert values["generalized_avg"]["mean"] == pytest.approx(run["generalized_avg"])
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("more").experiment_id])

@@ -18,6 +18,7 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from dist_robust.analysis.compare_table import GROUP_ALIASES, Cell, Row, Table, columns_for, rerun_groups, short_key
@@ -34,12 +35,12 @@ _FILTER_OPERATOR = re.compile(r"(=|<|>|\bLIKE\b|\bILIKE\b|\bIN\b)", re.IGNORECAS
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def resolve_group_key(key: str) -> str:
+def resolve_group_key(key: str, option: str = "--group-by") -> str:
     """``objective`` -> ``params.objective.name``; accepts ``params.<key>`` and ``tags.<key>``."""
     key = GROUP_ALIASES.get(key, key).replace("`", "")
     prefix, _, name = key.partition(".")
     if prefix not in ("params", "tags") or not name:
-        raise CompareError(f"--group-by {key!r}: expected params.<key>, tags.<key> or an alias "
+        raise CompareError(f"{option} {key!r}: expected params.<key>, tags.<key> or an alias "
                            f"({', '.join(GROUP_ALIASES)}), e.g. objective, params.objective.name, tags.objective")
     return key
 
@@ -50,7 +51,7 @@ def value_of(record: RunRecord, key: str) -> str | None:
     return (record.params if prefix == "params" else record.tags).get(name)
 
 
-def check_group_keys(keys: list[str], records: list[RunRecord]) -> None:
+def check_group_keys(keys: list[str], records: list[RunRecord], option: str = "--group-by") -> None:
     """Every group key must be present in some run; the error lists the params that vary."""
     for key in keys:
         if any(value_of(r, key) is not None for r in records):
@@ -58,7 +59,7 @@ def check_group_keys(keys: list[str], records: list[RunRecord]) -> None:
         varying = sorted(k for k in {k for r in records for k in r.params}
                          if len({r.params.get(k) for r in records}) > 1)
         tags = sorted({k for r in records for k in r.tags if not k.startswith("mlflow.")})
-        raise CompareError(f"--group-by {key!r}: no run has it. Params that vary across these runs: "
+        raise CompareError(f"{option} {key!r}: no run has it. Params that vary across these runs: "
                            f"{', '.join('params.' + k for k in varying) or 'none'}; tags: "
                            f"{', '.join('tags.' + k for k in tags) or 'none'}")
 
@@ -164,10 +165,58 @@ def apply_baseline(rows: list[Row], baseline: Row) -> list[Row]:
     return [baseline, *others]
 
 
+def join_runs(records: list[RunRecord], keys: list[str]) -> list[RunRecord]:
+    """``--join``: the runs that share the keys' values become one record, e.g. a training run and
+    the evaluation of its exported model on more languages (``experiment --extra-languages``).
+
+    The record is the earliest run's (name, params, tags, metrics) with the accuracies
+    (``acc.<lang>``) that only the later runs have, and ``standard_avg`` taken again over every
+    target language it then has. An accuracy several runs have keeps the earliest's: the same
+    model on the same data gives the same accuracy, so a difference over 0.05 points is warned
+    about. Reruns within a group (same config and seed) are averaged first, as everywhere. A run
+    without one of the keys is left as it is.
+    """
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        values = tuple(value_of(r, k) for k in keys)
+        groups.setdefault((r.run_id,) if None in values else values, []).append(r)
+    return [_joined(runs) for runs in groups.values()]
+
+
+def _joined(runs: list[RunRecord]) -> RunRecord:
+    if len(runs) == 1:
+        return runs[0]
+    parts = sorted(rerun_groups(sorted(runs, key=lambda r: r.start_time)), key=lambda rs: rs[0].start_time)
+    first, metrics = parts[0][0], {}
+    for part in parts:
+        keys = {k for r in part for k in r.metrics if k.startswith("acc.") or part is parts[0]}
+        for key in sorted(keys):
+            value = statistics.fmean(r.metrics[key] for r in part if key in r.metrics)
+            if key not in metrics:
+                metrics[key] = value
+            elif abs(metrics[key] - value) > 5e-4:
+                log.warning("--join: %s is %.2f in %s but %.2f in %s (the same model on the same data should "
+                            "agree); the first is kept", key, 100 * metrics[key], first.name, 100 * value, part[0].name)
+    source = first.params.get("data.source_language", "en")
+    targets = [v for k, v in metrics.items() if k.startswith("acc.") and k != f"acc.{source}"]
+    if targets:
+        metrics["standard_avg"] = statistics.fmean(targets)
+    joined = tuple(r.run_id for part in parts for r in part if r is not first)
+    return replace(first, metrics=metrics, joined=joined)
+
+
 def build_table(experiment: str, records: list[RunRecord], group_by: list[str] | None = None,
-                baseline: str | None = None, search: Callable[[str], list[RunRecord]] | None = None) -> Table:
-    """The comparison table of ``records``; ``search(filter)`` finds baseline runs outside them."""
+                baseline: str | None = None, search: Callable[[str], list[RunRecord]] | None = None,
+                join: list[str] | None = None) -> Table:
+    """The comparison table of ``records``; ``search(filter)`` finds baseline runs outside them;
+    ``join``: keys whose runs become one record first (:func:`join_runs`)."""
     keys = [resolve_group_key(k) for k in group_by or []]
+    if join:
+        join_keys = [resolve_group_key(k, "--join") for k in join]
+        check_group_keys(join_keys, records, "--join")
+        records = join_runs(records, join_keys)
+        if search:
+            search = (lambda find: lambda f: join_runs(find(f), join_keys))(search)
     check_group_keys(keys, records)
     columns = columns_for(records)
     rows = group_rows(records, keys, columns) if keys else run_rows(records, columns)
@@ -196,17 +245,20 @@ def add_paired(table: Table) -> None:
 
 
 def compare_runs(client: MlflowClient, experiment: str, filter_string: str = "", run_ids: list[str] | None = None,
-                 group_by: list[str] | None = None, baseline: str | None = None) -> Table:
+                 group_by: list[str] | None = None, baseline: str | None = None,
+                 join: list[str] | None = None) -> Table:
     """Query the experiment (sweep parents left out unless named in ``run_ids``) and build its table."""
     for key in group_by or []:
         resolve_group_key(key)  # fail before querying
+    for key in join or []:
+        resolve_group_key(key, "--join")
     exp = resolve_experiment(client, experiment)
     records = fetch_runs(client, exp.experiment_id, filter_string, run_ids)
     records, parents = (records, 0) if run_ids else without_sweep_parents(records)
     if not records:
         raise CompareError(_no_runs_message(client, exp, filter_string))
     table = build_table(exp.name, records, group_by, baseline,
-                        lambda f: search_all(client, [exp.experiment_id], f))
+                        lambda f: search_all(client, [exp.experiment_id], f), join)
     table.parents_left_out = parents
     return table
 
@@ -256,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "seeds won, Wilcoxon signed-rank p.")
     parser.add_argument("--group-by", nargs="+", action="extend", metavar="KEY",
                         help="Group runs by these params/tags: mean +- std over each group's runs (seeds).")
+    parser.add_argument("--join", nargs="+", action="extend", metavar="KEY",
+                        help="Join the runs that share these params/tags into one first (e.g. tags.method seed: "
+                             "a run and the evaluation of its model on more languages): their accuracies together, "
+                             "standard_avg over every target language.")
     parser.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
     parser.add_argument("--plot-dir", help="Also write PNG and SVG plots into this directory.")
     return parser
@@ -270,7 +326,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         client = open_client(args.mlflow_uri)
-        table = compare_runs(client, args.experiment, args.filter, args.runs, args.group_by, args.baseline)
+        table = compare_runs(client, args.experiment, args.filter, args.runs, args.group_by, args.baseline,
+                             args.join)
         if args.paired:
             add_paired(table)
         print(render(table, args.format), end="", flush=True)

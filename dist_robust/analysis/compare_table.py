@@ -48,7 +48,7 @@ class Row:
 
     @property
     def run_ids(self) -> list[str]:
-        return [r.run_id for r in self.records]
+        return [run_id for r in self.records for run_id in (r.run_id, *r.joined)]
 
     @property
     def seeds(self) -> list[str]:

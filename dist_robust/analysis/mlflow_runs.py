@@ -36,6 +36,7 @@ class RunRecord:
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    joined: tuple[str, ...] = ()  # runs whose accuracies ``compare --join`` added to this one
 
     @property
     def parent_id(self) -> str | None:
