@@ -293,11 +293,12 @@ def _ours(args, total: int, zero: str, objective: str = "erm"):
     setup.train_set = Encoded([r.tolist() for r in ids], labels.tolist())
     state = T._resume(setup)
     stamps = [time.perf_counter()]
-    for _ in range(total):  # the body of trainer._fit, without evaluation and checkpoints
+    for _ in range(total):  # the body of trainer._loop, without evaluation and checkpoints
         t0 = time.perf_counter()
         stats = T._train_step(setup, state)
+        stats.pop(T.STOP_KEY)
         state.train_losses.append(stats["loss"])
-        T._log_step(setup, state, stats, time.perf_counter() - t0)
+        T._step_metrics(setup, stats, time.perf_counter() - t0)  # what every step reports (the gradient norm)
         _stamp(stamps)
     return stamps, setup.engine.module
 
@@ -328,6 +329,9 @@ def main() -> None:
     p.add_argument("--approaches", nargs="+", default=list(APPROACHES), choices=APPROACHES + EXTRA_APPROACHES)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 everywhere (see above)")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], metavar="P",
+                   help="every approach in each of these precisions, in turns (fp32 bf16: the ratio of the two "
+                        "in one run; a CPU with AMX runs bf16 matrix products several times faster)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="the device's peak, for MFU (default: H100/H200 dense bf16)")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler summary per approach to DIR "
@@ -336,6 +340,7 @@ def main() -> None:
     p.add_argument("--worker", choices=APPROACHES + EXTRA_APPROACHES, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model = args.model or default_model()
+    args.precisions = args.precisions or ["bf16" if args.bf16 else "fp32"]
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
@@ -346,14 +351,17 @@ def main() -> None:
 
 def compare(args) -> None:
     """Every approach over the rounds at ``args.batch``, then the table."""
-    times = {a: [] for a in args.approaches}
-    peak = {a: 0.0 for a in args.approaches}
+    runs = [(a, p) for a in args.approaches for p in args.precisions]  # each: an approach in one precision
+    labels = {(a, p): a if len(args.precisions) == 1 else f"{a} {p}" for a, p in runs}
+    times = {labels[k]: [] for k in runs}
+    peak = {labels[k]: 0.0 for k in runs}
     trainable: dict[str, int] = {}
     for r in range(args.rounds):
-        for a in args.approaches:
+        for a, precision in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", a, "--model", args.model,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                   "--length", str(args.length), "--device", args.device] + (["--bf16"] if args.bf16 else [])
+                   "--length", str(args.length), "--device", args.device] + (["--bf16"] if precision == "bf16" else [])
+            a = labels[a, precision]
             if args.profile:
                 cmd += ["--profile", os.path.abspath(args.profile), "--profile-steps", str(args.profile_steps)]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -367,10 +375,10 @@ def compare(args) -> None:
             print(f"round {r + 1}/{args.rounds} {a:<20} {statistics.median(res['times']):.3f} s/step", flush=True)
     if len(set(trainable.values())) > 1:
         sys.exit(f"the approaches train different numbers of parameters, so their speeds do not compare: {trainable}")
-    base = "plain" if "plain" in times else args.approaches[0]
+    base = "plain" if "plain" in times else next(iter(times))
     med = {a: statistics.median(t) for a, t in times.items()}
     where = f"{os.cpu_count()} threads" if args.device == "cpu" else "one GPU"
-    print(f"\nmodel {args.model}, batch {args.batch} x {args.length} tokens, {'bf16' if args.bf16 else 'fp32'}, "
+    print(f"\nmodel {args.model}, batch {args.batch} x {args.length} tokens, {' and '.join(args.precisions)}, "
           f"{args.rounds} rounds x {args.steps} steps (after {args.warmup} warm-up), {where}, one process; "
           f"{next(iter(trainable.values())) / 1e6:.1f}M trainable parameters in every approach")
     vs_hf = "hf" in med and base != "hf"  # a second ratio column, against the HF Trainer
@@ -380,11 +388,11 @@ def compare(args) -> None:
     header += f" {'TFLOP/s':>8} {'MFU':>6}" if args.device == "cuda" else ""
     print(header)
     erm_flops = model_flops_per_step(_shape(args.model), args.batch, args.length)
-    for a in args.approaches:
+    for a in times:
         line = (f"{a:<20} {med[a]:8.3f} {args.batch / med[a]:10.1f} {args.batch * args.length / med[a]:10.0f} "
                 f"{med[base] / med[a]:14.2f}" + (f" {med['hf'] / med[a]:11.2f}" if vs_hf else "") + f" {peak[a]:13.0f}")
         if args.device == "cuda":
-            tflops = erm_flops * PASSES.get(a.split("+")[-1], 1.0) / med[a] / 1e12
+            tflops = erm_flops * PASSES.get(a.split()[0].split("+")[-1], 1.0) / med[a] / 1e12
             line += f" {tflops:8.1f} {tflops / args.peak_tflops:6.1%}"
         print(line)
     for zero in ("zero2", "zero3"):  # the issue's targets: ours / HF Trainer at the same ds_config
