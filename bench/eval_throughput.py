@@ -24,7 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.vs_hf import _env, default_model  # noqa: E402
+from bench.vs_hf import _env, _tokenizer, default_model  # noqa: E402
 
 # Distinct pairs of the full generalized matrix on dev (the diagonal is the per-language sets).
 FULL = {"pawsx 7x7": 7 * 7 * 2000, "xnli 15x15": 15 * 15 * 2490}
@@ -62,7 +62,7 @@ def main() -> None:
                                train_file=os.path.join(args.data_dir, train), max_train_examples=8))
     sets = {("gen", a, b): E.spaced_subset(rows, args.max_pairs)
             for (a, b), rows in E.generalized_sets(data.dev).items()}
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(_tokenizer(args.model))  # a built-in config's: a small one trained here
     groups = E.prepare(sets, tokenizer, args.length)
     collator = Collator(tokenizer)
     cfg = RunConfig()

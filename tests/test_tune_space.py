@@ -317,3 +317,33 @@ def test_checks_change_nothing_and_short_forms_work_with_smoke(tmp_path):
     before = spec.to_dict()
     assert check_options(spec) == [] and spec.to_dict() == before
     assert with_defaults(spec).to_dict() == before  # (written out once: filling in again changes nothing)
+
+
+def test_a_local_sweep_starts_ray_with_token_authentication_when_the_shell_sets_no_mode(tmp_path, tmp_path_factory):
+    """What ``dist-robust tune --space F`` does up to the trials, with RAY_AUTH_MODE unset as on a fresh
+    machine: the command's imports, the sweep file, then Ray. Ray reads the mode once, when imported; set
+    after that, its own processes asked for a token the driver never sent (a traceback after 30 s of retries).
+    A task on the cluster must run, and the token must be the one Ray made in this (temporary) home."""
+    import subprocess
+    import sys
+
+    from tests.launch import launcher_env
+
+    script = textwrap.dedent(f"""
+        import argparse, os, sys
+        from dist_robust.tuning import cli
+        args = cli._parser().parse_args(["--space", {str(REPO / "tuning" / "smoke.yaml")!r}, "--num-cpus", "1"])
+        cli._sweep(args)
+        cli._init_ray(args)
+        import ray
+        print("mode", os.environ.get("RAY_AUTH_MODE"), "task", ray.get(ray.remote(lambda: 6 * 7).remote()))
+        ray.shutdown()
+    """)
+    env = {k: v for k, v in launcher_env(HOME=str(tmp_path / "home"),  # (Ray's socket paths must stay short)
+                                                 RAY_TMPDIR=str(tmp_path_factory.mktemp("ray"))).items()
+           if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mode token task 42" in proc.stdout
+    assert (tmp_path / "home" / ".ray" / "auth_token").is_file()

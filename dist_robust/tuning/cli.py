@@ -22,7 +22,6 @@ from dist_robust.config.parsing import Parser
 from dist_robust.infra.redaction import MASK, redact_tree
 from dist_robust.run.tracking import resolve_experiment
 from dist_robust.tuning import sweep_runs
-from dist_robust.tuning.console import ray_session_logs, send_ray_logs_to
 from dist_robust.tuning.space import SpaceError, load_space
 from dist_robust.tuning.spec import SweepSpec
 from dist_robust.tuning.summary import best_row, print_summary, trial_record, trial_table
@@ -68,6 +67,8 @@ def tune_main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _init_ray(args)
+    from dist_robust.tuning.console import ray_session_logs, send_ray_logs_to  # (imports Ray: after _init_ray)
+
     driver_log = _scratch(spec) + "-ray-driver.log"  # beside the sweep's working directory, not in it
     send_ray_logs_to(driver_log)
     print(f"sweep {spec.name}: Ray's messages go to {driver_log}, the trials' own output to "
@@ -133,12 +134,14 @@ def _worker_env_again(saved: dict[str, str], args: argparse.Namespace) -> dict[s
 
 
 def _init_ray(args: argparse.Namespace) -> None:
+    local = args.address is None and not os.environ.get("RAY_ADDRESS")
+    if local and "ray" not in sys.modules:
+        # A new cluster of this sweep: token authentication on, said here rather than by Ray's warning. Ray reads
+        # the mode when it is imported, so only before that; once imported, ray.init turns it on itself.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if not ray.is_initialized():
-        local = args.address is None and not os.environ.get("RAY_ADDRESS")
-        if local:  # a new cluster of this sweep: token authentication on, said once here rather than by Ray's warning
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         # Trial processes' output (every rank's log, Ray Train's own warnings) stays in Ray's session logs.
         env = train_controller_env()
         ray.init(address=args.address, num_cpus=args.num_cpus if local else None, include_dashboard=False,
