@@ -179,7 +179,7 @@ def join_runs(records: list[RunRecord], keys: list[str]) -> list[RunRecord]:
     groups: dict[tuple, list[RunRecord]] = {}
     for r in records:
         values = tuple(value_of(r, k) for k in keys)
-        groups.setdefault((r.run_id,) if None in values else values, []).append(r)
+        groups.setdefault(("run", r.run_id) if None in values else ("join", values), []).append(r)
     return [_joined(runs) for runs in groups.values()]
 
 
@@ -189,6 +189,8 @@ def _joined(runs: list[RunRecord]) -> RunRecord:
     parts = sorted(rerun_groups(sorted(runs, key=lambda r: r.start_time)), key=lambda rs: rs[0].start_time)
     first, metrics = parts[0][0], {}
     for part in parts:
+        if len(part) > 1:
+            log.warning("--join: %s are reruns (same config and seed): averaged", ", ".join(r.name for r in part))
         keys = {k for r in part for k in r.metrics if k.startswith("acc.") or part is parts[0]}
         for key in sorted(keys):
             value = statistics.fmean(r.metrics[key] for r in part if key in r.metrics)
