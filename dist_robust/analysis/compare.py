@@ -207,6 +207,10 @@ def _joined(runs: list[RunRecord]) -> RunRecord:
     return replace(first, metrics=metrics, joined=joined)
 
 
+def _joining(search: Callable[[str], list[RunRecord]], keys: list[str]) -> Callable[[str], list[RunRecord]]:
+    return lambda filter_string: join_runs(search(filter_string), keys)
+
+
 def build_table(experiment: str, records: list[RunRecord], group_by: list[str] | None = None,
                 baseline: str | None = None, search: Callable[[str], list[RunRecord]] | None = None,
                 join: list[str] | None = None) -> Table:
@@ -217,8 +221,8 @@ def build_table(experiment: str, records: list[RunRecord], group_by: list[str] |
         join_keys = [resolve_group_key(k, "--join") for k in join]
         check_group_keys(join_keys, records, "--join")
         records = join_runs(records, join_keys)
-        if search:
-            search = (lambda find: lambda f: join_runs(find(f), join_keys))(search)
+        if search:  # a baseline found outside the records is joined the same way
+            search = _joining(search, join_keys)
     check_group_keys(keys, records)
     columns = columns_for(records)
     rows = group_rows(records, keys, columns) if keys else run_rows(records, columns)
