@@ -361,18 +361,18 @@ def compare(args) -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", a, "--model", args.model,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                    "--length", str(args.length), "--device", args.device] + (["--bf16"] if precision == "bf16" else [])
-            a = labels[a, precision]
+            label = labels[a, precision]
             if args.profile:
                 cmd += ["--profile", os.path.abspath(args.profile), "--profile-steps", str(args.profile_steps)]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
-                sys.exit(f"{a} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+                sys.exit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             res = json.loads(lines[-1][len("RESULT "):])
-            times[a] += res["times"]
-            trainable[a] = res["trainable"]
-            peak[a] = max(peak[a], res["peak_gpu_mib"] if args.device == "cuda" else res["peak_rss_mib"])
-            print(f"round {r + 1}/{args.rounds} {a:<20} {statistics.median(res['times']):.3f} s/step", flush=True)
+            times[label] += res["times"]
+            trainable[label] = res["trainable"]
+            peak[label] = max(peak[label], res["peak_gpu_mib"] if args.device == "cuda" else res["peak_rss_mib"])
+            print(f"round {r + 1}/{args.rounds} {label:<20} {statistics.median(res['times']):.3f} s/step", flush=True)
     if len(set(trainable.values())) > 1:
         sys.exit(f"the approaches train different numbers of parameters, so their speeds do not compare: {trainable}")
     base = "plain" if "plain" in times else next(iter(times))

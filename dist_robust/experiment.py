@@ -379,21 +379,19 @@ def experiment_main(argv: list[str] | None = None) -> int:
           f"{(time.monotonic() - start) / 60:.1f} min", flush=True)
     from dist_robust.analysis.compare import compare_main
 
-    def summary(phase: str) -> list[str]:
-        flags = ["--experiment", args.experiment, "--group-by", "tags.method", "--filter",
-                 f"tags.phase = '{phase}'" if phase == "main" else EVERY_LANGUAGE]
-        flags += [] if phase == "main" else ["--join", "tags.method", "seed"]
+    def summary(filter_string: str, *more: str) -> list[str]:
+        flags = ["--experiment", args.experiment, "--group-by", "tags.method", "--filter", filter_string, *more]
         flags += ["--baseline", "erm", "--paired"] if "erm" in args.methods else []
         return flags + (["--mlflow-uri", args.mlflow_uri] if args.mlflow_uri else [])
 
     if "erm" not in args.methods:
         print("no erm among --methods: the summary has no baseline (add erm to pair the methods against it; "
               "finished runs are kept)", flush=True)
-    code = compare_main(summary("main") + (["--plot-dir", args.plot_dir] if args.plot_dir else []))
+    code = compare_main(summary("tags.phase = 'main'", *(["--plot-dir", args.plot_dir] if args.plot_dir else [])))
     if args.extra_languages:
         print(f"\nevery language: each run joined with its --extra-languages ({', '.join(args.extra_languages)}) "
               "evaluation, standard_avg over all of their target languages:", flush=True)
-        code = compare_main(summary("every language")) or code
+        code = compare_main(summary(EVERY_LANGUAGE, "--join", "tags.method", "seed")) or code
     if align:
         from dist_robust.analysis.align_cli import align_main
 
